@@ -1,0 +1,41 @@
+"""fora: Fisher-orthogonal Rank Adaptation (FoRA) for decoder LLMs.
+
+The public API is re-exported here. Names resolve lazily (PEP 562) so that
+`import fora` stays cheap and a script that needs only the optimizer never
+imports the GGUF converter.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # decoders and loading (issue 2)
+    "ModelConfig": "fora.config",
+    "CausalLM": "fora.model",
+    "load_model": "fora.loading",
+    "load_tokenizer": "fora.tokenizer",
+    "PRESETS": "fora.hub",
+    "resolve_checkpoint": "fora.hub",
+    # LoRA, Stiefel geometry, optimizer (issue 3)
+    "LoRALinear": "fora.lora",
+    "inject_lora": "fora.inject",
+    "CayleyAdam": "fora.cayley_adam",
+    "build_optimizers": "fora.optim",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
