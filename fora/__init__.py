@@ -23,6 +23,17 @@ _EXPORTS: dict[str, str] = {
     "inject_lora": "fora.inject",
     "CayleyAdam": "fora.cayley_adam",
     "build_optimizers": "fora.optim",
+    # layer selection and FIM-LoRA rank allocation (issue 4)
+    "fisher_scores": "fora.fisher",
+    "cka_scores": "fora.cka",
+    "linear_cka": "fora.cka",
+    "select_layers": "fora.selection",
+    "random_layers": "fora.selection",
+    "all_layers": "fora.selection",
+    "calibration_fingerprint": "fora.selection",
+    "selection_record": "fora.selection",
+    "fim_rank_pattern": "fora.fim_lora",
+    "allocate_ranks": "fora.fim_lora",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,190 @@
+"""Per-layer empirical Fisher scores of a frozen decoder (Eq. 2), computed in O(one gradient) memory.
+
+    F_l = (1/N) · Σ_b ‖∇_{θ_l} L_b‖²₂                                            (Eq. 2)
+
+is the trace of the empirical diagonal Fisher of block ``l`` on the observed labels. Only the
+per-layer (and per-module) sums of squared gradients are needed, so each parameter gradient is
+squared, summed into its module's accumulator and freed the moment autograd has produced it
+(``Tensor.register_post_accumulate_grad_hook``): the model never holds gradients for more than the
+parameters autograd is finishing at that instant. The embedding, final norm and LM head get
+``requires_grad=False`` while scoring, so no gradient is ever formed for them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fora.inject import DEFAULT_TARGETS  # one source of truth for the LoRA targets
+from fora.selection import IGNORE_INDEX, validate_batches
+
+log = logging.getLogger(__name__)
+
+PARAM_MODES = ("block", "targets")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks ``model.model.layers`` (fora.CausalLM and Hugging Face causal LMs alike)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"{type(model).__name__} has no decoder blocks at model.model.layers; "
+                         "pass a causal LM such as fora.CausalLM (from fora.load_model)")
+    return layers
+
+
+def _is_adapter_param(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
+def target_modules(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, nn.Module]:
+    """Full module path -> module for every target projection of every layer, layer-major.
+
+    A target names the last component of a module path inside a block (``"q_proj"`` matches
+    ``model.layers.3.self_attn.q_proj``); each must match exactly one module per layer.
+    """
+    if isinstance(targets, str) or len(targets) == 0:
+        raise ValueError(f"targets must be a non-empty sequence of module names such as "
+                         f"{list(DEFAULT_TARGETS)}, got {targets!r}")
+    found: dict[str, nn.Module] = {}
+    for i, block in enumerate(decoder_layers(model)):
+        named = dict(block.named_modules())
+        for t in targets:
+            hits = [n for n in named if n.rsplit(".", 1)[-1] == t]
+            if len(hits) != 1:
+                linear = sorted({n.rsplit(".", 1)[-1] for n, m in named.items() if hasattr(m, "weight")
+                                 and getattr(m.weight, "dim", lambda: 0)() == 2})
+                raise ValueError(f"target {t!r} matches {len(hits)} modules in layer {i} (need exactly one); "
+                                 f"choose targets among {linear}")
+            found[f"model.layers.{i}.{hits[0]}"] = named[hits[0]]
+    return found
+
+
+def scoring_parameters(model: nn.Module, params: str = "block",
+                       targets: Sequence[str] = DEFAULT_TARGETS) -> list[tuple[int, str, nn.Parameter]]:
+    """θ_l of Eq. (2) as (layer, module path, parameter) triples.
+
+    ``params="block"``: every base parameter of each block (norms included, LoRA ``lora_*``
+    adapters excluded). ``params="targets"``: only the weights of the target projections (the base
+    ``weight`` when the module is already a LoRALinear).
+    """
+    if params not in PARAM_MODES:
+        raise ValueError(f"unknown params={params!r}; valid values: {list(PARAM_MODES)}")
+    out: list[tuple[int, str, nn.Parameter]] = []
+    if params == "targets":
+        for path, module in target_modules(model, targets).items():
+            out.append((int(path.split(".")[2]), path, module.weight))
+        return out
+    for i, block in enumerate(decoder_layers(model)):
+        for name, p in block.named_parameters():
+            if not _is_adapter_param(name):
+                module = name.rsplit(".", 1)[0] if "." in name else ""
+                out.append((i, f"model.layers.{i}" + (f".{module}" if module else ""), p))
+    return out
+
+
+@contextlib.contextmanager
+def scoring_state(model: nn.Module, trainable: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Eval mode, ``requires_grad`` only on ``trainable``, no stale ``.grad``; all restored on exit.
+
+    Eval mode because calibration must be deterministic (no dropout, e.g. in LoRA adapters).
+    Existing ``.grad`` tensors of ``trainable`` are stashed and put back, so the model leaves
+    exactly as it came in.
+    """
+    was_training = {m: m.training for m in model.modules()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    stashed = [(p, p.grad) for p in trainable]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p, _ in stashed:
+            p.grad = None
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for p, grad in stashed:
+            p.grad = grad
+        for m, mode in was_training.items():
+            m.training = mode
+
+
+def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Mean token cross-entropy of one batch over supervised positions (labels shifted inside, as in HF)."""
+    ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    out = model(ids, attention_mask=None if mask is None else mask.to(device))
+    logits = getattr(out, "logits", out)  # fora.CausalLM returns logits, HF models an output object
+    labels = batch["labels"].to(device)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX)
+
+
+def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], *,
+                  params: str = "block", targets: Sequence[str] = DEFAULT_TARGETS,
+                  per_module: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, float]]:
+    """Per-layer Fisher scores F_l.
+
+    Implements Eq. (2): ``F_l = (1/N) Σ_b ‖∇_{θ_l} L_b‖²``, with ``L_b`` the mean token
+    cross-entropy of batch ``b`` over positions whose (shifted) label is not -100.
+
+    Runs in eval mode (deterministic: no dropout). Memory: one forward-backward's activations plus
+    one parameter gradient at a time — each gradient is folded into its module's sum by a
+    post-accumulate hook and freed at once. The model is left as found: modes, ``requires_grad``
+    flags and any pre-existing ``.grad`` restored, all hooks removed.
+
+    Args:
+        model: a causal LM with blocks at ``model.model.layers`` (fora.CausalLM; HF models work too).
+        batches: N dicts with ``input_ids`` [B, T], ``labels`` [B, T] (-100 = ignored, aligned with
+            input_ids) and optionally ``attention_mask`` [B, T].
+        params: "block" (θ_l = every parameter of block l, norms included) or "targets" (the
+            base weights of the LoRA target projections).
+        targets: target projection names, used when ``params="targets"``.
+        per_module: also return {module path: score} (the same mean over batches, per module).
+
+    Returns:
+        Tensor[L] (float64, CPU); with ``per_module=True`` a tuple (Tensor[L], dict[str, float]).
+    """
+    entries = scoring_parameters(model, params, targets)
+    validate_batches(batches)
+    num_layers = len(decoder_layers(model))
+    paths = list(dict.fromkeys(path for _, path, _ in entries))
+    index = {path: j for j, path in enumerate(paths)}
+    layer_of = torch.zeros(len(paths), dtype=torch.long)
+    for layer, path, _ in entries:
+        layer_of[index[path]] = layer
+    device = entries[0][2].device
+    acc = torch.zeros(len(paths), dtype=torch.float32, device=device)  # this batch, per module
+    total = torch.zeros(len(paths), dtype=torch.float64)
+
+    def fold(j: int):
+        def hook(p: torch.Tensor) -> None:
+            # Square-and-sum the finished gradient into its module, then free it: no gradient
+            # outlives this call, which is what keeps peak memory at one-gradient scale.
+            acc[j] += p.grad.float().pow(2).sum().to(acc.device)
+            p.grad = None
+        return hook
+
+    trainable = list({id(p): p for _, _, p in entries}.values())
+    with scoring_state(model, trainable):
+        hooks = [p.register_post_accumulate_grad_hook(fold(index[path])) for _, path, p in entries]
+        try:
+            for b, batch in enumerate(batches):
+                loss = batch_loss(model, batch, device)
+                loss.backward()
+                total += acc.double().cpu()
+                acc.zero_()
+                log.debug("fisher batch %d/%d: loss %.4f", b + 1, len(batches), loss.item())
+        finally:
+            for h in hooks:
+                h.remove()
+    total /= len(batches)
+    scores = torch.zeros(num_layers, dtype=torch.float64).index_add_(0, layer_of, total)
+    if per_module:
+        return scores, {path: float(total[j]) for j, path in enumerate(paths)}
+    return scores
