@@ -34,6 +34,20 @@ _EXPORTS: dict[str, str] = {
     "selection_record": "fora.selection",
     "fim_rank_pattern": "fora.fim_lora",
     "allocate_ranks": "fora.fim_lora",
+    # data, batching, synthetic task (issue 5)
+    "load_records": "fora.data",
+    "write_jsonl": "fora.data",
+    "build_prompt": "fora.data",
+    "encode_record": "fora.data",
+    "encode_records": "fora.data",
+    "split_records": "fora.data",
+    "make_batches": "fora.batching",
+    "epoch_batches": "fora.batching",
+    "calibration_batches": "fora.batching",
+    "count_tokens": "fora.batching",
+    "arithmetic_task": "fora.tasks",
+    "extract_answer": "fora.tasks",
+    "answer_accuracy": "fora.tasks",
 }
 
 __all__ = sorted(_EXPORTS)
