@@ -54,8 +54,12 @@ class Attention(nn.Module):
 
     Uses `F.scaled_dot_product_attention` (causal flag when no mask is needed). Attention
     soft-capping (Gemma-2) has no SDPA form, so that case computes the scores explicitly:
-    softmax(tanh(q k^T * s / c) * c + mask).
+    softmax(tanh(q k^T * s / c) * c + mask). `impl = "eager"` forces the explicit path for every
+    layer; it reproduces transformers' eager attention bit for bit (scores rounded to the compute
+    dtype before the fp32 softmax), whereas SDPA kernels keep the scores in fp32.
     """
+
+    impl: str = "sdpa"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -83,16 +87,17 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, D)
         groups = self.n_heads // self.n_kv
-        if self.softcap is None:
+        if self.softcap is None and self.impl == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                scale=self.scaling, enable_gqa=groups > 1)
         else:
-            o = self._softcapped(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask)
+            o = self._eager(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H*D)
 
-    def _softcapped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         scores = (q @ k.transpose(-1, -2)) * self.scaling  # (B, H, T, T), scaled after the matmul
-        scores = torch.tanh(scores / self.softcap) * self.softcap  # before the mask, as in Gemma-2
+        if self.softcap is not None:  # Gemma-2: before the mask
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if mask is None:
             T = q.shape[-2]
             mask = causal_mask(T, None, None, q.dtype, q.device)

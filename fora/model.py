@@ -116,6 +116,15 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def set_attn_implementation(self, impl: str) -> "CausalLM":
+        """"sdpa" (default, fused kernels) or "eager" (explicit scores; bit-identical to
+        transformers' eager attention, slower and O(T^2) memory)."""
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"unknown attention implementation {impl!r}; use 'sdpa' or 'eager'")
+        for layer in self.model.layers:
+            layer.self_attn.impl = impl
+        return self
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, *, grad_from_layer: int = 0) -> Tensor:
         """Logits [B, T, V] in the compute dtype.
