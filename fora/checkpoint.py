@@ -1,0 +1,173 @@
+"""Training checkpoints: everything needed to continue a run bit-for-bit.
+
+A checkpoint is a directory (published atomically, see `fora.io_utils.staging_dir`):
+
+    adapter_config.json, adapter_model.safetensors   the LoRA A, B (PEFT layout, loadable as is)
+    optim.pt        state dicts of every optimizer (CayleyAdam for A, AdamW for B) and scheduler
+    rng.pt          torch CPU / CUDA, python `random` and numpy generator states
+    state.json      data position: epoch, micro-batch index within the epoch, global step
+    selection.json  the layer selection (so a resumed run does not recompute Fisher scores)
+    train_config.json
+
+Only the adapter is stored, never the frozen base weights: the resumed run reloads the base from
+the same `--model`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fora.io_utils import atomic_torch_save, atomic_write_json, recover_dir, staging_dir
+from fora.peft_io import ADAPTER_WEIGHTS, save_adapter
+
+STATE_FILE = "state.json"
+OPTIM_FILE = "optim.pt"
+RNG_FILE = "rng.pt"
+SELECTION_FILE = "selection.json"
+CONFIG_FILE = "train_config.json"
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where the data stream stands after `step` optimizer steps.
+
+    `epoch` and `batch` index the next micro-batch to read (batch order within an epoch is a pure
+    function of the seed and the epoch, so this is enough to continue the same stream).
+    """
+
+    epoch: int
+    batch: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read back from disk (`load_checkpoint`)."""
+
+    path: Path
+    position: DataPosition
+    adapter: dict[str, torch.Tensor]
+    optimizers: list[dict[str, Any]]
+    schedulers: list[dict[str, Any]]
+    rng: dict[str, Any]
+    selection: dict[str, Any]
+    config: dict[str, Any]
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random generator a training step may draw from (dropout, shuffles, sampling)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        # Plain lists so that torch.load(weights_only=True) reads them back.
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, *, model: nn.Module,
+                    optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any],
+                    position: DataPosition, selection: dict[str, Any], config: dict[str, Any],
+                    base_model_name_or_path: str) -> Path:
+    """Write a checkpoint to `ckpt_dir`, replacing any previous one atomically.
+
+    A crash while writing leaves the previous checkpoint in place (see `fora.io_utils`).
+    """
+    with staging_dir(ckpt_dir) as tmp:
+        save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
+        atomic_torch_save({"optimizers": [o.state_dict() for o in optimizers],
+                           "schedulers": [s.state_dict() for s in schedulers]}, tmp / OPTIM_FILE)
+        atomic_torch_save(capture_rng(), tmp / RNG_FILE)
+        atomic_write_json(tmp / STATE_FILE, asdict(position))
+        atomic_write_json(tmp / SELECTION_FILE, selection)
+        atomic_write_json(tmp / CONFIG_FILE, config)
+    return Path(ckpt_dir)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """Accept a checkpoint directory or a run's `--out` directory (which holds `checkpoint/`)."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoint"):
+        recover_dir(candidate)
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/{STATE_FILE} or "
+                            f"{path}/checkpoint/{STATE_FILE}); pass the run's --out folder or its "
+                            "checkpoint/ folder to --resume, or drop --resume to start afresh")
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint` (a run's `--out` folder is accepted too)."""
+    from safetensors.torch import load_file
+
+    ckpt = find_checkpoint(path)
+    missing = [f for f in (ADAPTER_WEIGHTS, OPTIM_FILE, RNG_FILE, SELECTION_FILE, CONFIG_FILE)
+               if not (ckpt / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {ckpt} is incomplete (missing {', '.join(missing)}); "
+                                "it was not written by fora.checkpoint.save_checkpoint - start afresh")
+    optim = torch.load(ckpt / OPTIM_FILE, map_location=map_location, weights_only=True)
+    return Checkpoint(
+        path=ckpt,
+        position=DataPosition(**json.loads((ckpt / STATE_FILE).read_text())),
+        adapter=load_file(ckpt / ADAPTER_WEIGHTS),
+        optimizers=optim["optimizers"],
+        schedulers=optim["schedulers"],
+        rng=torch.load(ckpt / RNG_FILE, map_location="cpu", weights_only=True),
+        selection=json.loads((ckpt / SELECTION_FILE).read_text()),
+        config=json.loads((ckpt / CONFIG_FILE).read_text()),
+    )
+
+
+def restore_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved `A`, `B` (PEFT names) into the model's LoRA modules; the sets must match exactly."""
+    from fora.peft_io import adapter_tensors
+
+    live = adapter_tensors(model)
+    if set(live) != set(tensors):
+        extra, lacking = sorted(set(tensors) - set(live)), sorted(set(live) - set(tensors))
+        raise ValueError("checkpoint adapter does not match the model's LoRA modules "
+                         f"(only in checkpoint: {extra[:3]}, only in model: {lacking[:3]}); "
+                         "resume with the same --model, --method, --k, --rank and --targets")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if live[name].shape != value.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)}, the "
+                                 f"model's has {tuple(live[name].shape)}; resume with the same --rank")
+            live[name].copy_(value)
+
+
+def restore_training_state(ckpt: Checkpoint, model: nn.Module,
+                           optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any]) -> None:
+    """Load adapter, optimizer, scheduler and RNG states from `ckpt` into a freshly built run."""
+    if len(optimizers) != len(ckpt.optimizers) or len(schedulers) != len(ckpt.schedulers):
+        raise ValueError(f"checkpoint has {len(ckpt.optimizers)} optimizers, the run {len(optimizers)}; "
+                         "resume with the same --method")
+    restore_adapter(model, ckpt.adapter)
+    for opt, state in zip(optimizers, ckpt.optimizers):
+        opt.load_state_dict(state)
+    for sched, state in zip(schedulers, ckpt.schedulers):
+        sched.load_state_dict(state)
+    restore_rng(ckpt.rng)

@@ -1,0 +1,147 @@
+"""The training methods as a table: which layers, which A constraint, which ranks.
+
+| method         | layers (selector)              | A                  | ranks                  |
+|----------------|--------------------------------|--------------------|------------------------|
+| fora           | Fisher top-K (Eq. 2-3)         | Stiefel, CayleyAdam| r                      |
+| fg-lora        | Fisher top-K                   | plain, AdamW       | r                      |
+| stiefel-lora   | all L                          | Stiefel, CayleyAdam| r                      |
+| lora           | all L                          | plain, AdamW       | r                      |
+| lora-half-rank | all L                          | plain, AdamW       | r/2 (FoRA's budget at K = L/2) |
+| random-k       | K random layers (seeded)       | Stiefel, CayleyAdam| r                      |
+| cka            | K least-similar layers (CKA)   | plain, AdamW       | r                      |
+| fim-lora       | all L                          | plain, AdamW       | FIM pattern (budget L*|targets|*r) |
+
+`random-k` keeps FoRA's Stiefel A, so fora vs random-k isolates the *selection* (Fisher vs
+chance) with everything else equal. `cka` follows seed 003 (plain LoRA on the layers that
+transform the representation most). The first four rows are PAPER.md §3's 2x2 table.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Batches = Sequence[Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Where the adapters go: layer indices, optional per-layer scores and per-module ranks."""
+
+    layers: list[int]
+    scores: list[float] | None = None
+    rank_pattern: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class SelectArgs:
+    """What a selector may use (K already resolved and checked against L)."""
+
+    model: nn.Module
+    batches: Batches
+    num_layers: int
+    k: int
+    rank: int
+    targets: tuple[str, ...]
+    seed: int
+    fisher_params: str
+
+
+def _fisher_top_k(a: SelectArgs) -> Selection:
+    from fora.fisher import fisher_scores
+    from fora.selection import select_layers
+
+    scores = fisher_scores(a.model, a.batches, params=a.fisher_params, targets=a.targets)
+    return Selection(select_layers(scores, a.k, by="fisher"), scores.tolist())
+
+
+def _cka_bottom_k(a: SelectArgs) -> Selection:
+    from fora.cka import cka_scores
+    from fora.selection import select_layers
+
+    scores = cka_scores(a.model, a.batches)
+    return Selection(select_layers(scores, a.k, by="cka"), scores.tolist())
+
+
+def _random_k(a: SelectArgs) -> Selection:
+    from fora.selection import random_layers
+
+    return Selection(random_layers(a.num_layers, a.k, a.seed))
+
+
+def _all(a: SelectArgs) -> Selection:
+    return Selection(list(range(a.num_layers)))
+
+
+def _all_fim_ranks(a: SelectArgs) -> Selection:
+    from fora.fim_lora import fim_rank_pattern
+
+    pattern = fim_rank_pattern(a.model, a.batches, rank=a.rank, targets=a.targets,
+                               passes=len(a.batches), seed=a.seed)
+    return Selection(list(range(a.num_layers)), rank_pattern=pattern)
+
+
+SELECTORS: dict[str, Callable[[SelectArgs], Selection]] = {
+    "fisher": _fisher_top_k, "cka": _cka_bottom_k, "random": _random_k, "all": _all, "fim": _all_fim_ranks,
+}
+# Selectors that pick K of the L layers (the others adapt every layer and ignore --k).
+TOP_K_SELECTORS = frozenset({"fisher", "cka", "random"})
+# Selectors that need calibration batches (forward/backward passes over task data).
+CALIBRATED_SELECTORS = frozenset({"fisher", "cka", "fim"})
+RANK_RULES: dict[str, Callable[[int], int]] = {"r": lambda r: r, "r/2": lambda r: max(1, r // 2)}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the method table."""
+
+    selector: str   # key of SELECTORS
+    stiefel: bool   # A on the Stiefel manifold (Stiefel init + CayleyAdam) or plain (AdamW)
+    rank_rule: str  # key of RANK_RULES (the uniform rank; fim adds a per-module pattern)
+    description: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    "fora": MethodSpec("fisher", True, "r", "Fisher top-K layers + Stiefel A (CayleyAdam)"),
+    "fg-lora": MethodSpec("fisher", False, "r", "Fisher top-K layers, plain LoRA (AdamW)"),
+    "stiefel-lora": MethodSpec("all", True, "r", "all layers + Stiefel A"),
+    "lora": MethodSpec("all", False, "r", "all layers, plain LoRA"),
+    "lora-half-rank": MethodSpec("all", False, "r/2", "all layers, plain LoRA at rank r/2"),
+    "random-k": MethodSpec("random", True, "r", "K seeded-random layers + Stiefel A (isolates the selection)"),
+    "cka": MethodSpec("cka", False, "r", "K least-similar layers by CKA, plain LoRA"),
+    "fim-lora": MethodSpec("fim", False, "r", "all layers, FIM-LoRA per-module rank pattern, plain LoRA"),
+}
+
+
+def select(method: str, args: SelectArgs) -> Selection:
+    """Run the selector of `method` (the base model must not hold adapters yet)."""
+    return SELECTORS[METHODS[method].selector](args)
+
+
+def method_rank(method: str, rank: int) -> int:
+    """The uniform LoRA rank `method` uses for `--rank rank`."""
+    return RANK_RULES[METHODS[method].rank_rule](rank)
+
+
+def selection_json(method: str, sel: Selection, batches: Batches, *, num_layers: int,
+                   data_sha256: str, seed: int, rank: int) -> dict[str, Any]:
+    """The `selection.json` record: method, scores, selected layers, batches, data hash.
+
+    Built on `fora.selection.selection_record` where the selector produced scores; selectors
+    without scores (all, random, fim) get the same keys with `scores: null`.
+    """
+    from fora.selection import calibration_fingerprint, selection_record
+
+    if sel.scores is not None:
+        record = selection_record(sel.scores, sel.layers, batches, method)
+    else:
+        record = {"method": method, "scores": None, "selected": sorted(sel.layers),
+                  "num_layers": num_layers, "k": len(sel.layers), "num_batches": len(batches),
+                  "calibration_sha256": calibration_fingerprint(batches) if batches else None}
+    spec = METHODS[method]
+    record.update(selector=spec.selector, stiefel=spec.stiefel, rank=rank,
+                  rank_pattern=sel.rank_pattern, data_sha256=data_sha256, seed=seed)
+    return record
