@@ -1,0 +1,177 @@
+"""Geometry of the Stiefel manifold St(n, r) = {X in R^{n x r} : XᵀX = I_r} as small pure functions.
+
+Convention (PAPER.md §2). Every function here works on a *column* matrix ``X`` of shape (n, r)
+with orthonormal columns. A LoRA down-projection ``A`` has shape (r, d_in) with orthonormal
+*rows*, so the point on the manifold is ``X = A.mT`` (n = d_in); gradients transpose the same way
+(``G = A.grad.mT``). Callers transpose at the boundary: ``stiefel_error(A.mT)`` is
+``max |A Aᵀ − I|``.
+
+Nothing n x n is ever formed: the skew matrix ``W = G Xᵀ − X Gᵀ`` of Eq. (5) has rank <= 2r and
+is applied as ``W Z = G (Xᵀ Z) − X (Gᵀ Z)``, so every function costs O(n r²) (+ O(r³)).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "random_stiefel", "project_tangent", "canonical_direction", "skew_apply", "skew_norm",
+    "cayley_step", "cayley_fixed_point", "qr_retract", "stiefel_error", "effective_rank",
+]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # QR / solves are not implemented for half types; float64 stays float64.
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def qr_retract(X: Tensor) -> Tensor:
+    """Sign-fixed QR retraction ``X -> qf(X)`` onto St(n, r).
+
+    Args:
+        X: (n, r) with n >= r and full column rank.
+    Returns:
+        Q: (n, r), QᵀQ = I, from ``X = Q R`` with diag(R) >= 0. The sign fix makes the map
+        unique, so a point already on the manifold is returned unchanged (up to rounding).
+        Computed in fp32 (or fp64) and cast back to ``X.dtype``.
+    """
+    Q, R = torch.linalg.qr(X.to(_work_dtype(X.dtype)), mode="reduced")
+    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (Q * sign.unsqueeze(-2)).to(X.dtype)
+
+
+def random_stiefel(n: int, r: int, *, generator: torch.Generator | None = None,
+                   dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> Tensor:
+    """A random point of St(n, r): the sign-fixed Q factor of an n x r standard Gaussian.
+
+    The sign fix makes the distribution Haar (uniform on the manifold). The Gaussian is drawn on
+    the generator's device (CPU when none is given) so a seed gives the same matrix everywhere.
+
+    Returns:
+        X: (n, r) with XᵀX = I_r. For a LoRA A use ``random_stiefel(d_in, r).mT``.
+    """
+    if r <= 0 or n <= 0 or r > n:
+        raise ValueError(f"random_stiefel needs 0 < r <= n, got n={n}, r={r}; "
+                         "an n x r matrix has at most n orthonormal columns, lower r")
+    src = generator.device if generator is not None else torch.device("cpu")
+    Z = torch.randn(n, r, generator=generator, dtype=_work_dtype(dtype), device=src)
+    return qr_retract(Z).to(device=device, dtype=dtype)
+
+
+def stiefel_error(X: Tensor) -> float:
+    """Distance from the manifold: ``max_ij |(XᵀX − I)_ij|`` (max-abs norm), as a float.
+
+    For a LoRA A (r x d_in, orthonormal rows) call ``stiefel_error(A.mT)`` = max |A Aᵀ − I|.
+    """
+    Xw = X.detach().to(_work_dtype(X.dtype))
+    gram = Xw.mT @ Xw
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return (gram - eye).abs().max().item()
+
+
+def project_tangent(X: Tensor, V: Tensor) -> Tensor:
+    """Project V onto the tangent space at X: ``V − X sym(Xᵀ V)``, sym(M) = (M + Mᵀ)/2.
+
+    Args:
+        X: (n, r) on St(n, r). V: (n, r).
+    Returns:
+        (n, r) tangent vector T with XᵀT + TᵀX = 0. Idempotent.
+    """
+    XtV = X.mT @ V
+    return V - X @ (0.5 * (XtV + XtV.mT))
+
+
+def canonical_direction(X: Tensor, G: Tensor) -> Tensor:
+    """``G − ½ X (Xᵀ G)``: the matrix whose Eq. (5) skew W satisfies ``W X = project_tangent(X, G)``.
+
+    With plain G, ``W X = G − X Gᵀ X``, which doubles the skew part of XᵀG (the motion of X inside
+    its own span); with this direction W X is exactly the tangent projection of G (the canonical
+    metric of Wen & Yin 2013; Li et al. 2020, Alg. 2: Ŵ = M Xᵀ − ½ X (Xᵀ M Xᵀ), W = Ŵ − Ŵᵀ).
+    """
+    return G - 0.5 * (X @ (X.mT @ G))
+
+
+def skew_apply(G: Tensor, X: Tensor, Z: Tensor) -> Tensor:
+    """Apply ``W = G Xᵀ − X Gᵀ`` (Eq. 5, skew-symmetric, rank <= 2r) to Z without forming W.
+
+    Args:
+        G, X: (n, r). Z: (n, k).
+    Returns:
+        W Z = G (Xᵀ Z) − X (Gᵀ Z), shape (n, k), cost O(n r k).
+    """
+    return G @ (X.mT @ Z) - X @ (G.mT @ Z)
+
+
+def skew_norm(G: Tensor, X: Tensor) -> Tensor:
+    """Frobenius norm of ``W = G Xᵀ − X Gᵀ`` (an upper bound of its spectral norm), in O(n r²).
+
+    With U = [G, X], V = [X, −G] (W = U Vᵀ): ‖W‖²_F = tr((UᵀU)(VᵀV)).
+    """
+    U = torch.cat([G, X], dim=-1)
+    V = torch.cat([X, -G], dim=-1)
+    sq = ((U.mT @ U) * (V.mT @ V)).sum()  # tr(P Q) = sum(P * Qᵀ), Q symmetric
+    return sq.clamp_min(0).sqrt()
+
+
+def cayley_step(X: Tensor, G: Tensor, tau: float | Tensor) -> Tensor:
+    """Cayley curve ``Y(τ) = (I + τ/2 W)⁻¹ (I − τ/2 W) X`` with W = G Xᵀ − X Gᵀ, closed form.
+
+    Implements Eq. (6) by Sherman–Morrison–Woodbury (Wen & Yin 2013, Lemma 4): with
+    U = [G, X], V = [X, −G] (n x 2r, W = U Vᵀ),
+
+        Y(τ) = X − τ U (I_2r + τ/2 Vᵀ U)⁻¹ Vᵀ X
+
+    one 2r x 2r solve, O(n r² + r³). YᵀY = I holds for every τ (a Cayley transform of a skew
+    matrix is orthogonal), so the step size needs no cap for correctness. ``Y(τ)`` is a descent
+    curve for a loss with gradient G: dY/dτ at 0 is −W X.
+
+    Args:
+        X: (n, r) on St(n, r). G: (n, r) descent direction (gradient or Adam moment).
+        tau: step size >= 0.
+    Returns:
+        Y: (n, r) on St(n, r).
+    """
+    r2 = 2 * X.shape[-1]
+    U = torch.cat([G, X], dim=-1)              # (n, 2r)
+    V = torch.cat([X, -G], dim=-1)             # (n, 2r)
+    eye = torch.eye(r2, dtype=X.dtype, device=X.device)
+    lhs = eye + (0.5 * tau) * (V.mT @ U)       # (2r, 2r), invertible: det = det(I + τ/2 W) != 0
+    rhs = V.mT @ X                             # (2r, r)
+    return X - tau * (U @ torch.linalg.solve(lhs, rhs))
+
+
+def cayley_fixed_point(X: Tensor, G: Tensor, tau: float | Tensor, iters: int) -> Tensor:
+    """Eq. (6) by the paper's fixed-point iteration (Li, Li & Todorovic 2020, Alg. 2).
+
+    ``Y₀ = X − τ W X``, then ``Y ← X − τ/2 · W (X + Y)`` ``iters`` times (W applied by
+    ``skew_apply``, O(n r²) each). A contraction with limit Eq. (6) when τ‖W‖₂ < 2; the result
+    is only approximately on the manifold (error O((τ‖W‖/2)^iters)), hence the step cap in
+    CayleyAdam and the periodic QR retraction.
+    """
+    if iters < 1:
+        raise ValueError(f"cayley_fixed_point needs iters >= 1, got {iters}; use 2 (the paper) or more")
+    Y = X - tau * skew_apply(G, X, X)
+    for _ in range(iters):
+        Y = X - (0.5 * tau) * skew_apply(G, X, X + Y)
+    return Y
+
+
+def effective_rank(M: Tensor, eps: float = 1e-12) -> float:
+    """Entropy effective rank (Roy & Vetterli 2007): ``exp(H(p))``, ``p_i = σ_i / Σ_j σ_j``.
+
+    Args:
+        M: any (m, n) matrix, e.g. ΔW = s B A (by Lemma 1 the same as erank(B) when A Aᵀ = I).
+    Returns:
+        erank in [1, min(m, n)] as a float; 0.0 for the zero matrix. Singular values below
+        ``eps · σ_max`` count as zero.
+    """
+    s = torch.linalg.svdvals(M.detach().to(torch.float64))
+    if s.numel() == 0 or s.max() <= 0:
+        return 0.0
+    s = s[s > eps * s.max()]
+    p = s / s.sum()
+    return math.exp(-(p * p.log()).sum().item())

@@ -1,0 +1,177 @@
+"""Properties of fora.stiefel in float64, checked against dense n x n formulas built here only."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fora.stiefel import (canonical_direction, cayley_fixed_point, cayley_step, effective_rank,
+                          project_tangent, qr_retract, random_stiefel, skew_apply, skew_norm,
+                          stiefel_error)
+
+F64 = torch.float64
+
+
+@st.composite
+def point_and_direction(draw, max_n=40):
+    """X on St(n, r) with r <= n/2, and a Gaussian direction G (n x r)."""
+    n = draw(st.integers(2, max_n))
+    r = draw(st.integers(1, n // 2))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    X = random_stiefel(n, r, generator=gen, dtype=F64)
+    G = torch.randn(n, r, generator=gen, dtype=F64)
+    return X, G
+
+
+def dense_W(G, X):
+    return G @ X.T - X @ G.T
+
+
+def dense_cayley(X, G, tau):
+    n = X.shape[0]
+    W, eye = dense_W(G, X), torch.eye(n, dtype=F64)
+    return torch.linalg.solve(eye + tau / 2 * W, (eye - tau / 2 * W) @ X)
+
+
+def orth_err(X):
+    return (X.T @ X - torch.eye(X.shape[1], dtype=F64)).abs().max().item()
+
+
+@given(point_and_direction(), st.integers(1, 5))
+def test_skew_apply_is_a_skew_matrix(XG, k):
+    X, G = XG
+    n = X.shape[0]
+    W = skew_apply(G, X, torch.eye(n, dtype=F64))   # the operator, materialised in the test only
+    torch.testing.assert_close(W, -W.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(W, dense_W(G, X), rtol=0, atol=1e-12)
+    Z = torch.randn(n, k, dtype=F64)
+    torch.testing.assert_close(skew_apply(G, X, Z), dense_W(G, X) @ Z)
+    torch.testing.assert_close(skew_norm(G, X), torch.linalg.matrix_norm(dense_W(G, X)))
+
+
+@given(point_and_direction(), st.floats(0.0, 1e3))
+def test_cayley_step_stays_on_manifold_for_any_step(XG, tau):
+    X, G = XG
+    assert orth_err(cayley_step(X, G, tau)) < 1e-12
+
+
+@given(point_and_direction(), st.floats(0.0, 50.0))
+def test_cayley_closed_form_equals_dense_formula(XG, tau):
+    X, G = XG
+    G = G / torch.linalg.matrix_norm(dense_W(G, X), ord=2)   # ‖W‖₂ = 1, so τ‖W‖ spans 0..50
+    torch.testing.assert_close(cayley_step(X, G, tau), dense_cayley(X, G, tau), rtol=0, atol=1e-10)
+
+
+@given(point_and_direction(), st.floats(0.01, 1.5))
+def test_fixed_point_converges_to_closed_form_when_contractive(XG, c):
+    X, G = XG
+    tau = c / torch.linalg.matrix_norm(dense_W(G, X), ord=2).item()    # τ‖W‖₂ = c < 2
+    torch.testing.assert_close(cayley_fixed_point(X, G, tau, iters=200), cayley_step(X, G, tau),
+                               rtol=0, atol=1e-10)
+
+
+def test_fixed_point_diverges_where_closed_form_does_not():
+    gen = torch.Generator().manual_seed(0)
+    X = random_stiefel(30, 4, generator=gen, dtype=F64)
+    G = torch.randn(30, 4, generator=gen, dtype=F64)
+    tau = 10.0 / torch.linalg.matrix_norm(dense_W(G, X), ord=2).item()   # τ‖W‖₂ = 10
+    assert orth_err(cayley_fixed_point(X, G, tau, iters=20)) > 1.0
+    assert orth_err(cayley_step(X, G, tau)) < 1e-12
+
+
+def test_cayley_step_moves_downhill_along_minus_WX():
+    gen = torch.Generator().manual_seed(1)
+    X = random_stiefel(20, 3, generator=gen, dtype=F64)
+    G = torch.randn(20, 3, generator=gen, dtype=F64)
+    h = 1e-6
+    deriv = (cayley_step(X, G, h) - X) / h
+    torch.testing.assert_close(deriv, -dense_W(G, X) @ X, rtol=0, atol=1e-5)
+
+
+@given(point_and_direction())
+def test_project_tangent_idempotent_and_tangent(XG):
+    X, V = XG
+    P = project_tangent(X, V)
+    torch.testing.assert_close(project_tangent(X, P), P, rtol=0, atol=1e-12)
+    S = X.T @ P
+    torch.testing.assert_close(S + S.T, torch.zeros_like(S), rtol=0, atol=1e-12)
+
+
+@given(point_and_direction())
+def test_canonical_direction_makes_WX_the_tangent_projection(XG):
+    X, G = XG
+    D = canonical_direction(X, G)
+    torch.testing.assert_close(dense_W(D, X) @ X, project_tangent(X, G), rtol=0, atol=1e-12)
+
+
+@given(point_and_direction(), st.integers(1, 12))
+def test_lemma1_singular_values_of_BA_are_those_of_B(XG, d_out):
+    X, _ = XG
+    A = X.T                                            # (r, n) with orthonormal rows
+    B = torch.randn(d_out, A.shape[0], dtype=F64)
+    s_BA, s_B = torch.linalg.svdvals(B @ A), torch.linalg.svdvals(B)
+    k = s_B.numel()
+    torch.testing.assert_close(s_BA[:k], s_B, rtol=0, atol=1e-12)
+    assert s_BA.numel() == k or s_BA[k:].abs().max() < 1e-12
+    assert math.isclose(effective_rank(B @ A), effective_rank(B), rel_tol=1e-9)
+
+
+@given(point_and_direction())
+def test_qr_retract_is_identity_on_the_manifold(XG):
+    X, G = XG
+    torch.testing.assert_close(qr_retract(X), X, rtol=0, atol=1e-12)
+    Z = X + 0.1 * G                                    # off the manifold, full rank
+    Q = qr_retract(Z)
+    assert orth_err(Q) < 1e-12
+    R = Q.T @ Z                                        # Z = Q R: R upper triangular, diag >= 0
+    torch.testing.assert_close(torch.tril(R, -1), torch.zeros_like(R), rtol=0, atol=1e-12)
+    assert (torch.diagonal(R) >= 0).all()
+
+
+def test_random_stiefel_orthonormal_seeded_and_validated():
+    X = random_stiefel(50, 7, generator=torch.Generator().manual_seed(3))
+    assert X.shape == (50, 7) and X.dtype == torch.float32
+    assert stiefel_error(X) < 1e-5
+    assert torch.equal(X, random_stiefel(50, 7, generator=torch.Generator().manual_seed(3)))
+    assert random_stiefel(8, 8, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="0 < r <= n"):
+        random_stiefel(4, 5)
+    with pytest.raises(ValueError, match="0 < r <= n"):
+        random_stiefel(4, 0)
+
+
+@given(point_and_direction())
+def test_stiefel_error_is_max_abs_of_gram_minus_identity(XG):
+    X, G = XG
+    Z = X + 1e-3 * G
+    expected = np.abs(Z.numpy().T @ Z.numpy() - np.eye(Z.shape[1])).max()
+    assert math.isclose(stiefel_error(Z), expected, rel_tol=1e-9, abs_tol=1e-15)
+
+
+@given(st.lists(st.floats(0.0, 10.0), min_size=1, max_size=10), st.integers(0, 2**31 - 1))
+def test_effective_rank_matches_entropy_of_singular_values(sigmas, seed):
+    s = np.array(sigmas)
+    gen = torch.Generator().manual_seed(seed)
+    k = len(s)
+    U = random_stiefel(k + 3, k, generator=gen, dtype=F64)
+    V = random_stiefel(k + 5, k, generator=gen, dtype=F64)
+    M = U @ torch.diag(torch.tensor(s)) @ V.T
+    if s.max() == 0:
+        assert effective_rank(M) == 0.0
+        return
+    p = s[s > 1e-12 * s.max()] / s[s > 1e-12 * s.max()].sum()
+    p = p[p > 1e-9]    # relative sizes below the SVD's resolution are noise in both computations
+    assert math.isclose(effective_rank(M), float(np.exp(-(p * np.log(p)).sum())), rel_tol=1e-6)
+
+
+def test_effective_rank_extremes():
+    assert math.isclose(effective_rank(torch.eye(6)), 6.0, rel_tol=1e-9)
+    assert math.isclose(effective_rank(torch.outer(torch.arange(1.0, 5.0), torch.ones(3))), 1.0, rel_tol=1e-9)
+
+
+def test_fixed_point_rejects_zero_iterations():
+    X = random_stiefel(6, 2)
+    with pytest.raises(ValueError, match="iters >= 1"):
+        cayley_fixed_point(X, X, 0.1, iters=0)
