@@ -219,7 +219,8 @@ class ModelConfig:
         d["hidden_act"] = act
         if self.embed_scale:  # Gemma keys
             d["hidden_activation"] = act
-            d["query_pre_attn_scalar"] = self.query_pre_attn_scalar
+            q = self.query_pre_attn_scalar  # transformers' strict config wants an int here
+            d["query_pre_attn_scalar"] = int(q) if q is not None and float(q).is_integer() else q
             d["attn_logit_softcapping"] = self.attn_logit_softcapping
             d["final_logit_softcapping"] = self.final_logit_softcapping
         if self.rope_local != self.rope:
