@@ -1,0 +1,151 @@
+"""Put LoRALinear adapters into a CausalLM by exact module path, and collect their parameters.
+
+Paths follow the checkpoint names: ``model.layers.{i}.self_attn.{q,k,v,o}_proj`` and
+``model.layers.{i}.mlp.{gate,up,down}_proj``. Any other target name is looked up as an exact leaf
+name among the block's modules (it must be unique). A missing target, a target that is not an
+nn.Linear, or a layer index out of range raises.
+
+**Alpha default (decision).** ``alpha=None`` means α = 2 · ``rank`` (LLM-Adapters' commonsense
+recipe: r = 32, α = 64), one α for every module exactly like peft's ``lora_alpha``; with a
+``rank_pattern`` a module of rank r_m gets the scale α / r_m (α / √r_m with rsLoRA), as in peft,
+so the adapter exports as ``LoraConfig(r=rank, lora_alpha=alpha, rank_pattern=...)``.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fora.lora import LoRALinear
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    try:
+        return model.get_submodule("model.layers")
+    except AttributeError as err:
+        raise ValueError(f"{type(model).__name__} has no 'model.layers'; inject_lora expects a "
+                         "fora.model.CausalLM (or a model with the same module names)") from err
+
+
+def _target_path(block: nn.Module, prefix: str, target: str) -> str:
+    """Full path of ``target`` inside the block at ``prefix`` (raises when absent or ambiguous)."""
+    parent = _PARENT.get(target)
+    if parent is not None:
+        try:
+            block.get_submodule(f"{parent}.{target}")
+            return f"{prefix}.{parent}.{target}"
+        except AttributeError:
+            pass
+    hits = [name for name, _ in block.named_modules() if name.rsplit(".", 1)[-1] == target]
+    if len(hits) != 1:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, nn.Linear)})
+        what = "no module" if not hits else f"{len(hits)} modules ({', '.join(hits)})"
+        raise ValueError(f"{what} named {target!r} in {prefix}; linear leaves there: {', '.join(leaves)}")
+    return f"{prefix}.{hits[0]}"
+
+
+def inject_lora(model: nn.Module, layers: Sequence[int],
+                targets: Sequence[str] = DEFAULT_TARGETS, rank: int = 32, alpha: float | None = None,
+                stiefel: bool = True, rank_pattern: dict[str, int] | None = None, dropout: float = 0.0,
+                rslora: bool = False, seed: int | None = None) -> dict[str, LoRALinear]:
+    """Replace ``targets`` of blocks ``layers`` by LoRALinear (in place).
+
+    Args:
+        model: a CausalLM (``model.layers`` is the block list).
+        layers: block indices to adapt (0 <= i < L), e.g. the Fisher top-K (Eq. 3).
+        targets: leaf module names per block (default: LLM-Adapters' five).
+        rank: r for every module not in ``rank_pattern``.
+        alpha: α shared by all modules; None -> 2 · rank (see the module docstring).
+        stiefel: A initialised on the Stiefel manifold (rows orthonormal) instead of Kaiming.
+        rank_pattern: full module path -> rank; every key must name an injected module.
+        dropout, rslora: as in LoRALinear.
+        seed: seeds the CPU generator that draws every A, in sorted layer order then target order.
+    Returns:
+        {full module path: LoRALinear} in injection order.
+    """
+    blocks = _blocks(model)
+    n = len(blocks)
+    layers = list(layers)
+    bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < n)]
+    if bad:
+        raise ValueError(f"layer index {bad[0]!r} out of range: this model has {n} layers, valid "
+                         f"indices are 0..{n - 1}")
+    if not layers:
+        raise ValueError("inject_lora got no layers; pass at least one index, e.g. layers=range(L)")
+    alpha = 2.0 * rank if alpha is None else float(alpha)
+    rank_pattern = dict(rank_pattern or {})
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    init = "stiefel" if stiefel else "standard"
+    paths = [_target_path(blocks[i], f"model.layers.{i}", t) for i in sorted(set(layers)) for t in targets]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"duplicate targets in {tuple(targets)}; list each module name once")
+    unknown = sorted(set(rank_pattern) - set(paths))
+    if unknown:
+        raise ValueError(f"rank_pattern names modules that are not injected: {unknown[:3]}; keys must "
+                         "be full paths such as 'model.layers.0.self_attn.q_proj'")
+    out: dict[str, LoRALinear] = {}
+    for path in paths:
+        base = model.get_submodule(path)
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"{path} already has a LoRA adapter; inject each module once")
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{path} is a {type(base).__name__}, not an nn.Linear; LoRA targets must "
+                            "be linear projections (e.g. q_proj, up_proj)")
+        lora = LoRALinear(base, rank_pattern.get(path, rank), alpha, dropout=dropout, rslora=rslora,
+                          init=init, generator=generator)
+        parent_path, leaf = path.rsplit(".", 1)
+        setattr(model.get_submodule(parent_path), leaf, lora)
+        out[path] = lora
+    return out
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """{full module path: LoRALinear} for every adapter in the model."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _check_collection(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every trainable parameter must be some adapter's A or B (nothing silently left out)."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA adapters; call fora.inject.inject_lora first")
+    ours = {id(p) for m in mods.values() for p in (m.lora_A, m.lora_B)}
+    stray = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
+    if stray:
+        raise ValueError(f"{len(stray)} trainable parameters are not LoRA A/B (e.g. {stray[:3]}); "
+                         "call fora.inject.freeze_base(model) first")
+    return mods
+
+
+def stiefel_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The A's (the parameters Cayley-Adam keeps on the Stiefel manifold), in module order."""
+    return [m.lora_A for m in _check_collection(model).values()]
+
+
+def euclidean_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The B's (plain AdamW), in module order."""
+    return [m.lora_B for m in _check_collection(model).values()]
+
+
+def freeze_base(model: nn.Module) -> None:
+    """requires_grad = False on every parameter except the LoRA A's and B's (which get True)."""
+    ours = {id(p) for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ours)
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of scalars with requires_grad (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapted_layers(model: nn.Module) -> list[int]:
+    """Sorted block indices that hold at least one LoRALinear."""
+    return sorted({int(m.group(1)) for name in lora_modules(model) if (m := _LAYER_RE.search(name + "."))})

@@ -1,0 +1,125 @@
+"""LoRALinear: a frozen nn.Linear plus a rank-r update, written by hand (no parametrize).
+
+    y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ,   A: (r, d_in), B: (d_out, r),
+    s = α / r  (or α / √r with rsLoRA)                                        (Eq. 1)
+
+The dense ``W0 + s B A`` is never formed in ``forward``; it only exists after ``merge()``.
+``weight`` / ``bias`` are the wrapped layer's own Parameter objects under their own names, so
+the base model's state_dict keys are unchanged and the adapter adds ``lora_A`` / ``lora_B``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fora.stiefel import random_stiefel
+
+logger = logging.getLogger(__name__)
+
+INITS = ("standard", "stiefel")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer with a low-rank adapter (Eq. 1).
+
+    Args:
+        base: the nn.Linear to wrap (may live on the meta device; init is then skipped).
+        rank: r >= 1.
+        alpha: α; the scale is α / r, or α / √r with ``rslora=True``.
+        dropout: dropout probability on the adapter input (peft's ``lora_dropout``).
+        rslora: use the rank-stabilised scale α / √r.
+        init: "standard" (A Kaiming-uniform with a = √5 as in peft, B = 0) or "stiefel"
+            (A = r orthonormal rows from a sign-fixed QR of a Gaussian, B = 0). Both give ΔW = 0.
+        generator: random source for A (its device is where A is drawn).
+        dtype: dtype of A and B (fp32 by default, whatever the base dtype).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0,
+                 rslora: bool = False, init: str = "standard",
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}; "
+                            "target a linear projection such as q_proj")
+        d_out, d_in = base.weight.shape
+        if not (isinstance(rank, int) and rank > 0):
+            raise ValueError(f"LoRA rank must be a positive int, got {rank!r}; pass e.g. rank=32")
+        if init not in INITS:
+            raise ValueError(f"unknown LoRA init {init!r}: valid inits are {', '.join(INITS)}")
+        if init == "stiefel" and rank > min(d_in, d_out):
+            raise ValueError(f"rank {rank} > min(d_in, d_out) = {min(d_in, d_out)} for a Stiefel A "
+                             f"of a {d_in} -> {d_out} layer; lower the rank to at most {min(d_in, d_out)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        self.in_features, self.out_features = d_in, d_out
+        self.rank, self.alpha, self.rslora, self.init = rank, float(alpha), rslora, init
+        self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
+        self.merged = False
+        # The base layer's own Parameters, frozen: same objects, same state_dict names.
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        if base.bias is not None:
+            self.bias = base.bias
+            self.bias.requires_grad_(False)
+        else:
+            self.register_parameter("bias", None)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters(generator)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw A per ``self.init`` and zero B; a no-op on the meta device."""
+        if self.lora_A.is_meta:
+            return
+        src = generator.device if generator is not None else self.lora_A.device
+        if self.init == "stiefel":
+            A = random_stiefel(self.in_features, self.rank, generator=generator,
+                               dtype=torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32,
+                               device=src).mT
+        else:
+            A = torch.empty(self.rank, self.in_features, dtype=torch.float32, device=src)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        self.lora_A.copy_(A)
+        self.lora_B.zero_()
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = s · B A, shape (d_out, d_in), in the adapter dtype."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← W0 + s B A in the base dtype; forward then skips the adapter path."""
+        if self.merged:
+            logger.warning("LoRALinear.merge(): already merged, nothing to do")
+            return
+        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W ← W − s B A: undo ``merge()`` (exact up to rounding in the base dtype)."""
+        if not self.merged:
+            logger.warning("LoRALinear.unmerge(): not merged, nothing to do")
+            return
+        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., d_in) -> (..., d_out) in x's dtype; adapter math in the adapter dtype."""
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        delta = F.linear(F.linear(h, self.lora_A), self.lora_B)   # (..., r) -> (..., d_out)
+        return y + (delta * self.scale).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha:g}, scale={self.scale:g}, init={self.init}, merged={self.merged}")

@@ -1,0 +1,210 @@
+"""CayleyAdam: known optima on the Stiefel manifold, manifold drift, state_dict resume, errors;
+build_optimizers: the A/B split and its guards."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from fora.cayley_adam import CayleyAdam
+from fora.inject import freeze_base
+from fora.lora import LoRALinear
+from fora.optim import build_optimizers
+from fora.stiefel import random_stiefel, stiefel_error
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices: extra threads only add contention on the shared CI cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def stiefel_param(n, r, seed, dtype=torch.float32):
+    A = random_stiefel(n, r, generator=torch.Generator().manual_seed(seed), dtype=dtype).mT
+    return nn.Parameter(A.contiguous())
+
+
+def spd_with_gap(n, r, seed):
+    """C = Q diag(λ) Qᵀ, Q Haar-random, top r eigenvalues in [2, 3], the rest in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    Q = random_stiefel(n, n, generator=g, dtype=F64)
+    lam = torch.cat([torch.rand(n - r, generator=g, dtype=F64), 2 + torch.rand(r, generator=g, dtype=F64)])
+    return Q @ torch.diag(lam) @ Q.T
+
+
+@pytest.mark.parametrize("solver", ["closed_form", "fixed_point"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_maximises_trace_and_finds_top_eigenspace(solver, seed):
+    n, r = 20, 3
+    C = spd_with_gap(n, r, seed)
+    A = stiefel_param(n, r, seed + 100, F64)
+    opt = CayleyAdam([A], lr=0.2, solver=solver)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = -torch.trace(A @ C @ A.T)               # maximise tr(A C Aᵀ)
+        loss.backward()
+        opt.step()
+    evals, evecs = torch.linalg.eigh(C)
+    V = evecs[:, -r:]
+    projector_dist = torch.linalg.matrix_norm(A.detach().T @ A.detach() - V @ V.T).item()
+    assert projector_dist < 1e-4
+    assert abs(-loss.item() - evals[-r:].sum().item()) < 1e-8
+    assert stiefel_error(A.detach().mT) < 1e-12
+
+
+def test_nearest_point_is_the_polar_factor():
+    # min ‖A − T‖²: the gradient has a skew part in A Gᵀ (motion within span A), which the
+    # canonical-metric W handles; the optimum is the polar factor U Vᵀ of T (Procrustes).
+    n, r = 30, 5
+    T = torch.randn(r, n, generator=torch.Generator().manual_seed(7), dtype=F64)
+    U, _, Vh = torch.linalg.svd(T, full_matrices=False)
+    A = stiefel_param(n, r, 8, F64)
+    opt = CayleyAdam([A], lr=0.2)
+    for _ in range(300):
+        opt.zero_grad()
+        (A - T).pow(2).sum().backward()
+        opt.step()
+    torch.testing.assert_close(A.detach(), U @ Vh, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("qr_every", [0, 100])
+def test_stays_on_manifold_over_thousands_of_fp32_steps(qr_every):
+    g = torch.Generator().manual_seed(0)
+    A = stiefel_param(64, 8, 1)
+    opt = CayleyAdam([A], lr=0.05, qr_every=qr_every)
+    worst = 0.0
+    for _ in range(3000):
+        A.grad = torch.randn(A.shape, generator=g)
+        opt.step()
+        worst = max(worst, stiefel_error(A.detach().mT))
+    assert worst < 1e-5
+
+
+def _run(A, opt, steps, start):
+    C = spd_with_gap(A.shape[1], A.shape[0], 3).float()
+    for k in range(start, start + steps):
+        opt.zero_grad()
+        (-torch.trace(A @ C @ A.T)).backward()
+        A.grad += 0.1 * torch.randn(A.shape, generator=torch.Generator().manual_seed(k))
+        opt.step()
+
+
+@pytest.mark.parametrize("solver", ["closed_form", "fixed_point"])
+def test_resume_from_state_dict_is_bit_identical(solver):
+    kw = dict(lr=0.05, qr_every=7, solver=solver)
+    A = stiefel_param(16, 4, 5)
+    opt = CayleyAdam([A], **kw)
+    _run(A, opt, 40, 0)
+
+    B = stiefel_param(16, 4, 5)
+    opt_b = CayleyAdam([B], **kw)
+    _run(B, opt_b, 20, 0)
+    buf = io.BytesIO()
+    torch.save({"A": B.detach().clone(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    B2 = nn.Parameter(saved["A"])
+    opt_b2 = CayleyAdam([B2], **kw)
+    opt_b2.load_state_dict(saved["opt"])
+    _run(B2, opt_b2, 20, 20)
+
+    assert torch.equal(A, B2)
+    assert torch.equal(opt.state[A]["exp_avg"], opt_b2.state[B2]["exp_avg"])
+    assert opt.state[A]["step"] == opt_b2.state[B2]["step"] == 40
+
+
+def test_bf16_parameter_keeps_fp32_moments_and_stays_near_manifold():
+    A = nn.Parameter(random_stiefel(64, 8, generator=torch.Generator().manual_seed(0)).mT.to(torch.bfloat16))
+    opt = CayleyAdam([A], lr=0.05, qr_every=10)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        A.grad = torch.randn(A.shape, generator=g).to(torch.bfloat16)
+        opt.step()
+    assert A.dtype == torch.bfloat16
+    assert stiefel_error(A.detach().mT) < 2e-2
+    opt2 = CayleyAdam([A], lr=0.05)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[A]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt2.state[A]["exp_avg"], opt.state[A]["exp_avg"])
+
+
+def test_rejects_a_non_orthonormal_initial_A():
+    lora = LoRALinear(nn.Linear(16, 8), rank=4, alpha=8, init="standard")
+    opt = CayleyAdam([lora.lora_A], lr=0.1)
+    lora.lora_A.grad = torch.ones_like(lora.lora_A)
+    with pytest.raises(ValueError, match=r"orthonormal rows.*init='stiefel'"):
+        opt.step()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1.0), "invalid lr"),
+    (dict(lr=float("nan")), "invalid lr"),
+    (dict(betas=(1.0, 0.99)), "invalid betas"),
+    (dict(betas=(0.9, -0.1)), "invalid betas"),
+    (dict(eps=0.0), "invalid eps"),
+    (dict(qr_every=-1), "invalid qr_every"),
+    (dict(qr_every=2.5), "invalid qr_every"),
+    (dict(solver="newton"), "valid solvers are closed_form, fixed_point"),
+    (dict(iters=0), "invalid iters"),
+    (dict(step_cap=1.5), "invalid step_cap"),
+    (dict(solver="fixed_point", step_cap=None), "needs step_cap"),
+])
+def test_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CayleyAdam([stiefel_param(8, 2, 0)], **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(8,), (5, 3)])
+def test_rejects_parameters_that_are_not_an_A(shape):
+    with pytest.raises(ValueError, match=r"\(r, n\) matrices with r <= n"):
+        CayleyAdam([nn.Parameter(torch.zeros(shape))])
+
+
+class TwoAdapters(nn.Module):
+    def __init__(self, init="stiefel"):
+        super().__init__()
+        self.up = LoRALinear(nn.Linear(8, 32), rank=4, alpha=8, init=init)
+        self.down = LoRALinear(nn.Linear(32, 8), rank=4, alpha=8, init=init)
+        self.norm = nn.LayerNorm(8)
+
+
+def test_build_optimizers_splits_A_and_B():
+    model = TwoAdapters()
+    freeze_base(model)
+    cayley, adamw = build_optimizers(model, lr=1e-3, weight_decay=0.1)
+    assert isinstance(cayley, CayleyAdam) and isinstance(adamw, torch.optim.AdamW)
+    lrs = {p.shape: g["lr"] for g in cayley.param_groups for p in g["params"]}
+    assert lrs == {(4, 8): pytest.approx(1e-3 * 32 ** 0.5), (4, 32): pytest.approx(1e-3 * 128 ** 0.5)}
+    assert {id(p) for p in adamw.param_groups[0]["params"]} == {id(model.up.lora_B), id(model.down.lora_B)}
+    assert adamw.param_groups[0]["weight_decay"] == 0.1
+    (cayley2, _) = build_optimizers(model, lr=1e-3, stiefel_lr=0.3)
+    assert [g["lr"] for g in cayley2.param_groups] == [0.3]
+    (plain,) = build_optimizers(model, lr=1e-3, stiefel=False)
+    assert len(plain.param_groups[0]["params"]) == 4
+
+
+def test_build_optimizers_one_training_step_keeps_A_orthonormal():
+    model = TwoAdapters()
+    freeze_base(model)
+    opts = build_optimizers(model, lr=1e-2)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for o in opts:
+            o.zero_grad()
+        model.down(torch.relu(model.up(x))).pow(2).sum().backward()
+        for o in opts:
+            o.step()
+    assert model.up.lora_B.abs().sum() > 0
+    assert stiefel_error(model.up.lora_A.detach().mT) < 1e-5
+
+
+def test_build_optimizers_refuses_stray_trainable_parameters_and_no_adapters():
+    with pytest.raises(ValueError, match=r"not LoRA A/B.*freeze_base"):
+        build_optimizers(TwoAdapters(), lr=1e-3)             # the LayerNorm is still trainable
+    with pytest.raises(ValueError, match="no LoRA adapters.*inject_lora"):
+        build_optimizers(nn.Linear(3, 3), lr=1e-3)
