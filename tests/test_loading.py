@@ -39,7 +39,7 @@ def qwen_dir(tmp_path_factory):  # tied embeddings
 @pytest.fixture(scope="session")
 def llama_logits(llama_dir):
     with torch.no_grad():
-        return load_model(llama_dir)(IDS)
+        return load_model(llama_dir, device="cpu")(IDS)
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +72,19 @@ def _edit_config(folder: Path, **changes) -> None:
 # ---- layouts that load ---------------------------------------------------------------------
 
 def test_defaults_cpu(qwen_dir):
-    model = load_model(qwen_dir)
+    model = load_model(qwen_dir, device="cpu")
     params = list(model.parameters())
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params)
     assert all(p.requires_grad for p in params) and not model.training
     assert model.lm_head.weight is model.model.embed_tokens.weight  # re-tied after assign
     assert model.config.num_hidden_layers == 2
+
+
+def test_default_device_and_dtype(qwen_dir):
+    model = load_model(qwen_dir)
+    cuda = torch.cuda.is_available()
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {
+        ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)}
 
 
 def test_bf16_cast(llama_dir):
@@ -91,7 +98,7 @@ def test_bf16_cast(llama_dir):
 def test_sharded(sharded_dir, llama_logits):
     assert len(list(sharded_dir.glob("model-*.safetensors"))) > 1
     with torch.no_grad():
-        assert torch.equal(load_model(sharded_dir)(IDS), llama_logits)
+        assert torch.equal(load_model(sharded_dir, device="cpu")(IDS), llama_logits)
 
 
 def test_stale_index_falls_back_to_single_file(tmp_path, sharded_dir, llama_dir, llama_logits, caplog):
@@ -99,7 +106,7 @@ def test_stale_index_falls_back_to_single_file(tmp_path, sharded_dir, llama_dir,
     next(folder.glob("model-*.safetensors")).unlink()
     shutil.copy(llama_dir / "model.safetensors", folder / "model.safetensors")
     with caplog.at_level("WARNING", logger="fora.safetensors_io"):
-        model = load_model(folder)
+        model = load_model(folder, device="cpu")
     assert "names missing shards" in caplog.text
     with torch.no_grad():
         assert torch.equal(model(IDS), llama_logits)
@@ -109,7 +116,7 @@ def test_rotary_inv_freq_keys_are_ignored(tmp_path, llama_dir, llama_logits):
     folder = _copy(llama_dir, tmp_path / "inv")  # as in the Llama-2 -hf conversions
     _rewrite(folder, lambda t: {**t, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
     with torch.no_grad():
-        assert torch.equal(load_model(folder)(IDS), llama_logits)
+        assert torch.equal(load_model(folder, device="cpu")(IDS), llama_logits)
 
 
 @pytest.fixture(scope="session")
@@ -130,14 +137,15 @@ def test_multimodal_gemma3_layout(tmp_path, gemma3_dir, prefix):
     (folder / "config.json").write_text(json.dumps({"architectures": ["Gemma3ForConditionalGeneration"],
                                                     "model_type": "gemma3", "text_config": text}))
     with torch.no_grad():
-        assert torch.equal(load_model(folder)(IDS), load_model(gemma3_dir)(IDS))
+        assert torch.equal(load_model(folder, device="cpu")(IDS),
+                           load_model(gemma3_dir, device="cpu")(IDS))
 
 
 def test_tied_config_ignores_stored_lm_head(tmp_path, qwen_dir, caplog):
     folder = _copy(qwen_dir, tmp_path / "tiedhead")
     _rewrite(folder, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"] + 1})
     with caplog.at_level("WARNING", logger="fora.loading"):
-        model = load_model(folder)
+        model = load_model(folder, device="cpu")
     assert "ignoring lm_head.weight" in caplog.text
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
