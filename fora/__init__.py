@@ -61,6 +61,15 @@ _EXPORTS: dict[str, str] = {
     "arithmetic_task": "fora.tasks",
     "extract_answer": "fora.tasks",
     "answer_accuracy": "fora.tasks",
+    # training (issue 5)
+    "save_adapter": "fora.peft_io",
+    "load_adapter": "fora.peft_io",
+    "merged_state_dict": "fora.peft_io",
+    "save_merged": "fora.peft_io",
+    "TrainConfig": "fora.train_config",
+    "train": "fora.trainer",
+    "TrainingDiverged": "fora.train_loop",
+    "METHODS": "fora.methods",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -58,11 +58,30 @@ def _fisher_top_k(a: SelectArgs) -> Selection:
     return Selection(select_layers(scores, a.k, by="fisher"), scores.tolist())
 
 
+def random_prefixes(batches: Batches, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Each (right-padded) sequence cut after a uniformly random number of its tokens (>= 1).
+
+    `fora.cka.cka_scores` reads the residual stream at each sequence's last real token. On
+    instruction data every sequence ends with the same token (EOS, or the template's last
+    character), so the stream entering layer 0 would be one vector repeated and CKA undefined.
+    Cutting at random positions makes the samples token representations at varied positions.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for batch in batches:
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        lengths = mask.sum(1)
+        keep = 1 + (torch.rand(lengths.shape, generator=g) * lengths).long().clamp_max(lengths - 1)
+        cut = (torch.arange(mask.shape[1])[None, :] < keep[:, None]).to(mask.dtype) * mask
+        out.append({**batch, "attention_mask": cut})
+    return out
+
+
 def _cka_bottom_k(a: SelectArgs) -> Selection:
     from fora.cka import cka_scores
     from fora.selection import select_layers
 
-    scores = cka_scores(a.model, a.batches)
+    scores = cka_scores(a.model, random_prefixes(a.batches, a.seed))
     return Selection(select_layers(scores, a.k, by="cka"), scores.tolist())
 
 

@@ -66,8 +66,12 @@ def _dropout_p(module: nn.Module) -> float:
     return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
 
 
-def adapter_config(model: nn.Module, *, base_model_name_or_path: str) -> dict[str, Any]:
-    """The `adapter_config.json` dict describing the LoRA modules currently in `model`."""
+def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | None = None) -> dict[str, Any]:
+    """The `adapter_config.json` dict describing the LoRA modules currently in `model`.
+
+    `r` is the default rank written as `r` (modules of another rank go to `rank_pattern`); by
+    default the most common rank. A FIM-LoRA run passes its budget rank here.
+    """
     modules = _lora_modules(model)
     if not modules:
         raise ValueError("the model has no LoRA modules to save; call fora.inject.inject_lora "
@@ -79,7 +83,8 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str) -> dict[st
     if len(rslora) > 1 or len(dropout) > 1:
         raise ValueError("LoRA modules mix rsLoRA / dropout settings, which one adapter_config.json "
                          "cannot express; inject all modules with the same rslora and dropout")
-    r, alpha = _mode(list(ranks.values())), _mode(list(alphas.values()))
+    r = _mode(list(ranks.values())) if r is None else int(r)
+    alpha = _mode(list(alphas.values()))
     layers = sorted({_layer_index(p) for p in modules})
     targets = sorted({p.rsplit(".", 1)[-1] for p in modules})
     # peft adapts every target in every listed layer; exclude the combinations we did not adapt.
@@ -123,14 +128,14 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
-                 extra_files: Mapping[str, Any] | None = None) -> Path:
+                 r: int | None = None, extra_files: Mapping[str, Any] | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT 0.21 layout) into `out_dir`.
 
     Both files are written atomically; `extra_files` maps file names to JSON-serialisable objects
-    written alongside (e.g. `selection.json`). Returns `out_dir`.
+    written alongside (e.g. `selection.json`); `r` as in `adapter_config`. Returns `out_dir`.
     """
     out_dir = Path(out_dir)
-    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path)
+    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, r=r)
     atomic_save_safetensors(adapter_tensors(model), out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     atomic_write_json(out_dir / ADAPTER_CONFIG, config)
     for name, obj in (extra_files or {}).items():
@@ -192,6 +197,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"]))
         lora = LoRALinear(base, int(A.shape[0]), alpha, dropout=float(config.get("lora_dropout", 0.0)),
                           rslora=bool(config.get("use_rslora", False)))
+        lora.train(base.training)  # an eval-mode model stays in eval mode (no adapter dropout)
         with torch.no_grad():
             lora.lora_A.copy_(A)
             lora.lora_B.copy_(B)

@@ -1,0 +1,282 @@
+"""`main(cfg)`: one fine-tuning run, read top to bottom.
+
+load model + tokenizer -> data -> layer selection (Fisher / CKA / FIM / random / all, see
+`fora.methods`) -> inject LoRA at the selected layers -> freeze the base -> CayleyAdam for the
+Stiefel A's + AdamW for the B's -> warmup + decay -> loop (gradient accumulation, clipping,
+checkpoints, validation) -> PEFT adapter (+ merged model) in `--out`.
+
+Gradient clipping (decision): the global norm over *all* adapter parameters (A and B) is clipped
+before any optimizer steps, so CayleyAdam sees the clipped gradient of A. Clipping only rescales G,
+and Cayley-Adam's step is invariant to a constant rescaling of G up to its eps (scalar second
+moment), so clipping mostly matters for B.
+
+Backward stops at the lowest adapted layer: the forward runs the embedding and the layers below
+it without autograd (`grad_from_layer`), which gives the same gradients for less work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fora.batching import calibration_batches, epoch_batches, make_batches
+from fora.checkpoint import Checkpoint, DataPosition, load_checkpoint, restore_training_state, save_checkpoint
+from fora.data import encode_records, load_records, split_records
+from fora.hub import PRESETS, resolve_checkpoint
+from fora.inject import freeze_base, inject_lora, lora_modules
+from fora.io_utils import atomic_write_json
+from fora.loading import load_model
+from fora.methods import (CALIBRATED_SELECTORS, METHODS, SelectArgs, Selection, method_rank, select,
+                          selection_json)
+from fora.optim import build_optimizers
+from fora.peft_io import save_adapter, save_merged
+from fora.stiefel import stiefel_error
+from fora.tasks import arithmetic_task
+from fora.tokenizer import load_tokenizer
+from fora.train_config import TrainConfig
+from fora.train_loop import (MetricsLog, Throughput, autocast_context, diverged, evaluate, format_eta,
+                             forward_loss, lr_lambda, supervised_tokens)
+
+log = logging.getLogger("fora.train")
+
+CONFIG_FILE = "train_config.json"
+SELECTION_FILE = "selection.json"
+METRICS_FILE = "metrics.jsonl"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (the files in `out` hold the same and more)."""
+
+    out: Path
+    selected: list[int]
+    steps: int
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class RunData:
+    train: list[dict]
+    val_batches: list[dict]
+    calibration: list[dict]
+    sha256: str
+
+
+def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """`--device auto` = CUDA when available; `--dtype auto` = bf16 on CUDA, fp32 elsewhere."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.dtype == "auto" \
+        else _DTYPES[cfg.dtype]
+    return device, dtype
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    name = Path(cfg.model).stem if ("/" in cfg.model or cfg.model.endswith(".gguf")) else cfg.model
+    return Path("runs") / f"{name}-{cfg.method}" + (f"-k{cfg.k}" if cfg.k else "")
+
+
+def _differences(diff: dict) -> str:
+    return ", ".join(f"{k}: {a!r} here vs {b!r} there" for k, (a, b) in sorted(diff.items()))
+
+
+def prepare_out(cfg: TrainConfig) -> tuple[Path, Checkpoint | None]:
+    """Resolve `--out`; refuse to overwrite a run; load the checkpoint for `--resume`."""
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        diff = cfg.trajectory_diff(TrainConfig.from_dict(ckpt.config))
+        if diff:
+            raise ValueError(f"--resume {cfg.resume}: the checkpoint belongs to a run with other settings "
+                             f"({_differences(diff)}); resume with the same flags, or start a new run "
+                             "with another --out")
+        out = Path(cfg.out) if cfg.out else ckpt.path.parent
+        return out, ckpt
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    if (out / CONFIG_FILE).is_file():
+        diff = cfg.trajectory_diff(TrainConfig.from_dict(json.loads((out / CONFIG_FILE).read_text())))
+        if diff:
+            raise ValueError(f"--out {out} already holds a different run ({_differences(diff)}); "
+                             "choose another --out or delete that folder")
+        raise ValueError(f"--out {out} already holds this run; pass --resume {out} to continue it from "
+                         "its last checkpoint, or choose another --out")
+    return out, None
+
+
+def data_sha256(records: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool) -> RunData:
+    """Records -> held-out split -> tokenized examples -> validation and calibration batches."""
+    records = load_records(cfg.data) if cfg.data else arithmetic_task(cfg.task_size, seed=cfg.seed)
+    train_recs, val_recs = split_records(records, val_size=cfg.val_size, seed=cfg.seed)
+    encode = partial(encode_records, tok, cutoff_len=cfg.cutoff_len, template=cfg.template)
+    train = encode(train_recs)
+    val = make_batches(encode(val_recs), cfg.batch_size, pad_id=tok.pad_id, shuffle=False) if val_recs else []
+    calibration = (calibration_batches(train, min(cfg.fisher_batches, len(train) // cfg.batch_size or 1),
+                                       min(cfg.batch_size, len(train)), pad_id=tok.pad_id, seed=cfg.seed)
+                   if need_calibration else [])
+    log.info("data: %d train / %d validation examples, %d calibration batches", len(train),
+             len(val_recs), len(calibration))
+    return RunData(train, val, calibration, data_sha256(records))
+
+
+def base_model_id(cfg: TrainConfig, folder: Path) -> str:
+    """What `adapter_config.json` names as the base: the hub id when loaded from the hub cache,
+    else the local checkpoint folder (e.g. a converted GGUF), which peft can load as well."""
+    if folder.parent.name == "snapshots":
+        return PRESETS.get(cfg.model, cfg.model)
+    return str(folder.resolve())
+
+
+def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Run one training job described by `cfg`; returns losses and where the outputs are.
+
+    `on_step(step)` is called after every optimizer step (and its checkpoint); tests use it to
+    simulate a crash. Raises `TrainingDiverged` on a NaN / inf loss or gradient norm.
+    """
+    t_start = time.perf_counter()
+    out, ckpt = prepare_out(cfg)
+    device, dtype = resolve_device_dtype(cfg)
+    torch.manual_seed(cfg.seed)  # dropout; the LoRA init and the data order have their own seeded streams
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    spec = METHODS[cfg.method]
+
+    # 1. model and tokenizer
+    folder = resolve_checkpoint(cfg.model)
+    model = load_model(folder, dtype=dtype, device=device)
+    tok = load_tokenizer(folder)
+    L = model.config.num_hidden_layers
+    if cfg.k is not None and cfg.k > L:
+        raise ValueError(f"--k {cfg.k} exceeds the number of layers of {cfg.model} (L={L}); "
+                         f"choose --k between 1 and {L}")
+    k = cfg.k or max(1, L // 2)  # PAPER.md §3: default K = L/2
+
+    # 2. data
+    data = prepare_data(cfg, tok, need_calibration=ckpt is None and spec.selector in CALIBRATED_SELECTORS)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / CONFIG_FILE, cfg.to_dict())
+
+    # 3. layer selection (computed once on the base model; a resumed run reuses the saved one)
+    rank = method_rank(cfg.method, cfg.rank)
+    if ckpt is not None:
+        record = ckpt.selection
+        sel = Selection(record["selected"], record["scores"], record["rank_pattern"])
+    else:
+        sel = select(cfg.method, SelectArgs(model, data.calibration, L, k, rank, cfg.targets, cfg.seed,
+                                            cfg.fisher_params))
+        record = selection_json(cfg.method, sel, data.calibration, num_layers=L,
+                                data_sha256=data.sha256, seed=cfg.seed, rank=rank)
+    log.info("method %s: adapting %d of %d layers: %s", cfg.method, len(sel.layers), L, sel.layers)
+
+    # 4. adapters, optimizers, schedules
+    inject_lora(model, sel.layers, targets=cfg.targets, rank=rank, alpha=cfg.alpha, stiefel=spec.stiefel,
+                rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed)
+    freeze_base(model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    log.info("trainable parameters: %d (%d LoRA modules)", sum(p.numel() for p in params), len(lora_modules(model)))
+    optimizers = build_optimizers(model, cfg.lr, stiefel_lr=cfg.stiefel_lr, weight_decay=cfg.weight_decay,
+                                  stiefel=spec.stiefel, qr_every=cfg.qr_every)
+    steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
+    position = DataPosition(0, 0, 0)
+    if ckpt is not None:
+        restore_training_state(ckpt, model, optimizers, schedulers)
+        position = ckpt.position
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt.path, position.step,
+                 position.epoch, position.batch)
+
+    # 5. the loop
+    result = TrainResult(out, sorted(sel.layers), total)
+    metrics = MetricsLog(out / METRICS_FILE, keep_until_step=position.step if ckpt else None)
+    autocast = partial(autocast_context, device, dtype)
+    grad_from = min(sel.layers)
+    ckpt_dir = ckpt.path if ckpt is not None else None
+    batches_of = partial(epoch_batches, data.train, cfg.batch_size, seed=cfg.seed, pad_id=tok.pad_id)
+    epoch, b, step = position.epoch, position.batch, position.step
+    batches = batches_of(epoch)
+    if step == 0 and data.val_batches:
+        val = evaluate(model, data.val_batches, device, autocast=autocast)
+        result.val_losses.append((0, val))
+        metrics.write({"step": 0, "val_loss": val, "seconds": time.perf_counter() - t_start})
+        log.info("validation loss at start: %.4f", val)
+    speed, window = Throughput(step, total), []
+    while step < total:
+        group = batches[b:b + cfg.grad_accum]
+        n_tokens = supervised_tokens(group)
+        step_loss = 0.0
+        for batch in group:
+            loss_sum, _ = forward_loss(model, batch, device, grad_from_layer=grad_from, autocast=autocast)
+            loss = loss_sum / max(n_tokens, 1)  # token-weighted mean over the whole accumulated batch
+            if not torch.isfinite(loss):
+                raise diverged(step + 1, "the training loss", float(loss.detach()), ckpt_dir)
+            loss.backward()
+            step_loss += float(loss.detach())
+            speed.tokens += int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise diverged(step + 1, "the gradient norm", float(grad_norm), ckpt_dir)
+        for opt in optimizers:
+            opt.step()
+        for sched in schedulers:
+            sched.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        b, step = b + len(group), step + 1
+        if b >= len(batches):  # epoch done: the position always names the next batch to read
+            epoch, b = epoch + 1, 0
+            batches = batches_of(epoch)
+        window.append(step_loss)
+
+        row = {}
+        if step % cfg.log_every == 0 or step == total:
+            tok_s, eta = speed.report(step)
+            errs = [stiefel_error(m.lora_A.mT) for m in lora_modules(model).values()]
+            row = {"step": step, "loss": sum(window) / len(window), "lr": optimizers[-1].param_groups[0]["lr"],
+                   "tok_s": tok_s, "grad_norm": float(grad_norm), "stiefel_error": max(errs)}
+            result.train_losses.append((step, row["loss"]))
+            log.info("step %d/%d  loss %.4f  lr %.2e  tok/s %.0f  eta %s", step, total, row["loss"],
+                     row["lr"], tok_s, format_eta(eta))
+            window = []
+        if data.val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            row.update(step=step, val_loss=evaluate(model, data.val_batches, device, autocast=autocast))
+            result.val_losses.append((step, row["val_loss"]))
+            log.info("step %d/%d  validation loss %.4f", step, total, row["val_loss"])
+        if row:
+            metrics.write({**row, "seconds": time.perf_counter() - t_start})
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            ckpt_dir = save_checkpoint(out / "checkpoint", model=model, optimizers=optimizers,
+                                       schedulers=schedulers, position=DataPosition(epoch, b, step),
+                                       selection=record, config=cfg.to_dict(),
+                                       base_model_name_or_path=base_model_id(cfg, folder))
+        if on_step is not None:
+            on_step(step)
+
+    # 6. outputs
+    save_adapter(model, out, base_model_name_or_path=base_model_id(cfg, folder), r=rank,
+                 extra_files={SELECTION_FILE: record})
+    if cfg.merge:
+        save_merged(model, out / "merged", source_dir=folder)
+    result.seconds = time.perf_counter() - t_start
+    log.info("done: %d steps in %.0f s; adapter in %s", total, result.seconds, out)
+    return result
+
+
+train = main

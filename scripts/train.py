@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""Fine-tune a decoder LLM with FoRA or one of its ablations; writes a PEFT LoRA adapter.
+
+Thin wrapper: argparse -> `fora.train_config.TrainConfig` -> `fora.trainer.main`.
+
+    python scripts/train.py --model smollm2-135m --k 15 --max-steps 150 --batch-size 8 --cutoff-len 96
+    python scripts/train.py --help
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fora.train_config import parse_args  # noqa: E402
+from fora.train_loop import TrainingDiverged  # noqa: E402
+
+# Errors a user can fix from the command line: shown as one message, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, TrainingDiverged)
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cfg = parse_args(argv)
+    from fora.trainer import main  # after parsing: --help stays quick
+
+    try:
+        main(cfg)
+    except USER_ERRORS as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,257 @@
+"""End-to-end training runs on a tiny random checkpoint (char tokenizer), CPU, float32.
+
+Oracles: peft / transformers load what the trainer writes; a resumed run equals an uninterrupted
+one bit for bit; the truncated backward equals the full one bit for bit.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import hf_reference, make_tiny_checkpoint
+
+import fora.trainer
+from fora.inject import freeze_base, inject_lora
+from fora.loading import load_model
+from fora.methods import METHODS
+from fora.peft_io import load_adapter
+from fora.train_config import TrainConfig, parse_args
+from fora.train_loop import MetricsLog, TrainingDiverged, causal_lm_loss
+from fora.trainer import main
+
+L = 4
+IDS = torch.tensor([[2, 40, 41, 42, 50, 60, 70, 9], [2, 5, 6, 7, 8, 9, 10, 11]])
+
+
+def _records(n: int) -> list[dict]:
+    # Learnable: the answer is a function of the last digit, and short (char tokenizer).
+    return [{"instruction": f"Is {i} even?", "input": "", "output": "yes" if i % 2 == 0 else "no"}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matrices: intra-op threads only add synchronisation, which on a busy 2-core machine
+    # costs 10-30x (measured); one thread keeps the file fast and timing-stable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama", num_hidden_layers=L)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps(_records(40)))
+    return path
+
+
+@pytest.fixture
+def cfg(tiny, data_file, tmp_path) -> TrainConfig:
+    return TrainConfig(model=str(tiny), k=2, data=str(data_file), out=str(tmp_path / "run"), rank=4,
+                       val_size=8, batch_size=4, max_steps=2, warmup_steps=0, lr=1e-2, fisher_batches=2,
+                       log_every=1, eval_every=0, save_every=0, lora_dropout=0.0)
+
+
+def _adapter(out) -> dict[str, torch.Tensor]:
+    return load_file(Path(out) / "adapter_model.safetensors")
+
+
+def _adapter_config(out) -> dict:
+    return json.loads((Path(out) / "adapter_config.json").read_text())
+
+
+def _orthonormal_error(A: torch.Tensor) -> float:
+    A = A.double()
+    return (A @ A.T - torch.eye(A.shape[0], dtype=A.dtype)).abs().max().item()
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(IDS)
+    return getattr(out, "logits", out)
+
+
+def test_end_to_end_fora(cfg, tiny):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = replace(cfg, max_steps=30, warmup_steps=3, eval_every=15, merge=True, lora_dropout=0.05)
+    result = main(cfg)
+    out = Path(cfg.out)
+    (v0, first), (_, last) = result.val_losses[0], result.val_losses[-1]
+    assert v0 == 0 and last < 0.7 * first, result.val_losses
+    config = _adapter_config(out)
+    selection = json.loads((out / "selection.json").read_text())
+    assert len(config["layers_to_transform"]) == cfg.k == len(selection["selected"])
+    assert config["layers_to_transform"] == selection["selected"] == result.selected
+    assert len(selection["scores"]) == L and selection["num_batches"] == 2
+    tensors = _adapter(out)
+    layers = {int(k.split(".")[4]) for k in tensors}
+    assert layers == set(result.selected) and len(tensors) == 2 * 5 * cfg.k
+    for name, A in tensors.items():
+        if name.endswith("lora_A.weight"):
+            assert _orthonormal_error(A) < 1e-5, name
+    assert TrainConfig.from_dict(json.loads((out / "train_config.json").read_text())) == cfg
+    rows = MetricsLog.read(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))
+    assert {"step", "loss", "lr", "tok_s", "stiefel_error", "seconds"} <= set(rows[-1])
+    assert max(r["stiefel_error"] for r in rows if "stiefel_error" in r) < 1e-5
+
+    ours = load_adapter(load_model(tiny, dtype=torch.float32, device="cpu"), out)
+    expected = _logits(ours)
+    assert not torch.allclose(expected, _logits(load_model(tiny, dtype=torch.float32, device="cpu")), atol=1e-3)
+    peft_model = PeftModel.from_pretrained(hf_reference(tiny), out).eval()
+    torch.testing.assert_close(_logits(peft_model), expected, atol=1e-4, rtol=1e-4)
+    hf_merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
+    torch.testing.assert_close(_logits(hf_merged), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(load_model(out / "merged", dtype=torch.float32, device="cpu")),
+                               expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kill_and_resume_equals_uninterrupted(cfg, tmp_path):
+    # 32 train records / batch 4 = 8 batches, 2 per step: 4 steps per epoch; 6 steps cross an epoch.
+    cfg = replace(cfg, max_steps=6, grad_accum=2, save_every=2, lora_dropout=0.1, val_size=8)
+    main(replace(cfg, out=str(tmp_path / "full")))
+
+    def crash(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+    killed = replace(cfg, out=str(tmp_path / "killed"))
+    with pytest.raises(KeyboardInterrupt):
+        main(killed, on_step=crash)
+    assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    state = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())
+    assert state == {"epoch": 1, "batch": 0, "step": 4}
+    main(replace(killed, resume=str(tmp_path / "killed")))
+    full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "killed")
+    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
+    steps = [r["step"] for r in MetricsLog.read(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_truncated_backward_equals_full(tiny):
+    torch.manual_seed(0)
+    model = load_model(tiny, dtype=torch.float32, device="cpu")
+    inject_lora(model, [2, 3], rank=4, seed=0)
+    freeze_base(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    labels = IDS.clone()
+    labels[:, :3] = -100
+    grads = []
+    for start in (0, 2):
+        model.zero_grad()
+        total, n = causal_lm_loss(model(IDS, grad_from_layer=start), labels)
+        (total / n).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 20
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_adapts_what_it_should(cfg, method):
+    main(replace(cfg, method=method))
+    config, tensors = _adapter_config(cfg.out), _adapter(cfg.out)
+    spec = METHODS[method]
+    expected_layers = cfg.k if spec.selector in ("fisher", "cka", "random") else L
+    assert len(config["layers_to_transform"]) == expected_layers
+    assert config["r"] == (cfg.rank // 2 if method == "lora-half-rank" else cfg.rank)
+    ranks = {k: v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")}
+    if method == "fim-lora":
+        assert config["rank_pattern"] and len(set(ranks.values())) > 1
+        assert sum(ranks.values()) == L * 5 * cfg.rank  # the budget of uniform rank r
+    else:
+        assert not config["rank_pattern"] and set(ranks.values()) == {config["r"]}
+    errors = [_orthonormal_error(A) for k, A in tensors.items() if k.endswith("lora_A.weight")]
+    if spec.stiefel:
+        assert max(errors) < 1e-5
+    else:
+        assert min(errors) > 1e-2  # Kaiming-initialised, unconstrained A
+    scores = json.loads((Path(cfg.out) / "selection.json").read_text())["scores"]
+    assert (scores is not None) == (spec.selector in ("fisher", "cka"))
+
+
+def test_nan_loss_stops_with_checkpoint_intact(cfg, monkeypatch):
+    real = fora.trainer.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, device, **kw):
+        total, n = real(model, batch, device, **kw)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return total * float("nan"), n
+        return total, n
+    monkeypatch.setattr(fora.trainer, "forward_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"step 3.*checkpoint.*--lr"):
+        main(replace(cfg, max_steps=4, save_every=1))
+    out = Path(cfg.out)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert not (out / "adapter_model.safetensors").exists()
+    monkeypatch.undo()
+    main(replace(cfg, max_steps=4, save_every=1, resume=str(out)))  # the checkpoint is usable
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_out_folder_guard(cfg):
+    main(cfg)
+    with pytest.raises(ValueError, match="already holds this run; pass --resume"):
+        main(cfg)
+    with pytest.raises(ValueError, match=r"different run \(lr: 0\.001 here vs 0\.01 there\)"):
+        main(replace(cfg, lr=1e-3))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        main(replace(cfg, resume=cfg.out))  # save_every=0: nothing to resume from
+
+
+def test_resume_with_other_settings_is_refused(cfg):
+    main(replace(cfg, save_every=1))
+    with pytest.raises(ValueError, match="other settings.*rank"):
+        main(replace(cfg, save_every=1, rank=8, resume=cfg.out))
+
+
+def test_bad_inputs(cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(replace(cfg, data=str(tmp_path / "missing.json")))
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": "b"},')
+    with pytest.raises(ValueError, match="malformed JSON"):
+        main(replace(cfg, data=str(bad)))
+    bad.write_text(json.dumps(_records(10) + [{"instruction": "no answer"}]))
+    with pytest.raises(ValueError, match=r"record 10 lacks \['output'\]"):
+        main(replace(cfg, data=str(bad)))
+    with pytest.raises(ValueError, match="were dropped.*cutoff_len"):
+        main(replace(cfg, cutoff_len=20))
+    with pytest.raises(ValueError, match=f"--k 9 exceeds .*L={L}"):
+        main(replace(cfg, k=9))
+    with pytest.raises(ValueError, match="unknown method 'dora'"):
+        replace(cfg, method="dora")
+
+
+def test_cli(tiny, data_file, tmp_path, capsys):
+    cfg = parse_args(["--model", str(tiny), "--k", "2", "--targets", "q_proj,v_proj", "--method", "cka",
+                      "--max-steps", "5", "--merge"])
+    assert (cfg.k, cfg.targets, cfg.method, cfg.max_steps, cfg.merge, cfg.rank) == \
+        (2, ("q_proj", "v_proj"), "cka", 5, True, 32)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "x", "--method", "dora"])
+    assert "invalid choice: 'dora'" in capsys.readouterr().err
+    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[1] / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(tmp_path / "cli"), "--k", "9"]
+    assert script.cli(argv) == 1
+    assert "--k 9 exceeds" in capsys.readouterr().err
