@@ -65,7 +65,9 @@ def build(cfg: BenchConfig):
     config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                                     "rms_norm_eps": 1e-5, **fields})
     torch.manual_seed(cfg.seed)
-    model = CausalLM(config).to(device=cfg.device, dtype=getattr(torch, cfg.dtype)).eval()
+    with torch.device(cfg.device):  # random init directly on the device (fast for 1B shapes on CUDA)
+        model = CausalLM(config)
+    model = model.to(dtype=getattr(torch, cfg.dtype)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(cfg.seed)
