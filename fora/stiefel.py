@@ -6,8 +6,11 @@ with orthonormal columns. A LoRA down-projection ``A`` has shape (r, d_in) with 
 (``G = A.grad.mT``). Callers transpose at the boundary: ``stiefel_error(A.mT)`` is
 ``max |A Aᵀ − I|``.
 
-Nothing n x n is ever formed: the skew matrix ``W = G Xᵀ − X Gᵀ`` of Eq. (5) has rank <= 2r and
-is applied as ``W Z = G (Xᵀ Z) − X (Gᵀ Z)``, so every function costs O(n r²) (+ O(r³)).
+The step functions (projections, skew_apply, skew_norm, the Cayley steps, qr_retract) also take
+a batch of points (..., n, r) (the optimizer stacks the A's of one shape); ``tau`` then
+broadcasts as (..., 1, 1). Nothing n x n is ever formed: the skew matrix W = G Xᵀ − X Gᵀ of
+Eq. (5) has rank <= 2r and is applied as ``W Z = G (Xᵀ Z) − X (Gᵀ Z)``, so every function costs
+O(n r²) (+ O(r³)).
 """
 from __future__ import annotations
 
@@ -109,11 +112,11 @@ def skew_apply(G: Tensor, X: Tensor, Z: Tensor) -> Tensor:
 def skew_norm(G: Tensor, X: Tensor) -> Tensor:
     """Frobenius norm of ``W = G Xᵀ − X Gᵀ`` (an upper bound of its spectral norm), in O(n r²).
 
-    With U = [G, X], V = [X, −G] (W = U Vᵀ): ‖W‖²_F = tr((UᵀU)(VᵀV)).
+    ‖W‖²_F = 2 ⟨GᵀG, XᵀX⟩ − 2 ⟨XᵀG, (XᵀG)ᵀ⟩ (r x r Gram blocks only). G, X: (..., n, r);
+    returns shape (...) (batched over leading dims, 0-d for plain matrices).
     """
-    U = torch.cat([G, X], dim=-1)
-    V = torch.cat([X, -G], dim=-1)
-    sq = ((U.mT @ U) * (V.mT @ V)).sum()  # tr(P Q) = sum(P * Qᵀ), Q symmetric
+    S = X.mT @ G
+    sq = 2 * ((G.mT @ G) * (X.mT @ X)).sum(dim=(-2, -1)) - 2 * (S * S.mT).sum(dim=(-2, -1))
     return sq.clamp_min(0).sqrt()
 
 
@@ -125,23 +128,26 @@ def cayley_step(X: Tensor, G: Tensor, tau: float | Tensor) -> Tensor:
 
         Y(τ) = X − τ U (I_2r + τ/2 Vᵀ U)⁻¹ Vᵀ X
 
-    one 2r x 2r solve, O(n r² + r³). YᵀY = I holds for every τ (a Cayley transform of a skew
-    matrix is orthogonal), so the step size needs no cap for correctness. ``Y(τ)`` is a descent
-    curve for a loss with gradient G: dY/dτ at 0 is −W X.
+    one 2r x 2r solve. Vᵀ U = [[XᵀG, XᵀX], [−GᵀG, −GᵀX]] and Vᵀ X = [[XᵀX], [−GᵀX]] are built from
+    three r x r Gram blocks, so the cost is 5 n r² + O(r³). YᵀY = I holds for every τ (a Cayley
+    transform of a skew matrix is orthogonal), so the step size needs no cap for correctness.
+    ``Y(τ)`` is a descent curve for a loss with gradient G: dY/dτ at 0 is −W X.
 
     Args:
         X: (n, r) on St(n, r). G: (n, r) descent direction (gradient or Adam moment).
-        tau: step size >= 0.
+        tau: step size >= 0 (float, or a tensor broadcastable to (..., 1, 1) for a batch).
     Returns:
         Y: (n, r) on St(n, r).
     """
-    r2 = 2 * X.shape[-1]
-    U = torch.cat([G, X], dim=-1)              # (n, 2r)
-    V = torch.cat([X, -G], dim=-1)             # (n, 2r)
-    eye = torch.eye(r2, dtype=X.dtype, device=X.device)
-    lhs = eye + (0.5 * tau) * (V.mT @ U)       # (2r, 2r), invertible: det = det(I + τ/2 W) != 0
-    rhs = V.mT @ X                             # (2r, r)
-    return X - tau * (U @ torch.linalg.solve(lhs, rhs))
+    r = X.shape[-1]
+    XtG, XtX, GtG = X.mT @ G, X.mT @ X, G.mT @ G          # (r, r) each
+    VtU = torch.cat([torch.cat([XtG, XtX], -1), torch.cat([-GtG, -XtG.mT], -1)], -2)   # (2r, 2r)
+    VtX = torch.cat([XtX, -XtG.mT], -2)                                               # (2r, r)
+    lhs = torch.eye(2 * r, dtype=X.dtype, device=X.device) + (0.5 * tau) * VtU
+    # solve_ex: no error check, hence no device sync inside the optimizer step; lhs is invertible
+    # because det(I_2r + τ/2 VᵀU) = det(I_n + τ/2 W) != 0 for skew W.
+    Z, _ = torch.linalg.solve_ex(lhs, VtX)
+    return X - tau * (G @ Z[..., :r, :] + X @ Z[..., r:, :])
 
 
 def cayley_fixed_point(X: Tensor, G: Tensor, tau: float | Tensor, iters: int) -> Tensor:

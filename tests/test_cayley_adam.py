@@ -118,6 +118,26 @@ def test_resume_from_state_dict_is_bit_identical(solver):
     assert opt.state[A]["step"] == opt_b2.state[B2]["step"] == 40
 
 
+def test_batched_update_equals_one_optimizer_per_parameter():
+    # Same-shape A's are stacked into one (P, n, r) update; different shapes go separately.
+    params = [stiefel_param(12, 3, s, F64) for s in range(3)] + [stiefel_param(20, 4, 9, F64)]
+    singles = [nn.Parameter(p.detach().clone()) for p in params]
+    joint = CayleyAdam(params, lr=0.1, qr_every=3)
+    alone = [CayleyAdam([p], lr=0.1, qr_every=3) for p in singles]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        for p, q in zip(params, singles):
+            p.grad = torch.randn(p.shape, generator=g, dtype=F64)
+            q.grad = p.grad.clone()
+        joint.step()
+        for o in alone:
+            o.step()
+    for p, q in zip(params, singles):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    for p, q, o in zip(params, singles, alone):
+        torch.testing.assert_close(joint.state[p]["exp_avg"], o.state[q]["exp_avg"], rtol=0, atol=1e-12)
+
+
 def test_bf16_parameter_keeps_fp32_moments_and_stays_near_manifold():
     A = nn.Parameter(random_stiefel(64, 8, generator=torch.Generator().manual_seed(0)).mT.to(torch.bfloat16))
     opt = CayleyAdam([A], lr=0.05, qr_every=10)
@@ -208,3 +228,21 @@ def test_build_optimizers_refuses_stray_trainable_parameters_and_no_adapters():
         build_optimizers(TwoAdapters(), lr=1e-3)             # the LayerNorm is still trainable
     with pytest.raises(ValueError, match="no LoRA adapters.*inject_lora"):
         build_optimizers(nn.Linear(3, 3), lr=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    C = spd_with_gap(32, 4, 0).float()
+    results = []
+    for device in ("cpu", "cuda"):
+        lora = LoRALinear(nn.Linear(32, 16, device=device, dtype=torch.bfloat16), 4, 8, init="stiefel",
+                          generator=torch.Generator().manual_seed(0))
+        opt = CayleyAdam([lora.lora_A], lr=0.1, qr_every=5)
+        Cd = C.to(device)
+        for _ in range(20):
+            opt.zero_grad()
+            (-torch.trace(lora.lora_A @ Cd @ lora.lora_A.T)).backward()
+            opt.step()
+        results.append(lora.lora_A.detach().cpu())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-4)
+    assert stiefel_error(results[1].mT) < 1e-5

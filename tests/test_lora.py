@@ -132,7 +132,8 @@ def test_bf16_base_with_fp32_adapter():
     y = lora(x)
     assert y.dtype == torch.bfloat16
     xd = x.double()
-    expected = xd @ base.weight.double().T + base.bias.double() + lora.scale * (xd @ lora.lora_A.double().T) @ lora.lora_B.double().T
+    A, B = lora.lora_A.double(), lora.lora_B.double()
+    expected = xd @ base.weight.double().T + base.bias.double() + lora.scale * (xd @ A.T) @ B.T
     torch.testing.assert_close(y.double(), expected.detach(), rtol=2e-2, atol=2e-2)
     y.float().sum().backward()
     assert lora.lora_A.grad.dtype == torch.float32 and lora.lora_B.grad.dtype == torch.float32
@@ -172,3 +173,17 @@ def test_errors():
         LoRALinear(nn.Linear(8, 8), 2, 4, init="gaussian")
     with pytest.raises(ValueError, match="dropout must be in"):
         LoRALinear(nn.Linear(8, 8), 2, 4, dropout=1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("init", ["standard", "stiefel"])
+def test_cuda_with_cpu_generator_draws_the_cpu_values(init):
+    cpu = LoRALinear(nn.Linear(32, 16), 4, 8, init=init, generator=torch.Generator().manual_seed(0))
+    gpu = LoRALinear(nn.Linear(32, 16, device="cuda", dtype=torch.bfloat16), 4, 8, init=init,
+                     generator=torch.Generator().manual_seed(0))
+    assert gpu.lora_A.device.type == "cuda" and gpu.lora_A.dtype == torch.float32
+    torch.testing.assert_close(gpu.lora_A.cpu(), cpu.lora_A, rtol=0, atol=0)
+    randomise_B(gpu)
+    x = torch.randn(3, 32, device="cuda", dtype=torch.bfloat16)
+    gpu(x).float().sum().backward()
+    assert gpu.lora_A.grad is not None and gpu.lora_A.grad.dtype == torch.float32
