@@ -199,7 +199,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         rows = int(np.prod(dims[1:], dtype=np.int64))
         nbytes = rows * dims[0] // block * type_size
         tensors[name] = GGUFTensorInfo(name, ggml_type, tuple(reversed(dims)), data_start + offset, nbytes)
-    end = max((t.offset + t.nbytes for t in tensors.values()), default=data_start)
+    end = max((t.offset + t.nbytes for t in tensors.values()), default=cur.pos)
     if end > size:
         raise ValueError(f"{path} is truncated ({size} bytes, its tensors need {end}); "
                          "re-download it / re-install its package")
