@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from fora.config import SLIDING, ModelConfig
 from fora.rope import apply_rope
 
+# `enable_gqa` arrived in torch 2.5; older versions get the kv heads repeated explicitly.
+_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 _ACT = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
 
 
@@ -88,8 +90,11 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, D)
         groups = self.n_heads // self.n_kv
         if self.softcap is None and self.impl == "sdpa":
+            gqa = {"enable_gqa": groups > 1} if _SDPA_GQA else {}
+            if groups > 1 and not _SDPA_GQA:
+                k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # (B, H, T, D)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               scale=self.scaling, enable_gqa=groups > 1)
+                                               scale=self.scaling, **gqa)
         else:
             o = self._eager(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H*D)
