@@ -3,8 +3,9 @@
 `load_tokenizer` returns a `LoadedTokenizer` whose `encode(text)` equals transformers'
 `AutoTokenizer.from_pretrained(folder)(text).input_ids`: the raw `tokenizers.Tokenizer` is called
 without special tokens and BOS is prepended iff the checkpoint's HF tokenizer adds it by default.
-transformers decides that from `add_bos_token` in tokenizer_config.json when the key is present
-(it then rebuilds the post-processor), else from the post-processor stored in tokenizer.json.
+transformers 5 takes that from the post-processor stored in tokenizer.json (TemplateProcessing with
+a leading BOS: Llama, Gemma; ByteLevel / none: Qwen3, SmolLM2), even when tokenizer_config.json's
+`add_bos_token` says otherwise; so does fora (with a warning on such a disagreement).
 
 `tokenizer_from_gguf` rebuilds the tokenizer a GGUF file describes (`tokenizer.ggml.*` metadata),
 following transformers' GGUF loader (`integrations/gguf/gguf_tokenizer_mapping.py`):
@@ -103,17 +104,20 @@ def load_tokenizer(name_or_path: str | Path) -> LoadedTokenizer:
                 return int(value)
         return None
 
-    bos, eos, pad = special("bos_token"), special("eos_token"), special("pad_token")
+    eos, pad = special("eos_token"), special("pad_token")
     if eos is None:
         raise ValueError(f"{folder}: no EOS token in tokenizer_config.json, special_tokens_map.json, "
                          "config.json or generation_config.json; add \"eos_token\" to tokenizer_config.json")
-    if "add_bos_token" in tok_cfg:
-        adds_bos = bool(tok_cfg["add_bos_token"]) and bos is not None
-    else:  # what the stored post-processor does with one token of text
-        plain = tok.encode("a", add_special_tokens=False).ids
-        full = tok.encode("a", add_special_tokens=True).ids
-        adds_bos = bos is not None and full[:1] == [bos] and full[1:1 + len(plain)] == plain
-    return LoadedTokenizer(tok, bos if adds_bos else None, eos, eos if pad is None else pad)
+    # transformers 5 keeps the post-processor of tokenizer.json (add_bos_token in tokenizer_config.json
+    # does not rebuild it when loading a folder): BOS is whatever that post-processor puts first.
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    bos = full[0] if len(full) > len(plain) and full[1:1 + len(plain)] == plain else None
+    if "add_bos_token" in tok_cfg and bool(tok_cfg["add_bos_token"]) != (bos is not None):
+        log.warning("%s: tokenizer_config.json says add_bos_token=%s but tokenizer.json's post-processor "
+                    "%s; following the post-processor, as transformers does", folder, tok_cfg["add_bos_token"],
+                    "adds one" if bos is not None else "adds none")
+    return LoadedTokenizer(tok, bos, eos, eos if pad is None else pad)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
