@@ -84,6 +84,8 @@ def load_records(source: str | os.PathLike[str], *, limit: int | None = None) ->
                 f"data file {str(source)!r} does not exist; pass an existing .json/.jsonl file "
                 "or a hub dataset repo id such as 'owner/name' or 'owner/name:file.json'")
         path = _download_from_hub(str(source).split(":", 1)[0], match.group("file"))
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; pass the .json/.jsonl file inside it")
     records = _parse_file(path)
     validate_records(records, source=str(path))
     if limit is not None:

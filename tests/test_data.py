@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,41 +18,24 @@ from fora.batching import (batch_indices, calibration_batches, collate, count_to
                            epoch_batches, make_batches)
 from fora.data import (IGNORE_INDEX, build_prompt, encode_record, encode_records, load_records,
                        split_records, write_jsonl)
+from fora.tokenizer import LoadedTokenizer, load_tokenizer
 
 # ------------------------------------------------------------------------------- tokenizers
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
-@dataclass(frozen=True)
-class Tok:
-    """The `fora.tokenizer.LoadedTokenizer` interface over a `tokenizers.Tokenizer`."""
-
-    tokenizer: Tokenizer
-    bos_id: int | None
-    eos_id: int
-    pad_id: int
-
-    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + (
-            [self.eos_id] if eos else [])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def char_tok(*, bos: bool = True, pad_is_eos: bool = False) -> Tok:
+def char_tok(*, bos: bool = True, pad_is_eos: bool = False) -> LoadedTokenizer:
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
     tk.add_special_tokens(SPECIALS)
-    return Tok(tk, 1 if bos else None, 2, 2 if pad_is_eos else 0)
+    return LoadedTokenizer(tk, 1 if bos else None, 2, 2 if pad_is_eos else 0)
 
 
-def bpe_tok() -> Tok:
+def bpe_tok() -> LoadedTokenizer:
     """A byte-level BPE (GPT-2 / SmolLM2 / Llama-3 style) trained on prompt-like text."""
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -62,7 +44,7 @@ def bpe_tok() -> Tok:
     tk.train_from_iterator(corpus * 20, trainers.BpeTrainer(
         vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    return Tok(tk, None, tk.token_to_id("<eos>"), tk.token_to_id("<pad>"))
+    return LoadedTokenizer(tk, None, tk.token_to_id("<eos>"), tk.token_to_id("<pad>"))
 
 
 RECORDS = [
@@ -141,13 +123,21 @@ def test_alpaca_boundary_matches_joint_tokenization_for_byte_level_bpe():
         assert ex["input_ids"] != joint + [tok.eos_id]
 
 
-def test_bos_rules():
+def test_bos_rules(tmp_path):
     rec = RECORDS[1]
     with_bos = encode_record(char_tok(bos=True), rec)
     no_bos = encode_record(char_tok(bos=False), rec)
     assert with_bos["input_ids"][0] == 1 and with_bos["labels"][0] == IGNORE_INDEX
     assert 1 not in no_bos["input_ids"]
     assert with_bos["input_ids"][1:] == no_bos["input_ids"]
+    # through load_tokenizer on a checkpoint whose post-processor prepends BOS
+    from tiny_models import write_char_tokenizer
+    write_char_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ex = encode_record(tok, rec)
+    assert tok.bos_id is not None
+    assert ex["input_ids"][0] == tok.bos_id and ex["input_ids"][-1] == tok.eos_id
+    assert ex["input_ids"][1:-1] == tok.encode(build_prompt(rec, True), bos=False)
     inputs = encode_record(char_tok(), rec, train_on_inputs=True)
     assert inputs["labels"] == [IGNORE_INDEX] + inputs["input_ids"][1:]
 
@@ -206,6 +196,8 @@ def test_load_errors(tmp_path):
         load_records("nope/missing.json")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_records(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="is a folder; pass the .json/.jsonl file inside it"):
+        load_records(tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": }\n]')
     with pytest.raises(ValueError, match=r"bad.json: malformed JSON at line 3, column 19"):
@@ -239,7 +231,8 @@ def test_load_errors(tmp_path):
 
 def test_hub_source(tmp_path, monkeypatch):
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import (LocalEntryNotFoundError, RemoteEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     local = tmp_path / "cs.json"
     local.write_text(json.dumps(RECORDS))
@@ -259,11 +252,23 @@ def test_hub_source(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"holds 2 JSON/JSONL files.*'someone/cs:<file>'"):
         load_records("someone/cs")
 
-    def offline(*args, **kwargs):
-        raise LocalEntryNotFoundError("no connection")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    def raising(err):
+        def download(*args, **kwargs):
+            raise err
+        return download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        raising(LocalEntryNotFoundError("no connection")))
     with pytest.raises(ConnectionError, match="Hub is unreachable.*pass a local .json/.jsonl file"):
         load_records("someone/commonsense:cs.json")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(OSError("network down")))
+    with pytest.raises(ConnectionError, match="Hub is unreachable"):
+        load_records("someone/commonsense:cs.json")
+    # the hub's HTTP errors need a response object to construct; their type is all that matters
+    for cls, pattern in [(RepositoryNotFoundError, "repo 'someone/x' not found.*local file"),
+                         (RemoteEntryNotFoundError, "file 'cs.json' not found in hub dataset")]:
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(cls.__new__(cls)))
+        with pytest.raises(FileNotFoundError, match=pattern):
+            load_records("someone/x:cs.json")
 
 # --------------------------------------------------------------------------------- splitting
 
