@@ -240,15 +240,35 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged(model: nn.Module, out_dir: str | os.PathLike, *, source_dir: str | os.PathLike) -> Path:
     """Write the merged model as `out_dir/{config.json, model.safetensors}` + tokenizer files.
 
-    `source_dir` is the base checkpoint folder (from `fora.hub.resolve_checkpoint`); its
-    `config.json` and tokenizer files are copied unchanged, so the result loads with
-    transformers' `from_pretrained` and `fora.load_model`. The directory is published atomically.
+    The tensors are the base checkpoint's own (`source_dir`, from `fora.hub.resolve_checkpoint`):
+    same names (a multimodal Gemma-3 keeps its prefixes and vision tower, a tied `lm_head` stays
+    omitted), same dtypes, with `W0 + s B A` at every adapted module, computed in float32 from
+    the *stored* W0 and cast back. So the export does not depend on the dtype the run trained in,
+    and equals the PEFT adapter applied to that checkpoint. `config.json` and the tokenizer files
+    are copied unchanged; the result loads with transformers' `from_pretrained` and
+    `fora.load_model`. The directory is published atomically.
     """
+    from safetensors import safe_open
+
+    from fora.safetensors_io import checkpoint_files
+
     source_dir = Path(source_dir)
     if not (source_dir / "config.json").is_file():
         raise FileNotFoundError(f"{source_dir}/config.json not found; pass the base checkpoint "
                                 "folder returned by fora.hub.resolve_checkpoint as source_dir")
-    state = merged_state_dict(model)
+    state: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(source_dir):
+        with safe_open(file, framework="pt") as f:
+            state.update({name: f.get_tensor(name) for name in f.keys()})
+    for path, m in _lora_modules(model).items():
+        hits = [n for n in state if n == f"{path}.weight" or n.endswith(f".{path}.weight")]
+        if len(hits) != 1 or tuple(state[hits[0]].shape) != tuple(m.weight.shape):
+            raise ValueError(f"cannot find the base weight of {path} (shape {tuple(m.weight.shape)}) in "
+                             f"{source_dir} (candidates: {hits[:3]}); pass the checkpoint the model was "
+                             "loaded from as source_dir")
+        w0 = state[hits[0]]
+        delta = m.scale * (m.lora_B.detach().float() @ m.lora_A.detach().float())
+        state[hits[0]] = (w0.float() + delta.cpu()).to(w0.dtype)
     with staging_dir(out_dir) as tmp:
         atomic_save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         for name in ("config.json", *TOKENIZER_FILES):

@@ -39,7 +39,7 @@ from fora.loading import load_model
 from fora.methods import (CALIBRATED_SELECTORS, METHODS, SelectArgs, Selection, method_rank, select,
                           selection_json)
 from fora.optim import build_optimizers
-from fora.peft_io import save_adapter, save_merged
+from fora.peft_io import ADAPTER_WEIGHTS, save_adapter, save_merged
 from fora.stiefel import stiefel_error
 from fora.tasks import arithmetic_task
 from fora.tokenizer import load_tokenizer
@@ -85,8 +85,9 @@ def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 
 
 def default_out(cfg: TrainConfig) -> Path:
-    name = Path(cfg.model).stem if ("/" in cfg.model or cfg.model.endswith(".gguf")) else cfg.model
-    return Path("runs") / f"{name}-{cfg.method}" + (f"-k{cfg.k}" if cfg.k else "")
+    name = Path(cfg.model.rstrip("/")).name  # preset, hub id "owner/name", folder or file.gguf
+    name = name[:-len(".gguf")] if name.endswith(".gguf") else name
+    return Path("runs") / (f"{name}-{cfg.method}" + (f"-k{cfg.k}" if cfg.k else ""))
 
 
 def _differences(diff: dict) -> str:
@@ -110,8 +111,14 @@ def prepare_out(cfg: TrainConfig) -> tuple[Path, Checkpoint | None]:
         if diff:
             raise ValueError(f"--out {out} already holds a different run ({_differences(diff)}); "
                              "choose another --out or delete that folder")
-        raise ValueError(f"--out {out} already holds this run; pass --resume {out} to continue it from "
-                         "its last checkpoint, or choose another --out")
+        if (out / ADAPTER_WEIGHTS).is_file():
+            raise ValueError(f"--out {out} already holds this run, finished; choose another --out "
+                             "(or delete that folder to train it again)")
+        if (out / "checkpoint").is_dir():
+            raise ValueError(f"--out {out} already holds this run; pass --resume {out} to continue it "
+                             "from its last checkpoint, or choose another --out")
+        raise ValueError(f"--out {out} already holds an attempt of this run that saved no checkpoint "
+                         "(nothing to resume); delete that folder or choose another --out")
     return out, None
 
 

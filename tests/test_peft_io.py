@@ -38,6 +38,12 @@ def _adapted(ckpt, **kw):
     return model
 
 
+def _wide_adapted(folder):
+    model = load_model(folder, dtype=torch.float32, device="cpu")
+    inject_lora(model, [1], rank=2, seed=0)
+    return model
+
+
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         out = model(IDS, attention_mask=MASK)
@@ -118,6 +124,25 @@ def test_merged_export_equals_adapter(ckpt, tmp_path):
     torch.testing.assert_close(_logits(ours), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_merged_export_starts_from_stored_weights(ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    model = load_model(ckpt, dtype=torch.bfloat16, device="cpu")  # e.g. a bf16 training run
+    inject_lora(model, [1], rank=4, seed=0)
+    _randomize(model)
+    save_merged(model, tmp_path / "merged", source_dir=ckpt)
+    stored, merged = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    assert set(merged) == set(stored)
+    for name, w0 in stored.items():
+        path = name.removesuffix(".weight")
+        if path in lora_modules(model):
+            m = lora_modules(model)[path]
+            assert merged[name].dtype == w0.dtype == torch.float32
+            torch.testing.assert_close(merged[name], w0 + m.scale * (m.lora_B @ m.lora_A), atol=1e-6, rtol=1e-6)
+        else:
+            assert torch.equal(merged[name], w0)
+
+
 def test_merge_lora_state_is_dense_formula():
     g = torch.Generator().manual_seed(0)
     W, A, B = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 7), (2, 7), (5, 2)))
@@ -165,3 +190,5 @@ def test_errors(ckpt, tmp_path):
         load_adapter(base, tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         save_merged(model, tmp_path / "m", source_dir=tmp_path)
+    with pytest.raises(ValueError, match="cannot find the base weight"):
+        save_merged(_wide_adapted(wrong), tmp_path / "m", source_dir=ckpt)

@@ -22,7 +22,7 @@ from fora.methods import METHODS
 from fora.peft_io import load_adapter
 from fora.train_config import TrainConfig, parse_args
 from fora.train_loop import MetricsLog, TrainingDiverged, causal_lm_loss
-from fora.trainer import main
+from fora.trainer import default_out, main
 
 L = 4
 IDS = torch.tensor([[2, 40, 41, 42, 50, 60, 70, 9], [2, 5, 6, 7, 8, 9, 10, 11]])
@@ -58,7 +58,7 @@ def data_file(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cfg(tiny, data_file, tmp_path) -> TrainConfig:
-    return TrainConfig(model=str(tiny), k=2, data=str(data_file), out=str(tmp_path / "run"), rank=4,
+    return TrainConfig(model=str(tiny), k=2, data=str(data_file), out=str(tmp_path / "run"), rank=4, device="cpu",
                        val_size=8, batch_size=4, max_steps=2, warmup_steps=0, lr=1e-2, fisher_batches=2,
                        log_every=1, eval_every=0, save_every=0, lora_dropout=0.0)
 
@@ -209,7 +209,7 @@ def test_nan_loss_stops_with_checkpoint_intact(cfg, monkeypatch):
 
 def test_out_folder_guard(cfg):
     main(cfg)
-    with pytest.raises(ValueError, match="already holds this run; pass --resume"):
+    with pytest.raises(ValueError, match="already holds this run, finished; choose another --out"):
         main(cfg)
     with pytest.raises(ValueError, match=r"different run \(lr: 0\.001 here vs 0\.01 there\)"):
         main(replace(cfg, lr=1e-3))
@@ -217,10 +217,39 @@ def test_out_folder_guard(cfg):
         main(replace(cfg, resume=cfg.out))  # save_every=0: nothing to resume from
 
 
-def test_resume_with_other_settings_is_refused(cfg):
-    main(replace(cfg, save_every=1))
+def test_unfinished_run_guard_and_resume_with_other_settings(cfg):
+    def crash(step: int) -> None:
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        main(replace(cfg, save_every=0), on_step=crash)
+    with pytest.raises(ValueError, match="saved no checkpoint"):
+        main(replace(cfg, save_every=0))
+    cfg = replace(cfg, save_every=1, out=cfg.out + "-2")
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg, on_step=crash)
+    with pytest.raises(ValueError, match=f"already holds this run; pass --resume {cfg.out}"):
+        main(cfg)
     with pytest.raises(ValueError, match="other settings.*rank"):
         main(replace(cfg, save_every=1, rank=8, resume=cfg.out))
+
+
+def test_default_out_folder(cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = main(replace(cfg, out=None, max_steps=1))
+    assert result.out == Path("runs") / f"{Path(cfg.model).name}-fora-k2"
+    assert (tmp_path / result.out / "adapter_model.safetensors").is_file()
+    assert default_out(TrainConfig(model="Qwen/Qwen3-0.6B-Base", method="lora")) == Path("runs/Qwen3-0.6B-Base-lora")
+    assert default_out(TrainConfig(model="/m/x.gguf", k=3)) == Path("runs/x-fora-k3")
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_run(cfg):
+    cfg = replace(cfg, device="cuda", max_steps=30, warmup_steps=3, eval_every=0)
+    result = main(cfg)  # dtype auto: bf16 base weights + bf16 autocast, fp32 adapters
+    assert result.val_losses[-1][1] < 0.7 * result.val_losses[0][1], result.val_losses
+    tensors = _adapter(cfg.out)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert max(_orthonormal_error(A) for k, A in tensors.items() if k.endswith("lora_A.weight")) < 1e-5
 
 
 def test_bad_inputs(cfg, tmp_path):
