@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -282,6 +282,9 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
     if cfg.merge:
         save_merged(model, out / "merged", source_dir=folder)
     result.seconds = time.perf_counter() - t_start
+    if len(result.val_losses) > 1:
+        log.info("validation loss %.4f at start -> %.4f at step %d", result.val_losses[0][1],
+                 result.val_losses[-1][1], result.val_losses[-1][0])
     log.info("done: %d steps in %.0f s; adapter in %s", total, result.seconds, out)
     return result
 

@@ -3,8 +3,10 @@
 
 Thin wrapper: argparse -> `fora.train_config.TrainConfig` -> `fora.trainer.main`.
 
-    python scripts/train.py --model smollm2-135m --k 15 --max-steps 150 --batch-size 8 --cutoff-len 96
-    python scripts/train.py --help
+    # quick CPU run on the built-in arithmetic task (~100 s on 2 idle cores; val loss 2.36 -> 0.11)
+    python scripts/train.py --model smollm2-135m --k 15 --max-steps 40 --batch-size 4 --cutoff-len 96 \
+        --warmup-steps 4 --val-size 32 --fisher-batches 4 --eval-every 20 --log-every 5
+    python scripts/train.py --help   # every flag; defaults are the paper's settings
 """
 from __future__ import annotations
 
