@@ -197,7 +197,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"]))
         lora = LoRALinear(base, int(A.shape[0]), alpha, dropout=float(config.get("lora_dropout", 0.0)),
                           rslora=bool(config.get("use_rslora", False)))
-        lora.train(base.training)  # an eval-mode model stays in eval mode (no adapter dropout)
         with torch.no_grad():
             lora.lora_A.copy_(A)
             lora.lora_B.copy_(B)

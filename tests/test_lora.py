@@ -187,3 +187,14 @@ def test_cuda_with_cpu_generator_draws_the_cpu_values(init):
     x = torch.randn(3, 32, device="cuda", dtype=torch.bfloat16)
     gpu(x).float().sum().backward()
     assert gpu.lora_A.grad is not None and gpu.lora_A.grad.dtype == torch.float32
+
+
+def test_lora_inherits_eval_mode_of_the_wrapped_layer():
+    base = torch.nn.Linear(8, 6).eval()
+    lora = LoRALinear(base, 2, 4.0, dropout=0.5, init="stiefel")
+    torch.nn.init.normal_(lora.lora_B)
+    x = torch.randn(3, 8)
+    # eval mode: dropout off, so two calls agree and equal the dense formula
+    dense = x @ (base.weight + lora.scale * lora.lora_B @ lora.lora_A).T + base.bias
+    torch.testing.assert_close(lora(x), dense)
+    assert not lora.training
