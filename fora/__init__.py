@@ -16,6 +16,10 @@ _EXPORTS: dict[str, str] = {
     "CausalLM": "fora.model",
     "load_model": "fora.loading",
     "load_tokenizer": "fora.tokenizer",
+    "LoadedTokenizer": "fora.tokenizer",
+    "convert_gguf": "fora.gguf",
+    "ensure_converted": "fora.gguf",
+    "packaged_gguf": "fora.gguf",
     "PRESETS": "fora.hub",
     "resolve_checkpoint": "fora.hub",
     # LoRA, Stiefel geometry, optimizer (issue 3)

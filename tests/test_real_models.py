@@ -108,3 +108,34 @@ def test_english_is_far_more_likely_than_shuffled_tokens(loaded):
         real, fake = perplexity(model(ids), ids), perplexity(model(shuffled), shuffled)
     print(f"{preset}: perplexity {real:.2f} on the paragraph, {fake:.2f} shuffled (ratio {real / fake:.3f})")
     assert real < 0.5 * fake
+
+
+def _generate_script():
+    import importlib.util
+    import sys
+
+    if "fora_generate_script" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
+        spec = importlib.util.spec_from_file_location("fora_generate_script", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["fora_generate_script"]
+
+
+def test_generate_script_matches_the_model(loaded, monkeypatch):
+    preset, _, model, tok, _ = loaded
+    if preset != "smollm2-135m":
+        pytest.skip("one model is enough for the script")
+    gen = _generate_script()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = gen.main(gen.parse_args(["--max-new-tokens", "4", "--prompt", "The sky is"]))
+    ids = tok.encode("The sky is")
+    assert out["new_ids"] == gen.greedy(model, ids, 4)
+    assert out["perplexity"] == pytest.approx(gen.perplexity(model, tok.encode(gen.DEFAULT_PARAGRAPH)), rel=1e-5)
+
+
+def test_generate_script_rejects_zero_tokens(capsys):
+    with pytest.raises(SystemExit):
+        _generate_script().parse_args(["--max-new-tokens", "0"])
+    assert "--max-new-tokens must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Greedy continuation of a prompt and perplexity of a paragraph, with fora's own model code.
+
+    python scripts/generate.py                                  # smollm2-135m (GGUF preset, offline)
+    python scripts/generate.py --model gemma-3-270m --max-new-tokens 40
+    python scripts/generate.py --model path/to/folder_or_file.gguf --prompt "Once upon a time"
+
+Thin and importable: argparse -> `GenerateConfig` -> `main(cfg)`, which returns the results.
+Greedy decoding re-runs the whole prefix at each step (fora has no KV cache): fine for a few dozen
+tokens on small models.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+DEFAULT_PROMPT = "The three primary colours are"
+DEFAULT_PARAGRAPH = (
+    "Exceptions are a means of breaking out of the normal flow of control of a code block in order "
+    "to handle errors or other exceptional conditions. An exception is raised at the point where the "
+    "error is detected; it may be handled by the surrounding code block or by any code block that "
+    "directly or indirectly invoked the code block where the error occurred.")
+USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, ImportError)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str = "smollm2-135m"
+    prompt: str = DEFAULT_PROMPT
+    paragraph: str = DEFAULT_PARAGRAPH
+    max_new_tokens: int = 30
+    dtype: str = "float32"
+    device: str | None = None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=GenerateConfig.model,
+                   help="preset name, hub repo id, checkpoint folder or .gguf file (default: %(default)s)")
+    p.add_argument("--prompt", default=GenerateConfig.prompt)
+    p.add_argument("--paragraph", default=GenerateConfig.paragraph, help="text whose perplexity is reported")
+    p.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens)
+    p.add_argument("--dtype", default=GenerateConfig.dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    a = p.parse_args(argv)
+    if a.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    return GenerateConfig(model=a.model, prompt=a.prompt, paragraph=a.paragraph,
+                          max_new_tokens=a.max_new_tokens, dtype=a.dtype, device=a.device)
+
+
+def greedy(model, ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+    """The next `max_new_tokens` argmax tokens after `ids` (stops early after `eos_id`)."""
+    import torch
+
+    device = model.lm_head.weight.device
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids + out], device=device))
+            out.append(int(logits[0, -1].argmax()))
+            if out[-1] == eos_id:
+                break
+    return out
+
+
+def perplexity(model, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood of ids[1:] given the prefix)."""
+    import torch
+
+    x = torch.tensor([ids], device=model.lm_head.weight.device)
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(x)[0, :-1].float(), x[0, 1:])
+    return math.exp(nll.item())
+
+
+def main(cfg: GenerateConfig) -> dict:
+    import torch
+
+    from fora import load_model, load_tokenizer
+
+    t0 = time.perf_counter()
+    model = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    tok = load_tokenizer(cfg.model)
+    logging.info("loaded %s in %.1f s", cfg.model, time.perf_counter() - t0)
+    prompt_ids = tok.encode(cfg.prompt)
+    t0 = time.perf_counter()
+    new = greedy(model, prompt_ids, cfg.max_new_tokens, eos_id=tok.eos_id)
+    seconds = time.perf_counter() - t0
+    continuation = tok.decode(new, skip_special_tokens=True)
+    ppl = perplexity(model, tok.encode(cfg.paragraph))
+    print(f"{cfg.prompt}{continuation}")
+    print(f"[{len(new)} tokens in {seconds:.1f} s] perplexity of the paragraph: {ppl:.2f}")
+    return {"continuation": continuation, "new_ids": new, "perplexity": ppl}
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cfg = parse_args(argv)
+    try:
+        main(cfg)
+    except USER_ERRORS as err:
+        print(f"generate.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
