@@ -301,6 +301,8 @@ def _gemma_config(g: GGUFFile, arch: str, a, hidden: int, heads: int, head_dim: 
 def hf_tensor_name(gguf_name: str, arch: str) -> str | None:
     """The HF name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
     stem, _, suffix = gguf_name.rpartition(".")
+    if suffix != "weight":  # no supported decoder has biases (e.g. Qwen2's q/k/v biases)
+        return None
     if stem in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[stem]}.{suffix}"
     parts = stem.split(".")

