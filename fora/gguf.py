@@ -32,6 +32,7 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,7 +267,7 @@ def _rope_scaling(g: GGUFFile, kind: Any, factor: Any) -> dict[str, Any] | None:
                      "use the model's safetensors checkpoint")
 
 
-def _gemma_config(g: GGUFFile, arch: str, a, hidden: int, heads: int, head_dim: int,
+def _gemma_config(g: GGUFFile, arch: str, a: Callable[..., Any], hidden: int, heads: int, head_dim: int,
                   layers: int) -> dict[str, Any]:
     # llama.cpp derives the attention scale from the model size instead of storing it:
     # 1/sqrt(hidden/heads) for the 27B models (46 layers for Gemma-2, 62 for Gemma-3), else 1/sqrt(head_dim).
@@ -318,7 +319,8 @@ def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def hf_state_dict(g: GGUFFile, config: dict[str, Any], dtype: torch.dtype = torch.float32):
+def hf_state_dict(g: GGUFFile, config: dict[str, Any],
+                  dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for every tensor of the file, with llama.cpp's transforms undone."""
     arch = g.architecture
     unknown = [n for n in g.tensors if hf_tensor_name(n, arch) is None]
