@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,3 +24,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fora_cache(tmp_path_factory):
+    """One GGUF conversion cache for the whole session (FORA_CACHE, unless the caller set one to
+    keep), so each packaged checkpoint is converted once per run and never into the user's cache."""
+    if os.environ.get("FORA_CACHE"):
+        yield Path(os.environ["FORA_CACHE"])
+        return
+    root = tmp_path_factory.getbasetemp() / "fora-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORA_CACHE", str(root))
+        yield root
+    shutil.rmtree(root, ignore_errors=True)

@@ -32,17 +32,6 @@ gguf = pytest.importorskip("gguf")
 
 # ----------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="session")
-def fora_cache(tmp_path_factory):
-    """Conversion cache shared by the session (FORA_CACHE, unless the caller set one to keep)."""
-    if os.environ.get("FORA_CACHE"):
-        yield Path(os.environ["FORA_CACHE"])
-        return
-    root = tmp_path_factory.getbasetemp() / "fora-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FORA_CACHE", str(root))
-        yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _packaged(preset: str) -> Path:

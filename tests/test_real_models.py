@@ -11,8 +11,6 @@ Per model, on one paragraph of ordinary English prose:
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -37,17 +35,6 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return math.exp(nll.item())
 
 
-@pytest.fixture(scope="session")
-def fora_cache(tmp_path_factory):
-    """Conversion cache shared by the session (FORA_CACHE, unless the caller set one to keep)."""
-    if os.environ.get("FORA_CACHE"):
-        yield Path(os.environ["FORA_CACHE"])
-        return
-    root = tmp_path_factory.getbasetemp() / "fora-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FORA_CACHE", str(root))
-        yield root
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", params=["smollm2-135m", "gemma-3-270m"])
