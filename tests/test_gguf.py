@@ -30,8 +30,6 @@ from tiny_models import make_tiny_checkpoint
 gguf = pytest.importorskip("gguf")
 
 
-# ----------------------------------------------------------------------------- fixtures
-
 # ----------------------------------------------------------------------------- synthetic GGUF files
 
 _ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen3": gguf.MODEL_ARCH.QWEN3,
