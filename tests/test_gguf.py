@@ -196,14 +196,6 @@ def test_header_parser_matches_transformers_reader(smol_gguf, gemma_gguf):
 
 # ----------------------------------------------------------------------------- real checkpoints
 
-@pytest.fixture(scope="session")
-def smol_folder(smol_gguf) -> Path:
-    return fg.ensure_converted(smol_gguf)
-
-
-@pytest.fixture(scope="session")
-def gemma_folder(gemma_gguf) -> Path:
-    return fg.ensure_converted(gemma_gguf)
 
 
 @pytest.mark.slow

@@ -24,13 +24,7 @@ TINY = {**LLAMA_32_1B, "hidden_size": 32, "intermediate_size": 48, "num_hidden_l
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: extra threads only add contention on the shared CI cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def meta_llama_1b():

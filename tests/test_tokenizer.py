@@ -30,17 +30,6 @@ def _auto(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-# ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="session")
-def smol_folder(smol_gguf) -> Path:
-    return fg.ensure_converted(smol_gguf)
-
-
-@pytest.fixture(scope="session")
-def gemma_folder(gemma_gguf) -> Path:
-    return fg.ensure_converted(gemma_gguf)
-
 
 # ----------------------------------------------------------------------------- real checkpoints
 
