@@ -11,10 +11,11 @@ import logging
 import os
 import random
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from fora.io_utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -185,21 +186,8 @@ def validate_records(records: Sequence[Any], *, source: str = "data") -> None:
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write records as JSONL atomically (a temp file in the same folder, then `os.replace`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write records as JSONL atomically (`fora.io_utils.atomic_write_text`: temp file, fsync, rename)."""
+    return atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 
 # ---------------------------------------------------------------------------------- prompts
