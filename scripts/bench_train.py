@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -62,6 +61,7 @@ def pick_layers(num_layers: int, placement: str, seed: int) -> list[int]:
 def run_variant(cfg: TrainBenchConfig, variant: str) -> dict:
     from fora.inject import count_trainable, freeze_base, inject_lora
     from fora.optim import build_optimizers
+    from fora.train_loop import causal_lm_loss
 
     model, batch = build(BenchConfig(shape=cfg.shape, batch=cfg.batch, seq=cfg.seq, rank=cfg.rank,
                                      device=cfg.device, dtype=cfg.dtype, seed=cfg.seed))
@@ -79,8 +79,8 @@ def run_variant(cfg: TrainBenchConfig, variant: str) -> dict:
 
     def step() -> None:
         logits = model(ids, mask, grad_from_layer=grad_from)
-        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        loss.backward()
+        total, count = causal_lm_loss(logits, labels)
+        (total / count).backward()
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -102,9 +102,6 @@ def run_variant(cfg: TrainBenchConfig, variant: str) -> dict:
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
     result = {"variant": variant, "layers": len(layers), "lowest": min(layers), "ms": ms,
               "tok_s": cfg.batch * cfg.seq / (ms / 1e3), "peak_mib": peak, "params": count_trainable(model)}
-    del model, optimizers
-    if cuda:
-        torch.cuda.empty_cache()
     return result
 
 
@@ -112,7 +109,11 @@ def main(cfg: TrainBenchConfig) -> list[dict]:
     print(f"torch {torch.__version__} | device {torch.cuda.get_device_name() if cfg.device.startswith('cuda') else 'cpu'}"
           f" | shape {cfg.shape} | {cfg.batch}x{cfg.seq} tokens | {cfg.dtype} base, fp32 adapters, r={cfg.rank}"
           f" | placement {cfg.placement} | median of {cfg.steps} steps after {cfg.warmup} warm-up")
-    rows = [run_variant(cfg, v) for v in VARIANTS]
+    rows = []
+    for variant in VARIANTS:
+        rows.append(run_variant(cfg, variant))
+        if cfg.device.startswith("cuda"):  # the variant's model is gone with its frame: hand its memory back
+            torch.cuda.empty_cache()
     ref = rows[0]
     print(f"{'variant':>20} {'layers':>6} {'lowest':>6} {'step ms':>9} {'tok/s':>9} {'peak MiB':>9} "
           f"{'params':>11} {'time/lora-all':>13} {'mem/lora-all':>12}")
