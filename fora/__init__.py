@@ -11,18 +11,24 @@ from typing import Any
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    # decoders and loading (issue 2)
-    "ModelConfig": "fora.config",
-    "CausalLM": "fora.model",
-    "load_model": "fora.loading",
-    "load_tokenizer": "fora.tokenizer",
-    "LoadedTokenizer": "fora.tokenizer",
-    "convert_gguf": "fora.gguf",
-    "ensure_converted": "fora.gguf",
-    "packaged_gguf": "fora.gguf",
-    "PRESETS": "fora.hub",
-    "resolve_checkpoint": "fora.hub",
-    # LoRA, Stiefel geometry, optimizer (issue 3)
+    # fora.models: the decoder and its loss
+    "causal_lm_loss": "fora.models.loss",
+    "IGNORE_INDEX": "fora.models.loss",
+    "decoder_layers": "fora.models.paths",
+    "target_modules": "fora.models.paths",
+    # fora.formats: checkpoints, tokenizers, GGUF, adapters on disk
+    "ModelConfig": "fora.models.config",
+    "CausalLM": "fora.models.decoder",
+    "load_model": "fora.formats.loading",
+    "load_tokenizer": "fora.formats.loading",
+    "LoadedTokenizer": "fora.formats.tokenizer",
+    "convert_gguf": "fora.formats.gguf",
+    "ensure_converted": "fora.formats.gguf",
+    "packaged_gguf": "fora.formats.gguf",
+    "PRESETS": "fora.formats.hub",
+    "resolve_checkpoint": "fora.formats.hub",
+    # the method: LoRA (Eq. 1), Stiefel geometry (Eq. 4-6), Cayley-Adam
+    "DEFAULT_TARGETS": "fora.inject",
     "LoRALinear": "fora.lora",
     "inject_lora": "fora.inject",
     "CayleyAdam": "fora.cayley_adam",
@@ -40,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     "freeze_base": "fora.inject",
     "count_trainable": "fora.inject",
     "adapted_layers": "fora.inject",
-    # layer selection and FIM-LoRA rank allocation (issue 4)
+    # the method: layer selection (Eq. 2-3) and the seed methods (CKA, FIM-LoRA)
     "fisher_scores": "fora.fisher",
     "cka_scores": "fora.cka",
     "linear_cka": "fora.cka",
@@ -51,29 +57,29 @@ _EXPORTS: dict[str, str] = {
     "selection_record": "fora.selection",
     "fim_rank_pattern": "fora.fim_lora",
     "allocate_ranks": "fora.fim_lora",
-    # data, batching, synthetic task (issue 5)
-    "load_records": "fora.data",
-    "write_jsonl": "fora.data",
-    "build_prompt": "fora.data",
-    "encode_record": "fora.data",
-    "encode_records": "fora.data",
-    "split_records": "fora.data",
-    "make_batches": "fora.batching",
-    "epoch_batches": "fora.batching",
-    "calibration_batches": "fora.batching",
-    "count_tokens": "fora.batching",
-    "arithmetic_task": "fora.tasks",
-    "extract_answer": "fora.tasks",
-    "answer_accuracy": "fora.tasks",
-    # training (issue 5)
-    "save_adapter": "fora.peft_io",
-    "load_adapter": "fora.peft_io",
-    "merged_state_dict": "fora.peft_io",
-    "save_merged": "fora.peft_io",
-    "TrainConfig": "fora.train_config",
-    "train": "fora.trainer",
-    "TrainingDiverged": "fora.train_loop",
-    "METHODS": "fora.methods",
+    # fora.training: data, batching, the built-in task
+    "load_records": "fora.training.data",
+    "write_jsonl": "fora.training.data",
+    "build_prompt": "fora.training.data",
+    "encode_record": "fora.training.data",
+    "encode_records": "fora.training.data",
+    "split_records": "fora.training.data",
+    "make_batches": "fora.training.batching",
+    "epoch_batches": "fora.training.batching",
+    "calibration_batches": "fora.training.batching",
+    "count_tokens": "fora.training.batching",
+    "arithmetic_task": "fora.training.tasks",
+    "extract_answer": "fora.training.tasks",
+    "answer_accuracy": "fora.training.tasks",
+    # fora.training: the run, and the adapter format it writes
+    "save_adapter": "fora.formats.peft_io",
+    "load_adapter": "fora.formats.peft_io",
+    "merged_state_dict": "fora.formats.peft_io",
+    "save_merged": "fora.formats.peft_io",
+    "TrainConfig": "fora.training.config",
+    "train": "fora.training.run",
+    "TrainingDiverged": "fora.training.loop",
+    "METHODS": "fora.training.methods",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -35,19 +35,13 @@ import torch
 from torch import Tensor
 
 from fora.stiefel import (canonical_direction, cayley_fixed_point, cayley_step, qr_retract,
-                          skew_apply, skew_norm)
+                          skew_apply, skew_norm, stiefel_error)
 
 SOLVERS = ("closed_form", "fixed_point")
 
 
 def _math_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def _orthonormal_rows_error(A: Tensor) -> float:
-    Aw = A.detach().to(_math_dtype(A))
-    gram = Aw @ Aw.mT
-    return (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max().item()
 
 
 class CayleyAdam(torch.optim.Optimizer):
@@ -100,7 +94,7 @@ class CayleyAdam(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         tol = 1e-4 if p.dtype in (torch.float32, torch.float64) else 1e-2
-        err = _orthonormal_rows_error(p)
+        err = stiefel_error(p.mT)
         if not err <= tol:
             raise ValueError(f"CayleyAdam parameter of shape {tuple(p.shape)} does not have "
                              f"orthonormal rows (max |A Aᵀ − I| = {err:.3g} > {tol:g}); "

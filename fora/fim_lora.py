@@ -17,7 +17,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fora.fisher import DEFAULT_TARGETS, batch_loss, decoder_layers, scoring_state, target_modules
+from fora.fisher import batch_loss, scoring_state
+from fora.inject import DEFAULT_TARGETS
+from fora.models.paths import decoder_layers, target_modules
 from fora.selection import validate_batches
 
 log = logging.getLogger(__name__)

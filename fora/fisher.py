@@ -16,51 +16,22 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fora.inject import DEFAULT_TARGETS  # one source of truth for the LoRA targets
-from fora.selection import IGNORE_INDEX, validate_batches
+from fora.inject import DEFAULT_TARGETS
+from fora.models.loss import causal_lm_loss
+from fora.models.paths import decoder_layers, target_modules
+from fora.selection import validate_batches
 
 log = logging.getLogger(__name__)
 
 PARAM_MODES = ("block", "targets")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks ``model.model.layers`` (fora.CausalLM and Hugging Face causal LMs alike)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"{type(model).__name__} has no decoder blocks at model.model.layers; "
-                         "pass a causal LM such as fora.CausalLM (from fora.load_model)")
-    return layers
-
 
 def _is_adapter_param(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("lora_")
 
-
-def target_modules(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> dict[str, nn.Module]:
-    """Full module path -> module for every target projection of every layer, layer-major.
-
-    A target names the last component of a module path inside a block (``"q_proj"`` matches
-    ``model.layers.3.self_attn.q_proj``); each must match exactly one module per layer.
-    """
-    if isinstance(targets, str) or len(targets) == 0:
-        raise ValueError(f"targets must be a non-empty sequence of module names such as "
-                         f"{list(DEFAULT_TARGETS)}, got {targets!r}")
-    found: dict[str, nn.Module] = {}
-    for i, block in enumerate(decoder_layers(model)):
-        named = dict(block.named_modules())
-        for t in targets:
-            hits = [n for n in named if n.rsplit(".", 1)[-1] == t]
-            if len(hits) != 1:
-                linear = sorted({n.rsplit(".", 1)[-1] for n, m in named.items() if hasattr(m, "weight")
-                                 and getattr(m.weight, "dim", lambda: 0)() == 2})
-                raise ValueError(f"target {t!r} matches {len(hits)} modules in layer {i} (need exactly one); "
-                                 f"choose targets among {linear}")
-            found[f"model.layers.{i}.{hits[0]}"] = named[hits[0]]
-    return found
 
 
 def scoring_parameters(model: nn.Module, params: str = "block",
@@ -120,9 +91,8 @@ def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], device: torc
     mask = batch.get("attention_mask")
     out = model(ids, attention_mask=None if mask is None else mask.to(device))
     logits = getattr(out, "logits", out)  # fora.CausalLM returns logits, HF models an output object
-    labels = batch["labels"].to(device)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX)
+    total, count = causal_lm_loss(logits, batch["labels"].to(device))
+    return total / count
 
 
 def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], *,

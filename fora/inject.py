@@ -12,43 +12,16 @@ so the adapter exports as ``LoraConfig(r=rank, lora_alpha=alpha, rank_pattern=..
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fora.lora import LoRALinear
+from fora.models.paths import decoder_layers, layer_index, target_path
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
-
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    try:
-        return model.get_submodule("model.layers")
-    except AttributeError as err:
-        raise ValueError(f"{type(model).__name__} has no 'model.layers'; inject_lora expects a "
-                         "fora.model.CausalLM (or a model with the same module names)") from err
-
-
-def _target_path(block: nn.Module, prefix: str, target: str) -> str:
-    """Full path of ``target`` inside the block at ``prefix`` (raises when absent or ambiguous)."""
-    parent = _PARENT.get(target)
-    if parent is not None:
-        try:
-            block.get_submodule(f"{parent}.{target}")
-            return f"{prefix}.{parent}.{target}"
-        except AttributeError:
-            pass
-    hits = [name for name, _ in block.named_modules() if name.rsplit(".", 1)[-1] == target]
-    if len(hits) != 1:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if isinstance(m, nn.Linear)})
-        what = "no module" if not hits else f"{len(hits)} modules ({', '.join(hits)})"
-        raise ValueError(f"{what} named {target!r} in {prefix}; linear leaves there: {', '.join(leaves)}")
-    return f"{prefix}.{hits[0]}"
 
 
 def inject_lora(model: nn.Module, layers: Sequence[int],
@@ -70,7 +43,7 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
     Returns:
         {full module path: LoRALinear} in injection order.
     """
-    blocks = _blocks(model)
+    blocks = decoder_layers(model)
     n = len(blocks)
     layers = list(layers)
     bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < n)]
@@ -83,7 +56,7 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
     rank_pattern = dict(rank_pattern or {})
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     init = "stiefel" if stiefel else "standard"
-    paths = [_target_path(blocks[i], f"model.layers.{i}", t) for i in sorted(set(layers)) for t in targets]
+    paths = [target_path(blocks[i], f"model.layers.{i}", t) for i in sorted(set(layers)) for t in targets]
     if len(set(paths)) != len(paths):
         raise ValueError(f"duplicate targets in {tuple(targets)}; list each module name once")
     unknown = sorted(set(rank_pattern) - set(paths))
@@ -148,4 +121,4 @@ def count_trainable(model: nn.Module) -> int:
 
 def adapted_layers(model: nn.Module) -> list[int]:
     """Sorted block indices that hold at least one LoRALinear."""
-    return sorted({int(m.group(1)) for name in lora_modules(model) if (m := _LAYER_RE.search(name + "."))})
+    return sorted({i for name in lora_modules(model) if (i := layer_index(name)) is not None})

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from fora.models.loss import IGNORE_INDEX
+
 SELECT_BY = ("fisher", "cka")
 
 

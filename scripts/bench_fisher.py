@@ -55,8 +55,8 @@ class BenchConfig:
 
 
 def build(cfg: BenchConfig):
-    from fora.config import ModelConfig
-    from fora.model import CausalLM
+    from fora.models.config import ModelConfig
+    from fora.models.decoder import CausalLM
 
     fields = dict(SHAPES[cfg.shape])
     if cfg.layers is not None:

@@ -61,7 +61,7 @@ def pick_layers(num_layers: int, placement: str, seed: int) -> list[int]:
 def run_variant(cfg: TrainBenchConfig, variant: str) -> dict:
     from fora.inject import count_trainable, freeze_base, inject_lora
     from fora.optim import build_optimizers
-    from fora.train_loop import causal_lm_loss
+    from fora.training.loop import causal_lm_loss
 
     model, batch = build(BenchConfig(shape=cfg.shape, batch=cfg.batch, seq=cfg.seq, rank=cfg.rank,
                                      device=cfg.device, dtype=cfg.dtype, seed=cfg.seed))

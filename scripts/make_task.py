@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fora.data import write_jsonl
-from fora.tasks import KINDS, arithmetic_task
+from fora.training.data import write_jsonl
+from fora.training.tasks import KINDS, arithmetic_task
 
 log = logging.getLogger("make_task")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fine-tune a decoder LLM with FoRA or one of its ablations; writes a PEFT LoRA adapter.
 
-Thin wrapper: argparse -> `fora.train_config.TrainConfig` -> `fora.trainer.main`.
+Thin wrapper: argparse -> `fora.training.config.TrainConfig` -> `fora.training.run.main`.
 
     # quick CPU run on the built-in arithmetic task (~100 s on 2 idle cores; val loss 2.36 -> 0.11)
     python scripts/train.py --model smollm2-135m --k 15 --max-steps 40 --batch-size 4 --cutoff-len 96 \
@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fora.train_config import parse_args  # noqa: E402
-from fora.train_loop import TrainingDiverged  # noqa: E402
+from fora.training.config import parse_args  # noqa: E402
+from fora.training.loop import TrainingDiverged  # noqa: E402
 
 # Errors a user can fix from the command line: shown as one message, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, TrainingDiverged)
@@ -27,7 +27,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, 
 def cli(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = parse_args(argv)
-    from fora.trainer import main  # after parsing: --help stays quick
+    from fora.training.run import main  # after parsing: --help stays quick
 
     try:
         main(cfg)

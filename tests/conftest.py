@@ -41,7 +41,7 @@ def fora_cache(tmp_path_factory):
 
 
 def _packaged(preset: str) -> Path:
-    from fora.gguf import packaged_gguf
+    from fora.formats.gguf import packaged_gguf
 
     path = packaged_gguf(preset)
     if path is None:
@@ -64,7 +64,7 @@ def gemma_gguf(fora_cache) -> Path:
 @pytest.fixture(scope="session")
 def smol_folder(smol_gguf) -> Path:
     """SmolLM2-135M converted to a checkpoint folder (once per session)."""
-    from fora.gguf import ensure_converted
+    from fora.formats.gguf import ensure_converted
 
     return ensure_converted(smol_gguf)
 
@@ -72,7 +72,7 @@ def smol_folder(smol_gguf) -> Path:
 @pytest.fixture(scope="session")
 def gemma_folder(gemma_gguf) -> Path:
     """Gemma-3-270M converted to a checkpoint folder (once per session)."""
-    from fora.gguf import ensure_converted
+    from fora.formats.gguf import ensure_converted
 
     return ensure_converted(gemma_gguf)
 

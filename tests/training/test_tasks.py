@@ -1,4 +1,4 @@
-"""fora.tasks and scripts/make_task.py: the synthetic task is balanced, correct, deterministic.
+"""fora.training.tasks and scripts/make_task.py: the synthetic task is balanced, correct, deterministic.
 
 Correctness is recomputed from the question text with an independent parser.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fora.data import load_records, validate_records
-from fora.tasks import answer_accuracy, arithmetic_task, choices_from_instruction, extract_answer
+from fora.training.data import load_records, validate_records
+from fora.training.tasks import answer_accuracy, arithmetic_task, choices_from_instruction, extract_answer
 
 SUM = re.compile(r"question: is (\d+) \+ (\d+) = (\d+)\?\n\nAnswer format: true/false$")
 CMP = re.compile(r"which number is larger\?\n\nSolution1: (\d+)\n\nSolution2: (\d+)\n\n"
@@ -96,7 +96,7 @@ def test_extract_answer_and_accuracy():
 
 
 def _script(monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "make_task.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "make_task.py"
     spec = importlib.util.spec_from_file_location("make_task", path)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "make_task", module)  # dataclasses look their module up

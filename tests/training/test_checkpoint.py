@@ -10,14 +10,14 @@ import pytest
 import torch
 from tiny_models import make_tiny_checkpoint
 
-from fora.checkpoint import (DataPosition, capture_rng, find_checkpoint, load_checkpoint, restore_adapter,
+from fora.training.checkpoint import (DataPosition, capture_rng, find_checkpoint, load_checkpoint, restore_adapter,
                              restore_rng, restore_training_state, save_checkpoint)
 from fora.inject import freeze_base, inject_lora
-from fora.io_utils import (atomic_save_safetensors, atomic_write_json, atomic_write_text, publish_dir,
+from fora.formats.atomic import (atomic_save_safetensors, atomic_write_json, atomic_write_text, publish_dir,
                            recover_dir, staging_dir)
-from fora.loading import load_model
+from fora.formats.loading import load_model
 from fora.optim import build_optimizers
-from fora.train_loop import lr_lambda
+from fora.training.loop import lr_lambda
 
 
 # ------------------------------------------------------------------------------ io_utils

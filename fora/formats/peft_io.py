@@ -28,31 +28,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from fora.io_utils import atomic_save_safetensors, atomic_write_json, staging_dir
+from fora.formats.atomic import atomic_save_safetensors, atomic_write_json, staging_dir
+from fora.inject import lora_modules
+from fora.lora import LoRALinear
+from fora.models.paths import layer_index
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Files copied next to a merged model so that it loads on its own.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
-def _lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from fora.lora import LoRALinear
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
 
 def _layer_index(path: str) -> int:
-    match = _LAYER_RE.search(path)
-    if match is None:
+    index = layer_index(path)
+    if index is None:
         raise ValueError(f"LoRA module {path!r} is not inside `model.layers.<i>`; PEFT's "
                          "layers_to_transform cannot describe it. Adapt only decoder-layer projections.")
-    return int(match.group(1))
+    return index
 
 
 def _mode(values: list[Any]) -> Any:
@@ -72,7 +69,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | N
     `r` is the default rank written as `r` (modules of another rank go to `rank_pattern`); by
     default the most common rank. A FIM-LoRA run passes its budget rank here.
     """
-    modules = _lora_modules(model)
+    modules = lora_modules(model)
     if not modules:
         raise ValueError("the model has no LoRA modules to save; call fora.inject.inject_lora "
                          "(or load_adapter) first")
@@ -91,7 +88,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | N
     existing = {name for name, _ in model.named_modules()}
     missing = sorted(
         p for p in existing
-        if p.rsplit(".", 1)[-1] in targets and _LAYER_RE.search(p)
+        if p.rsplit(".", 1)[-1] in targets and layer_index(p) is not None
         and _layer_index(p) in layers and p not in modules)
     return {
         "peft_type": "LORA",
@@ -121,7 +118,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | N
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-named LoRA tensors: `base_model.model.<path>.lora_A.weight` [r, d_in] and `.lora_B.weight` [d_out, r]."""
     out: dict[str, torch.Tensor] = {}
-    for path, m in _lora_modules(model).items():
+    for path, m in lora_modules(model).items():
         out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.detach()
         out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.detach()
     return out
@@ -159,14 +156,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     """
     from safetensors.torch import load_file
 
-    from fora.lora import LoRALinear
-
     adapter_dir = Path(adapter_dir)
     cfg_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found; point load_adapter at a folder written by "
-                                    "fora.peft_io.save_adapter or peft's save_pretrained")
+                                    "fora.formats.peft_io.save_adapter or peft's save_pretrained")
     config = json.loads(cfg_path.read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path} has peft_type={config.get('peft_type')!r}; only LoRA "
@@ -226,7 +221,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     The model is not modified. The tied `lm_head.weight` is omitted (as in the checkpoint).
     """
-    modules = _lora_modules(model)
+    modules = lora_modules(model)
     # An already merged module carries the update in its weight.
     scales = {p: float(m.scale) for p, m in modules.items() if not getattr(m, "merged", False)}
     state = merge_lora_state(model.state_dict(), scales)
@@ -239,7 +234,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged(model: nn.Module, out_dir: str | os.PathLike, *, source_dir: str | os.PathLike) -> Path:
     """Write the merged model as `out_dir/{config.json, model.safetensors}` + tokenizer files.
 
-    The tensors are the base checkpoint's own (`source_dir`, from `fora.hub.resolve_checkpoint`):
+    The tensors are the base checkpoint's own (`source_dir`, from `fora.formats.hub.resolve_checkpoint`):
     same names (a multimodal Gemma-3 keeps its prefixes and vision tower, a tied `lm_head` stays
     omitted), same dtypes, with `W0 + s B A` at every adapted module, computed in float32 from
     the *stored* W0 and cast back. So the export does not depend on the dtype the run trained in,
@@ -249,17 +244,17 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, *, source_dir: str
     """
     from safetensors import safe_open
 
-    from fora.safetensors_io import checkpoint_files
+    from fora.formats.safetensors_io import checkpoint_files
 
     source_dir = Path(source_dir)
     if not (source_dir / "config.json").is_file():
         raise FileNotFoundError(f"{source_dir}/config.json not found; pass the base checkpoint "
-                                "folder returned by fora.hub.resolve_checkpoint as source_dir")
+                                "folder returned by fora.formats.hub.resolve_checkpoint as source_dir")
     state: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(source_dir):
         with safe_open(file, framework="pt") as f:
             state.update({name: f.get_tensor(name) for name in f.keys()})
-    for path, m in _lora_modules(model).items():
+    for path, m in lora_modules(model).items():
         hits = [n for n in state if n == f"{path}.weight" or n.endswith(f".{path}.weight")]
         if len(hits) != 1 or tuple(state[hits[0]].shape) != tuple(m.weight.shape):
             raise ValueError(f"cannot find the base weight of {path} (shape {tuple(m.weight.shape)}) in "

@@ -1,4 +1,4 @@
-"""fora.data / fora.batching: loading, Alpaca prompts, loss masks, splits, batching.
+"""fora.training.data / fora.training.batching: loading, Alpaca prompts, loss masks, splits, batching.
 
 Oracles are independent: the template strings are typed out from LLM-Adapters' finetune.py, the
 supervised tokens are compared with the tokenizer's own encoding of the response, and batch
@@ -14,11 +14,12 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from fora.batching import (batch_indices, calibration_batches, collate, count_tokens,
+from fora.training.batching import (batch_indices, calibration_batches, collate, count_tokens,
                            epoch_batches, make_batches)
-from fora.data import (IGNORE_INDEX, build_prompt, encode_record, encode_records, load_records,
+from fora.training.data import (IGNORE_INDEX, build_prompt, encode_record, encode_records, load_records,
                        split_records, write_jsonl)
-from fora.tokenizer import LoadedTokenizer, load_tokenizer
+from fora.formats.loading import load_tokenizer
+from fora.formats.tokenizer import LoadedTokenizer
 
 # ------------------------------------------------------------------------------- tokenizers
 
@@ -154,7 +155,7 @@ def test_truncation_keeps_the_start_and_drops_unsupervised_records(caplog):
     short = encode_record(tok, rec, cutoff_len=n_prompt)
     assert set(short["labels"]) == {IGNORE_INDEX}
     long_rec = {**rec, "instruction": "x" * 500}
-    with caplog.at_level(logging.WARNING, logger="fora.data"):
+    with caplog.at_level(logging.WARNING, logger="fora.training.data"):
         kept = encode_records(tok, [rec, long_rec], cutoff_len=len(full["input_ids"]))
     assert kept == [full]
     assert "dropped 1 of 2" in caplog.text

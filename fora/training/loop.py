@@ -1,6 +1,6 @@
 """The pieces of one training step: loss, learning-rate schedule, validation, metrics log.
 
-Kept apart from `fora.trainer` (which wires a run together) so each can be read and tested alone.
+Kept apart from `fora.training.run` (which wires a run together) so each can be read and tested alone.
 """
 from __future__ import annotations
 
@@ -14,32 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fora.io_utils import atomic_write_text
+from fora.formats.atomic import atomic_write_text
+from fora.models.loss import IGNORE_INDEX, causal_lm_loss
 
-IGNORE_INDEX = -100
 Batch = Mapping[str, torch.Tensor]
 
 
 class TrainingDiverged(FloatingPointError):
     """The loss or the gradient norm became NaN / inf; nothing after the last checkpoint is written."""
 
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy and the number of supervised tokens (HF's shift: token t predicts t+1).
-
-    Args:
-        logits: [B, T, V] in any dtype (upcast to float32 here, so bf16 runs do not lose the loss).
-        labels: [B, T], aligned with input_ids, -100 where no loss is taken.
-    Returns:
-        (sum over positions with labels[:, 1:] != -100 of -log p(label), count) as 0-d tensors.
-    """
-    target = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target,
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, (target != IGNORE_INDEX).sum()
 
 
 def supervised_tokens(batches: Sequence[Batch]) -> int:

@@ -1,4 +1,4 @@
-"""fora.tokenizer: load_tokenizer (BOS rules, special ids, errors) and tokenizers rebuilt from GGUF.
+"""fora.formats.tokenizer: load_tokenizer (BOS rules, special ids, errors) and tokenizers rebuilt from GGUF.
 
 Oracles: transformers' AutoTokenizer on the same folder (what `encode` must equal), and
 transformers' GGUF tokenizer builder on the same GGUF file (what `tokenizer_from_gguf` reproduces,
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fora import gguf as fg
-from fora.tokenizer import LoadedTokenizer, _bytes_to_unicode, load_tokenizer, tokenizer_from_gguf
+from fora.formats import gguf as fg
+from fora.formats.loading import load_tokenizer
+from fora.formats.tokenizer import LoadedTokenizer, _bytes_to_unicode, tokenizer_from_gguf
 from tiny_models import write_char_tokenizer
 
 gguf = pytest.importorskip("gguf")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from fora.config import ModelConfig
-from fora.hub import resolve_checkpoint
-from fora.model import CausalLM
-from fora.safetensors_io import checkpoint_files, read_index, read_tensors
+from fora.models.config import ModelConfig
+from fora.formats.hub import resolve_checkpoint
+from fora.models.decoder import CausalLM
+from fora.formats.safetensors_io import checkpoint_files, read_index, read_tensors
+from fora.formats.tokenizer import LoadedTokenizer, tokenizer_from_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None,
 
     Args:
         name_or_path: a checkpoint folder (config.json + safetensors), a `.gguf` file, a preset
-            short name (see `fora.hub.PRESETS`) or a hub repo id.
+            short name (see `fora.formats.hub.PRESETS`) or a hub repo id.
         dtype: compute dtype; default bfloat16 on CUDA, float32 on the CPU.
         device: default "cuda" when available, else "cpu".
     """
@@ -102,3 +103,9 @@ def load_weights(folder: Path, config: ModelConfig, *, dtype: torch.dtype, devic
 def _show(names: list[str], limit: int = 5) -> str:
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def load_tokenizer(name_or_path: str | Path) -> LoadedTokenizer:
+    """The tokenizer of a checkpoint folder, preset, hub repo id or `.gguf` file."""
+    path = Path(str(name_or_path)).expanduser()
+    return tokenizer_from_folder(path if path.is_dir() else resolve_checkpoint(name_or_path))

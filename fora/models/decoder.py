@@ -11,9 +11,9 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from fora.config import SLIDING, ModelConfig
-from fora.layers import DecoderLayer, RMSNorm, causal_mask
-from fora.rope import RotaryEmbedding
+from fora.models.config import SLIDING, ModelConfig
+from fora.models.layers import DecoderLayer, RMSNorm, causal_mask
+from fora.models.rope import RotaryEmbedding
 
 
 class DecoderModel(nn.Module):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fora.config import SLIDING, ModelConfig
-from fora.rope import apply_rope
+from fora.models.config import SLIDING, ModelConfig
+from fora.models.rope import apply_rope
 
 # `enable_gqa` arrived in torch 2.5; older versions get the kv heads repeated explicitly.
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)

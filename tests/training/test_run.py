@@ -15,14 +15,15 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import hf_reference, make_tiny_checkpoint
 
-import fora.trainer
+import fora.training.run
 from fora.inject import freeze_base, inject_lora
-from fora.loading import load_model
-from fora.methods import METHODS
-from fora.peft_io import load_adapter
-from fora.train_config import TrainConfig, parse_args
-from fora.train_loop import MetricsLog, TrainingDiverged, causal_lm_loss
-from fora.trainer import default_out, main
+from fora.stiefel import stiefel_error
+from fora.formats.loading import load_model
+from fora.training.methods import METHODS
+from fora.formats.peft_io import load_adapter
+from fora.training.config import TrainConfig, parse_args
+from fora.training.loop import MetricsLog, TrainingDiverged, causal_lm_loss
+from fora.training.run import default_out, main
 
 L = 4
 IDS = torch.tensor([[2, 40, 41, 42, 50, 60, 70, 9], [2, 5, 6, 7, 8, 9, 10, 11]])
@@ -71,11 +72,6 @@ def _adapter_config(out) -> dict:
     return json.loads((Path(out) / "adapter_config.json").read_text())
 
 
-def _orthonormal_error(A: torch.Tensor) -> float:
-    A = A.double()
-    return (A @ A.T - torch.eye(A.shape[0], dtype=A.dtype)).abs().max().item()
-
-
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         out = model(IDS)
@@ -101,7 +97,7 @@ def test_end_to_end_fora(cfg, tiny):
     assert layers == set(result.selected) and len(tensors) == 2 * 5 * cfg.k
     for name, A in tensors.items():
         if name.endswith("lora_A.weight"):
-            assert _orthonormal_error(A) < 1e-5, name
+            assert stiefel_error(A.mT) < 1e-5, name
     assert TrainConfig.from_dict(json.loads((out / "train_config.json").read_text())) == cfg
     rows = MetricsLog.read(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 31))
@@ -176,7 +172,7 @@ def test_each_method_adapts_what_it_should(cfg, method):
         assert sum(ranks.values()) == L * 5 * cfg.rank  # the budget of uniform rank r
     else:
         assert not config["rank_pattern"] and set(ranks.values()) == {config["r"]}
-    errors = [_orthonormal_error(A) for k, A in tensors.items() if k.endswith("lora_A.weight")]
+    errors = [stiefel_error(A.mT) for k, A in tensors.items() if k.endswith("lora_A.weight")]
     if spec.stiefel:
         assert max(errors) < 1e-5
     else:
@@ -186,7 +182,7 @@ def test_each_method_adapts_what_it_should(cfg, method):
 
 
 def test_nan_loss_stops_with_checkpoint_intact(cfg, monkeypatch):
-    real = fora.trainer.forward_loss
+    real = fora.training.run.forward_loss
     calls = {"n": 0}
 
     def poisoned(model, batch, device, **kw):
@@ -196,7 +192,7 @@ def test_nan_loss_stops_with_checkpoint_intact(cfg, monkeypatch):
             if calls["n"] == 3:
                 return total * float("nan"), n
         return total, n
-    monkeypatch.setattr(fora.trainer, "forward_loss", poisoned)
+    monkeypatch.setattr(fora.training.run, "forward_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 3.*checkpoint.*--lr"):
         main(replace(cfg, max_steps=4, save_every=1))
     out = Path(cfg.out)
@@ -249,7 +245,7 @@ def test_cuda_bf16_run(cfg):
     assert result.val_losses[-1][1] < 0.7 * result.val_losses[0][1], result.val_losses
     tensors = _adapter(cfg.out)
     assert all(t.dtype == torch.float32 for t in tensors.values())
-    assert max(_orthonormal_error(A) for k, A in tensors.items() if k.endswith("lora_A.weight")) < 1e-5
+    assert max(stiefel_error(A.mT) for k, A in tensors.items() if k.endswith("lora_A.weight")) < 1e-5
 
 
 def test_bad_inputs(cfg, tmp_path):
@@ -278,7 +274,7 @@ def test_cli(tiny, data_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "x", "--method", "dora"])
     assert "invalid choice: 'dora'" in capsys.readouterr().err
-    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[1] / "scripts" / "train.py")
+    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[2] / "scripts" / "train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(tmp_path / "cli"), "--k", "9"]

@@ -1,4 +1,4 @@
-"""GGUF -> HF folder conversion (fora.gguf).
+"""GGUF -> HF folder conversion (fora.formats.gguf).
 
 Oracles, all independent of fora's code:
 - synthetic GGUF files written here from tiny transformers models the way llama.cpp's
@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fora import gguf as fg
+from fora.formats import gguf as fg
 from tiny_models import make_tiny_checkpoint
 
 gguf = pytest.importorskip("gguf")
@@ -141,7 +141,7 @@ def test_synthetic_round_trip_gives_back_the_original_tensors(synthetic):
 
 
 def test_synthetic_config_parses_like_the_original(synthetic):
-    from fora.config import ModelConfig
+    from fora.models.config import ModelConfig
 
     _, original, _, converted = synthetic
     a, b = ModelConfig.from_json(original), ModelConfig.from_json(converted)

@@ -8,9 +8,9 @@ import torch
 from tiny_models import hf_reference, make_tiny_checkpoint
 
 from fora.inject import inject_lora, lora_modules
-from fora.loading import load_model
+from fora.formats.loading import load_model
 from fora.lora import LoRALinear
-from fora.peft_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TOKENIZER_FILES, adapter_config, load_adapter,
+from fora.formats.peft_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TOKENIZER_FILES, adapter_config, load_adapter,
                           merge_lora_state, merged_state_dict, save_adapter, save_merged)
 
 IDS = torch.tensor([[2, 40, 41, 42, 50, 60, 70, 9], [2, 5, 6, 7, 8, 9, 10, 11]])

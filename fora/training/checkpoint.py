@@ -1,6 +1,6 @@
 """Training checkpoints: everything needed to continue a run bit-for-bit.
 
-A checkpoint is a directory (published atomically, see `fora.io_utils.staging_dir`):
+A checkpoint is a directory (published atomically, see `fora.formats.atomic.staging_dir`):
 
     adapter_config.json, adapter_model.safetensors   the LoRA A, B (PEFT layout, loadable as is)
     optim.pt        state dicts of every optimizer (CayleyAdam for A, AdamW for B) and scheduler
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fora.io_utils import atomic_torch_save, atomic_write_json, recover_dir, staging_dir
-from fora.peft_io import ADAPTER_WEIGHTS, save_adapter
+from fora.formats.atomic import atomic_torch_save, atomic_write_json, recover_dir, staging_dir
+from fora.formats.peft_io import ADAPTER_WEIGHTS, save_adapter
 
 STATE_FILE = "state.json"
 OPTIM_FILE = "optim.pt"
@@ -93,7 +93,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, *, model: nn.Module,
                     base_model_name_or_path: str) -> Path:
     """Write a checkpoint to `ckpt_dir`, replacing any previous one atomically.
 
-    A crash while writing leaves the previous checkpoint in place (see `fora.io_utils`).
+    A crash while writing leaves the previous checkpoint in place (see `fora.formats.atomic`).
     """
     with staging_dir(ckpt_dir) as tmp:
         save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
@@ -127,7 +127,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
                if not (ckpt / f).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {ckpt} is incomplete (missing {', '.join(missing)}); "
-                                "it was not written by fora.checkpoint.save_checkpoint - start afresh")
+                                "it was not written by fora.training.checkpoint.save_checkpoint - start afresh")
     optim = torch.load(ckpt / OPTIM_FILE, map_location=map_location, weights_only=True)
     return Checkpoint(
         path=ckpt,
@@ -143,7 +143,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 
 def restore_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy saved `A`, `B` (PEFT names) into the model's LoRA modules; the sets must match exactly."""
-    from fora.peft_io import adapter_tensors
+    from fora.formats.peft_io import adapter_tensors
 
     live = adapter_tensors(model)
     if set(live) != set(tensors):

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from fora.config import RopeConfig
+from fora.models.config import RopeConfig
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:

@@ -1,7 +1,7 @@
 """`main(cfg)`: one fine-tuning run, read top to bottom.
 
 load model + tokenizer -> data -> layer selection (Fisher / CKA / FIM / random / all, see
-`fora.methods`) -> inject LoRA at the selected layers -> freeze the base -> CayleyAdam for the
+`fora.training.methods`) -> inject LoRA at the selected layers -> freeze the base -> CayleyAdam for the
 Stiefel A's + AdamW for the B's -> warmup + decay -> loop (gradient accumulation, clipping,
 checkpoints, validation) -> PEFT adapter (+ merged model) in `--out`.
 
@@ -29,22 +29,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fora.batching import calibration_batches, epoch_batches, make_batches
-from fora.checkpoint import Checkpoint, DataPosition, load_checkpoint, restore_training_state, save_checkpoint
-from fora.data import encode_records, load_records, split_records
-from fora.hub import PRESETS, resolve_checkpoint
+from fora.training.batching import calibration_batches, epoch_batches, make_batches
+from fora.training.checkpoint import Checkpoint, DataPosition, load_checkpoint, restore_training_state, save_checkpoint
+from fora.training.data import encode_records, load_records, split_records
+from fora.formats.hub import PRESETS, resolve_checkpoint
 from fora.inject import freeze_base, inject_lora, lora_modules
-from fora.io_utils import atomic_write_json
-from fora.loading import load_model
-from fora.methods import (CALIBRATED_SELECTORS, METHODS, SelectArgs, Selection, method_rank, select,
+from fora.formats.atomic import atomic_write_json
+from fora.formats.loading import load_model
+from fora.training.methods import (CALIBRATED_SELECTORS, METHODS, SelectArgs, Selection, method_rank, select,
                           selection_json)
 from fora.optim import build_optimizers
-from fora.peft_io import ADAPTER_WEIGHTS, save_adapter, save_merged
+from fora.formats.peft_io import ADAPTER_WEIGHTS, save_adapter, save_merged
 from fora.stiefel import stiefel_error
-from fora.tasks import arithmetic_task
-from fora.tokenizer import load_tokenizer
-from fora.train_config import TrainConfig
-from fora.train_loop import (MetricsLog, Throughput, autocast_context, diverged, evaluate, format_eta,
+from fora.training.tasks import arithmetic_task
+from fora.formats.loading import load_tokenizer
+from fora.training.config import TrainConfig
+from fora.training.loop import (MetricsLog, Throughput, autocast_context, diverged, evaluate, format_eta,
                              forward_loss, lr_lambda, supervised_tokens)
 
 log = logging.getLogger("fora.train")

@@ -1,6 +1,6 @@
 """Batches of tokenized examples: length grouping, right padding, per-epoch deterministic order.
 
-An example is `{"input_ids": list[int], "labels": list[int]}` (from `fora.data.encode_records`).
+An example is `{"input_ids": list[int], "labels": list[int]}` (from `fora.training.data.encode_records`).
 A batch is `{"input_ids", "labels", "attention_mask"}`, LongTensors [B, T], right-padded: pads
 carry `pad_id` in `input_ids`, 0 in `attention_mask` and -100 in `labels`. Padding is located by
 position, never by value, because `pad_id` often equals `eos_id` and the EOS is supervised.
@@ -13,7 +13,7 @@ from typing import overload
 
 import torch
 
-from fora.data import IGNORE_INDEX
+from fora.models.loss import IGNORE_INDEX
 
 Example = Mapping[str, Sequence[int]]
 Batch = dict[str, torch.Tensor]
@@ -60,7 +60,7 @@ def collate(examples: Sequence[Example], *, pad_id: int, pad_to_multiple_of: int
     for ex in examples:
         if len(ex["input_ids"]) != len(ex["labels"]):
             raise ValueError(f"example has {len(ex['input_ids'])} input_ids but "
-                             f"{len(ex['labels'])} labels; encode it with fora.data.encode_record")
+                             f"{len(ex['labels'])} labels; encode it with fora.training.data.encode_record")
     longest = max(len(ex["input_ids"]) for ex in examples)
     width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

@@ -2,7 +2,7 @@
 
 A record is a dict in the format of LLM-Adapters' Commonsense-170K (`commonsense_170k.json`):
 `{"instruction": str, "input": str (may be empty or absent), "output": str, "answer": str (optional)}`.
-Batching lives in `fora.batching`.
+Batching lives in `fora.training.batching`.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from fora.io_utils import atomic_write_text
+from fora.formats.atomic import atomic_write_text
+from fora.models.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value skipped by cross-entropy (torch's default ignore_index)
 REQUIRED_KEYS = ("instruction", "output")
 
 # Alpaca template (tloen/alpaca-lora), the form LLM-Adapters' finetune.py `generate_prompt` intends:
@@ -54,7 +54,7 @@ _DATA_SUFFIXES = (".json", ".jsonl", ".ndjson")
 
 
 class TokenizerLike(Protocol):
-    """What `encode_record` needs from `fora.tokenizer.LoadedTokenizer`."""
+    """What `encode_record` needs from `fora.formats.tokenizer.LoadedTokenizer`."""
 
     bos_id: int | None
     eos_id: int
@@ -186,7 +186,7 @@ def validate_records(records: Sequence[Any], *, source: str = "data") -> None:
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write records as JSONL atomically (`fora.io_utils.atomic_write_text`: temp file, fsync, rename)."""
+    """Write records as JSONL atomically (`fora.formats.atomic.atomic_write_text`: temp file, fsync, rename)."""
     return atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fora.data import TEMPLATES
-from fora.methods import METHODS
+from fora.inject import DEFAULT_TARGETS
+from fora.training.data import TEMPLATES
+from fora.training.methods import METHODS
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.

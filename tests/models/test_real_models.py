@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fora import gguf as fg
+from fora.formats import gguf as fg
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def loaded(request, fora_cache):
     """(preset, converted folder, fora model, tokenizer, token ids [1, T] of the paragraph)."""
     from fora import load_model, load_tokenizer
-    from fora.hub import resolve_checkpoint
+    from fora.formats.hub import resolve_checkpoint
 
     preset = request.param
     gguf_path = fg.packaged_gguf(preset)
@@ -102,7 +102,7 @@ def _generate_script():
     import sys
 
     if "fora_generate_script" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "scripts" / "generate.py"
+        path = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
         spec = importlib.util.spec_from_file_location("fora_generate_script", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up there

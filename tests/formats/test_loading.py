@@ -1,13 +1,12 @@
 """Checkpoint resolution and loading: layouts that must load, and every error message.
 
 Hub access is replaced by monkeypatched `huggingface_hub.snapshot_download` (no network in tests);
-GGUF conversion by a stand-in `fora.gguf` module, so these tests do not depend on that module.
+GGUF conversion by a stand-in `fora.formats.gguf` module, so these tests do not depend on that module.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 import types
 from pathlib import Path
@@ -19,9 +18,9 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNot
 from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_checkpoint
 
-from fora import hub
-from fora.hub import PRESETS, resolve_checkpoint
-from fora.loading import load_model
+from fora.formats import hub
+from fora.formats.hub import PRESETS, resolve_checkpoint
+from fora.formats.loading import load_model
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 8, 64, 11]])
 
@@ -105,7 +104,7 @@ def test_stale_index_falls_back_to_single_file(tmp_path, sharded_dir, llama_dir,
     folder = _copy(sharded_dir, tmp_path / "stale")
     next(folder.glob("model-*.safetensors")).unlink()
     shutil.copy(llama_dir / "model.safetensors", folder / "model.safetensors")
-    with caplog.at_level("WARNING", logger="fora.safetensors_io"):
+    with caplog.at_level("WARNING", logger="fora.formats.safetensors_io"):
         model = load_model(folder, device="cpu")
     assert "names missing shards" in caplog.text
     with torch.no_grad():
@@ -144,7 +143,7 @@ def test_multimodal_gemma3_layout(tmp_path, gemma3_dir, prefix):
 def test_tied_config_ignores_stored_lm_head(tmp_path, qwen_dir, caplog):
     folder = _copy(qwen_dir, tmp_path / "tiedhead")
     _rewrite(folder, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"] + 1})
-    with caplog.at_level("WARNING", logger="fora.loading"):
+    with caplog.at_level("WARNING", logger="fora.formats.loading"):
         model = load_model(folder, device="cpu")
     assert "ignoring lm_head.weight" in caplog.text
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -273,12 +272,12 @@ def fake_hub(monkeypatch):
 
 @pytest.fixture
 def fake_gguf(monkeypatch, llama_dir):
-    """A stand-in fora.gguf whose packaged files exist and convert to the tiny llama folder."""
+    """A stand-in fora.formats.gguf whose packaged files exist and convert to the tiny llama folder."""
     converted: list[Path] = []
-    mod = types.ModuleType("fora.gguf")
-    mod.packaged_gguf = lambda preset: Path(f"/packaged/{preset}.gguf")
-    mod.ensure_converted = lambda path: converted.append(Path(path)) or llama_dir
-    monkeypatch.setitem(sys.modules, "fora.gguf", mod)
+    mod = types.SimpleNamespace(
+        packaged_gguf=lambda preset: Path(f"/packaged/{preset}.gguf"),
+        ensure_converted=lambda path: converted.append(Path(path)) or llama_dir)
+    monkeypatch.setattr(hub, "_gguf", lambda: mod)
     return converted
 
 
@@ -378,14 +377,6 @@ def test_gguf_file(tmp_path, fake_gguf, llama_dir):
     assert resolve_checkpoint(path) == llama_dir and fake_gguf == [path]
     with pytest.raises(FileNotFoundError, match="GGUF file .*other.gguf not found"):
         resolve_checkpoint(tmp_path / "other.gguf")
-
-
-def test_gguf_support_missing(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fora.gguf", None)  # import fails as if the module were absent
-    path = tmp_path / "m.gguf"
-    path.write_bytes(b"GGUF")
-    with pytest.raises(ImportError, match="GGUF support \\(fora.gguf\\) is not available"):
-        resolve_checkpoint(path)
 
 
 def test_hub_probe_fails_fast(monkeypatch):

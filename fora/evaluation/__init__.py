@@ -1,0 +1,1 @@
+"""Measurements of a trained adapter: accuracy, perplexity, diagnostics, plots."""

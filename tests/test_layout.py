@@ -1,0 +1,143 @@
+"""The package layout stays true: one-way arrows between the wings, no import cycles, small modules.
+
+fora/*.py is the paper (LoRA, injection, Stiefel geometry, Cayley-Adam, Fisher, selection, CKA,
+FIM-LoRA); models/ the decoder; formats/ disk; training/ the run; evaluation/ the measurements.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "fora"
+PAPER = {"lora", "inject", "stiefel", "cayley_adam", "optim", "fisher", "selection", "cka", "fim_lora"}
+# wing -> the wings it may import (itself always allowed)
+ALLOWED = {
+    "models": set(),
+    "top": {"models"},
+    "formats": {"models", "top"},
+    "training": {"models", "top", "formats"},
+    "evaluation": {"models", "top", "formats", "training"},
+}
+MAX_LINES = 350
+
+
+def module_name(path: Path, root: Path = PACKAGE) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def wing(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "api"
+    return parts[1] if parts[1] in ALLOWED and parts[1] != "top" else "top"
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """Every fora module that `path` imports, at module level or inside a function."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "fora"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fora":
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if sub in known else node.module)
+    return out
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+    files = {module_name(p, root): p for p in root.rglob("*.py")}
+    known = set(files)
+    return {m: imports_of(p, known) - {m} for m, p in files.items()}
+
+
+def arrow_violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for src, targets in graph.items():
+        if wing(src) == "api":
+            continue
+        for dst in targets:
+            a, b = wing(src), wing(dst)
+            if b == "api" or (a != b and b not in ALLOWED[a]):
+                bad.append(f"{src} ({a}) imports {dst} ({b})")
+    return sorted(bad)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_top_level_holds_only_the_paper():
+    top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert top == PAPER
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == {
+        "models", "formats", "training", "evaluation"}
+
+
+def test_arrows_point_one_way():
+    assert arrow_violations(import_graph()) == []
+
+
+def test_no_import_cycles():
+    assert find_cycle(import_graph()) is None
+
+
+def test_modules_stay_small():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_every_public_name_is_importable():
+    import fora
+
+    assert len(fora.__all__) >= 57  # every name exported before the package had wings
+    for name in fora.__all__:
+        assert getattr(fora, name) is not None, name
+
+
+@pytest.mark.parametrize("src,dst,rule", [
+    ("fora/models/decoder.py", "from fora.lora import LoRALinear", "models uses nothing of fora"),
+    ("fora/fisher.py", "from fora.training.data import load_records", "the top level uses models only"),
+    ("fora/formats/hub.py", "from fora.training.run import main", "formats does not use training"),
+    ("fora/training/run.py", "import fora", "package modules do not import the public API"),
+])
+def test_the_checks_catch_a_wrong_arrow(tmp_path, src, dst, rule):
+    """The checker itself: a copy of the package with one bad import must be flagged."""
+    import shutil
+
+    copy = tmp_path / "fora"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / Path(src).relative_to("fora")
+    target.write_text(target.read_text() + f"\n\ndef _probe():\n    {dst}\n")
+    assert arrow_violations(import_graph(copy)), rule
+
+
+def test_the_checks_catch_a_cycle(tmp_path):
+    import shutil
+
+    copy = tmp_path / "fora"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / "formats" / "tokenizer.py"   # gguf -> tokenizer already; close the loop
+    target.write_text(target.read_text() + "\n\ndef _probe():\n    from fora.formats import gguf\n")
+    assert find_cycle(import_graph(copy)) is not None
