@@ -27,13 +27,16 @@ USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, 
 def cli(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = parse_args(argv)
+    from fora.training.distributed import rank_prefix, shutdown
     from fora.training.run import main  # after parsing: --help stays quick
 
     try:
         main(cfg)
     except USER_ERRORS as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        print(f"train.py: error: {rank_prefix()}{err}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     return 0
 
 
