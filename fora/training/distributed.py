@@ -4,16 +4,16 @@
 
 A run on W processes with `--batch-size b` equals the one-process run with `--batch-size W*b`:
 every rank builds the *global* batches of the one-process run (same seed, same order) and keeps
-a contiguous, near-equal share of each batch's rows (`share`); the loss of a step is the sum of
+a contiguous, near-equal share of each batch's rows (`share`). The loss of a step is the sum of
 token losses over the whole accumulated global batch divided by its supervised-token count
-(all-reduced), and the adapter gradients are *summed* over ranks, so every rank holds the
-one-process gradient and takes the same optimizer step.
+(all-reduced); each rank backpropagates W x its part, and the gradients are *averaged* over ranks
+(DDP's own rule, which stays right under gradient accumulation without `no_sync`), so every rank
+holds the one-process gradient and takes the same optimizer step.
 
-- `ddp`: `DistributedDataParallel` with a summing comm hook (DDP's default averages); the base is
-  replicated on every device.
+- `ddp`: `DistributedDataParallel`; the base is replicated on every device.
 - `fsdp`: `fully_shard` per decoder block plus the root: the frozen base is sharded, the LoRA
   A and B are `ignored_params` (replicated, never sharded) because Cayley-Adam needs whole A's;
-  their gradients are summed with one `all_reduce` per optimizer step.
+  their gradients are averaged with one flat `all_reduce` per optimizer step.
 
 Layer selection: Fisher scores (Eq. 2) are computed with each rank scoring its share of the
 calibration batches and the weighted sums all-reduced; CKA / FIM-LoRA run on rank 0 and the
@@ -46,6 +46,7 @@ TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"
 TIMEOUT = timedelta(minutes=60)
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
+N = TypeVar("N", int, float)
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,14 @@ class DistContext:
         if self.active:
             dist.barrier()
 
-    def all_sum(self, value: int) -> int:
-        """Sum of an integer (e.g. the supervised-token count) over ranks."""
+    def all_sum(self, value: N) -> N:
+        """Sum of a number over ranks (the supervised-token count, a loss); exact for integers."""
         if not self.active:
             return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.collective_device())
+        t = torch.tensor([value], dtype=torch.int64 if isinstance(value, int) else torch.float64,
+                         device=self.collective_device())
         dist.all_reduce(t)
-        return int(t.item())
+        return type(value)(t.item())
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
@@ -243,12 +245,6 @@ def distributed_select(ctx: DistContext, method: str, args: Any) -> Any:
     return _broadcast(ctx, sel)
 
 
-def _sum_allreduce(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook: sum the bucket over ranks (each rank's loss is already divided by the
-    global token count, so the sum is the one-process gradient; DDP's default would average)."""
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-
 def load_device(ctx: DistContext, device: torch.device) -> torch.device:
     """Where to load the base: the host under FSDP (`fully_shard` moves each block's shard to
     the device, so a base larger than one GPU never lands whole on it), else `device`."""
@@ -268,9 +264,7 @@ def wrap_model(ctx: DistContext, model: nn.Module, device: torch.device) -> nn.M
     if ctx.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        ddp.register_comm_hook(None, _sum_allreduce)
-        return ddp
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -285,12 +279,13 @@ def wrap_model(ctx: DistContext, model: nn.Module, device: torch.device) -> nn.M
 
 
 def sync_adapter_grads(ctx: DistContext, params: Sequence[torch.Tensor]) -> None:
-    """Under FSDP, sum the replicated adapters' gradients over ranks (one flat all_reduce); DDP
-    has already done it during backward, one process has nothing to do."""
+    """Under FSDP, average the replicated adapters' gradients over ranks (one flat all_reduce), as
+    DDP does during backward; one process has nothing to do."""
     if not (ctx.active and ctx.mode == "fsdp"):
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = _all_reduce(ctx, torch.cat([g.reshape(-1) for g in grads]))
+    flat /= ctx.world
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = g.view_as(p).clone()
 

@@ -244,7 +244,7 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
             loss = loss_sum / max(n_tokens, 1)  # token-weighted mean over the whole accumulated batch
             if not torch.isfinite(loss):
                 raise diverged(step + 1, "the training loss", float(loss.detach()), ckpt_dir)
-            loss.backward()
+            (loss * ctx.world).backward()  # DDP / FSDP average the gradients over ranks
             step_loss += float(loss.detach())
             speed.tokens += int(batch["attention_mask"].sum())
         sync_adapter_grads(ctx, params)
@@ -261,7 +261,7 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         if b >= len(batches):  # epoch done: the position always names the next batch to read
             epoch, b = epoch + 1, 0
             batches = batches_of(epoch)
-        window.append(step_loss)
+        window.append(ctx.all_sum(step_loss))  # the global batch's loss (each rank holds its share)
 
         row = {}
         if step % cfg.log_every == 0 or step == total:
