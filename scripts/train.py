@@ -7,6 +7,8 @@ Thin wrapper: argparse -> `fora.training.config.TrainConfig` -> `fora.training.r
     python scripts/train.py --model smollm2-135m --k 15 --max-steps 40 --batch-size 4 --cutoff-len 96 \
         --warmup-steps 4 --val-size 32 --fisher-batches 4 --eval-every 20 --log-every 5
     python scripts/train.py --help   # every flag; defaults are the paper's settings
+    # N GPUs (--batch-size is per process; see the README's "Distributed training")
+    torchrun --nproc-per-node 8 scripts/train.py --model llama-3.1-8b --batch-size 2 --distributed fsdp
 """
 from __future__ import annotations
 

@@ -19,14 +19,17 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tiny_models import make_tiny_checkpoint
 
+from torch.distributed.tensor import DTensor
+
 from fora.fisher import fisher_scores
+from fora.inject import freeze_base, inject_lora
 from fora.formats.loading import load_model
 from fora.models.loss import IGNORE_INDEX
 from fora.training.batching import epoch_batches
 from fora.training.checkpoint import load_checkpoint
 from fora.training.config import TrainConfig
 from fora.training.distributed import (RankBatches, distributed_fisher_scores, init_distributed, share,
-                                       shutdown, torchrun_hint)
+                                       rank_prefix, shutdown, torchrun_hint, wrap_model)
 from fora.training.loop import MetricsLog
 from fora.training.run import main
 
@@ -73,6 +76,17 @@ def _worker(rank: int, port: int, jobs: list[tuple]) -> None:
                 ctx = init_distributed("ddp", "cpu")
                 scores = distributed_fisher_scores(ctx, load_model(folder), _calibration(n))
                 torch.save(scores, f"{out}.rank{rank}")
+            elif job[0] == "shard":
+                _, folder, out = job
+                ctx = init_distributed("fsdp", "cpu")
+                model = load_model(folder)
+                inject_lora(model, [1], rank=4, seed=0)
+                freeze_base(model)
+                wrap_model(ctx, model, torch.device("cpu"))
+                kinds = {name: [type(p).__name__, p.to_local().numel() if isinstance(p, DTensor) else p.numel(),
+                                p.numel()] for name, p in model.named_parameters()}
+                Path(f"{out}.rank{rank}").write_text(json.dumps(kinds))
+                Path(f"{out}.prefix{rank}").write_text(rank_prefix())
             else:
                 _, cfg, crash_rank, crash_step = job
 
@@ -121,10 +135,10 @@ def runs(base_cfg, tmp_path_factory) -> dict[str, Path]:
     out = {name: root / name for name in ("one", "ddp", "fsdp")}
     main(replace(base_cfg, out=str(out["one"])))
     per_rank = replace(base_cfg, batch_size=base_cfg.batch_size // WORLD)
-    _spawn(("fisher", base_cfg.model, 3, str(root / "fisher.pt")),
+    _spawn(("fisher", base_cfg.model, 3, str(root / "fisher.pt")), ("shard", base_cfg.model, str(root / "shard")),
            ("train", replace(per_rank, distributed="ddp", out=str(out["ddp"])), -1, -1),
            ("train", replace(per_rank, distributed="fsdp", out=str(out["fsdp"])), -1, -1))
-    out["fisher"] = root / "fisher.pt"
+    out["fisher"], out["shard"] = root / "fisher.pt", root / "shard"
     return out
 
 
@@ -139,10 +153,30 @@ def test_two_processes_equal_one_process_with_the_global_batch(runs, mode):
     assert _max_rel_err(_adapter(runs[mode]), _adapter(runs["one"])) < 1e-5
     # the adapter moved (the comparison is not between two initialisations)
     assert min(float(t.abs().max()) for k, t in _adapter(runs[mode]).items() if "lora_B" in k) > 1e-3
-    # rank 0 alone wrote the log: one row per step, as in the one-process run
-    assert [r["step"] for r in MetricsLog.read(runs[mode] / "metrics.jsonl")] == \
-        [r["step"] for r in MetricsLog.read(runs["one"] / "metrics.jsonl")]
+    # rank 0 alone wrote the log: one row per step, as in the one-process run, with the global
+    # batch's loss and gradient norm (a gradient off by the world size would show here)
+    rows, ref = (MetricsLog.read(runs[m] / "metrics.jsonl") for m in (mode, "one"))
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r.get(key, 0.0) for r in rows]),
+                                   torch.tensor([r.get(key, 0.0) for r in ref]), rtol=1e-5, atol=0)
     assert json.loads((runs[mode] / "train_config.json").read_text())["world_size"] == WORLD
+
+
+@multiprocess
+def test_fsdp_shards_the_base_and_keeps_the_adapters_whole(runs):
+    for rank in range(WORLD):
+        kinds = json.loads(Path(f"{runs['shard']}.rank{rank}").read_text())
+        for name, (kind, local, full) in kinds.items():
+            if ".lora_" in name:
+                assert (kind, local) == ("Parameter", full), name
+            else:  # dim-0 chunks: 2 ranks hold ceil / floor halves
+                assert kind == "DTensor" and local in (-(-full // WORLD), full // WORLD), name
+        assert sum(v[1] for k, v in kinds.items() if ".lora_" not in k) < \
+            0.6 * sum(v[2] for k, v in kinds.items() if ".lora_" not in k)
+        # error messages name the rank inside a group (train.py: error: rank 1: ...), not outside
+        assert Path(f"{runs['shard']}.prefix{rank}").read_text() == f"rank {rank}: "
+    assert rank_prefix() == ""
 
 
 @multiprocess
@@ -164,6 +198,9 @@ def test_a_rank_failing_leaves_the_checkpoint_and_the_run_resumes(runs, base_cfg
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
     _spawn(("train", replace(cfg, resume=str(tmp_path / "run")), -1, -1))
     torch.testing.assert_close(_adapter(tmp_path / "run"), _adapter(runs["ddp"]), rtol=1e-6, atol=1e-7)
+    # the global batch depends on the world size: resuming on another one is refused
+    with pytest.raises(ValueError, match="world_size: 1 here vs 2 there"):
+        main(replace(cfg, distributed=None, resume=str(tmp_path / "run")))
 
 
 def test_distributed_without_torchrun_names_the_command(base_cfg, tmp_path, monkeypatch):
