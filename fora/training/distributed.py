@@ -108,7 +108,7 @@ SINGLE = DistContext()
 
 def torchrun_hint(mode: str) -> str:
     return (f"torchrun --nproc-per-node <GPUs> scripts/train.py ... --distributed {mode} (one node), or add "
-            "--nnodes <N> --node-rank <i> --rdzv-backend c10d --rdzv-endpoint <host>:<port> for several nodes")
+            "--nnodes <N> --rdzv-id <id> --rdzv-backend c10d --rdzv-endpoint <host>:<port> for several nodes")
 
 
 def init_distributed(mode: str | None, device_type: str) -> DistContext:

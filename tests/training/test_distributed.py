@@ -24,12 +24,13 @@ from torch.distributed.tensor import DTensor
 from fora.fisher import fisher_scores
 from fora.inject import freeze_base, inject_lora
 from fora.formats.loading import load_model
-from fora.models.loss import IGNORE_INDEX
+from fora.models.loss import IGNORE_INDEX, causal_lm_loss
 from fora.training.batching import epoch_batches
 from fora.training.checkpoint import load_checkpoint
 from fora.training.config import TrainConfig
 from fora.training.distributed import (RankBatches, distributed_fisher_scores, init_distributed, share,
-                                       rank_prefix, shutdown, torchrun_hint, wrap_model)
+                                       rank_prefix, shutdown, sync_adapter_grads, torchrun_hint,
+                                       wrap_model)
 from fora.training.loop import MetricsLog
 from fora.training.run import main
 
@@ -79,14 +80,22 @@ def _worker(rank: int, port: int, jobs: list[tuple]) -> None:
             elif job[0] == "shard":
                 _, folder, out = job
                 ctx = init_distributed("fsdp", "cpu")
-                model = load_model(folder)
-                inject_lora(model, [1], rank=4, seed=0)
-                freeze_base(model)
+                model = _adapted(folder)
                 wrap_model(ctx, model, torch.device("cpu"))
                 kinds = {name: [type(p).__name__, p.to_local().numel() if isinstance(p, DTensor) else p.numel(),
                                 p.numel()] for name, p in model.named_parameters()}
                 Path(f"{out}.rank{rank}").write_text(json.dumps(kinds))
                 Path(f"{out}.prefix{rank}").write_text(rank_prefix())
+                # the trainer's step on the sharded model: this rank's batch, backward stopping
+                # at the adapted layer, loss over the global token count x W, grads averaged
+                batches = _calibration(WORLD)
+                total, _ = causal_lm_loss(model(batches[rank]["input_ids"], grad_from_layer=ADAPTED),
+                                          batches[rank]["labels"])
+                n = ctx.all_sum(int((batches[rank]["labels"][:, 1:] != IGNORE_INDEX).sum()))
+                (total / n * WORLD).backward()
+                params = [p for p in model.parameters() if p.requires_grad]
+                sync_adapter_grads(ctx, params)
+                torch.save([p.grad for p in params], f"{out}.grads{rank}")
             else:
                 _, cfg, crash_rank, crash_step = job
 
@@ -96,6 +105,20 @@ def _worker(rank: int, port: int, jobs: list[tuple]) -> None:
                 main(cfg, on_step=on_step)
     finally:
         shutdown()
+
+
+ADAPTED = 2  # the layer the sharded step adapts (layers below it run without autograd)
+
+
+def _adapted(folder) -> torch.nn.Module:
+    model = load_model(folder)
+    inject_lora(model, [ADAPTED], rank=4, seed=0)
+    freeze_base(model)
+    with torch.no_grad():  # B = 0 would make every gradient of A zero
+        for p in model.parameters():
+            if p.requires_grad and p.shape[1] == 4:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    return model
 
 
 def _spawn(*jobs: tuple) -> None:
@@ -186,6 +209,21 @@ def test_fsdp_shards_the_base_and_keeps_the_adapters_whole(runs):
         # error messages name the rank inside a group (train.py: error: rank 1: ...), not outside
         assert Path(f"{runs['shard']}.prefix{rank}").read_text() == f"rank {rank}: "
     assert rank_prefix() == ""
+
+
+@multiprocess
+def test_fsdp_step_gradient_equals_the_unsharded_model_on_the_whole_batch(runs, tiny):
+    model = _adapted(tiny)
+    batches = _calibration(WORLD)
+    ids, labels = (torch.cat([b[key] for b in batches]) for key in ("input_ids", "labels"))
+    total, n = causal_lm_loss(model(ids), labels)
+    (total / n).backward()
+    expected = [p.grad for p in model.parameters() if p.requires_grad]
+    for rank in range(WORLD):
+        got = torch.load(f"{runs['shard']}.grads{rank}", weights_only=True)
+        assert len(got) == len(expected) == 10
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
 @multiprocess
