@@ -10,6 +10,7 @@ import json
 import os
 import socket
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,8 @@ def _worker(rank: int, port: int, jobs: list[tuple]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # a short timeout, so that a deadlock fails the test instead of hanging it (main reuses the group)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     try:
         for job in jobs:
             if job[0] == "fisher":
