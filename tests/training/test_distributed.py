@@ -189,10 +189,10 @@ def test_two_processes_equal_one_process_with_the_global_batch(runs, mode):
     # the adapter moved (the comparison is not between two initialisations)
     assert min(float(t.abs().max()) for k, t in _adapter(runs[mode]).items() if "lora_B" in k) > 1e-3
     # rank 0 alone wrote the log: one row per step, as in the one-process run, with the global
-    # batch's loss and gradient norm (a gradient off by the world size would show here)
+    # batch's loss, gradient norm (a gradient off by the world size would show here) and validation loss
     rows, ref = (MetricsLog.read(runs[m] / "metrics.jsonl") for m in (mode, "one"))
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm", "val_loss"):
         torch.testing.assert_close(torch.tensor([r.get(key, 0.0) for r in rows]),
                                    torch.tensor([r.get(key, 0.0) for r in ref]), rtol=1e-5, atol=0)
     assert json.loads((runs[mode] / "train_config.json").read_text())["world_size"] == WORLD
