@@ -30,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -85,6 +86,13 @@ class DistContext:
                          device=self.collective_device())
         dist.all_reduce(t)
         return type(value)(t.item())
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Across processes, seed torch's generator (LoRA dropout) from (seed, rank, step) before
+        each step: ranks draw different masks, and a resumed run draws the masks of the
+        uninterrupted one whatever --save-every (a checkpoint holds rank 0's RNG state only)."""
+        if self.active:
+            torch.manual_seed(int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1)[0]))
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:

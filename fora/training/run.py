@@ -236,6 +236,7 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         log.info("validation loss at start: %.4f", val)
     speed, window = Throughput(step, total), []
     while step < total:
+        ctx.seed_step(cfg.seed, step)  # several processes: dropout streams per (rank, step)
         group = batches[b:b + cfg.grad_accum]
         n_tokens = ctx.all_sum(supervised_tokens(group))  # of the whole global batch
         step_loss = 0.0

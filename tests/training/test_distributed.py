@@ -167,12 +167,13 @@ def runs(base_cfg, tmp_path_factory) -> dict[str, Path]:
     """The one-process reference (batch 4) and 2-process DDP / FSDP2 runs (batch 2 each), plus
     distributed Fisher on 3 calibration batches (2 on rank 0, 1 on rank 1), in one spawn."""
     root = tmp_path_factory.mktemp("runs")
-    out = {name: root / name for name in ("one", "ddp", "fsdp")}
+    out = {name: root / name for name in ("one", "ddp", "fsdp", "dropout")}
     main(replace(base_cfg, out=str(out["one"])))
     per_rank = replace(base_cfg, batch_size=base_cfg.batch_size // WORLD)
     _spawn(("fisher", base_cfg.model, 3, str(root / "fisher.pt")), ("shard", base_cfg.model, str(root / "shard")),
            ("train", replace(per_rank, distributed="ddp", out=str(out["ddp"])), -1, -1),
-           ("train", replace(per_rank, distributed="fsdp", out=str(out["fsdp"])), -1, -1))
+           ("train", replace(per_rank, distributed="fsdp", out=str(out["fsdp"])), -1, -1),
+           ("train", replace(per_rank, distributed="ddp", lora_dropout=0.1, out=str(out["dropout"])), -1, -1))
     out["fisher"], out["shard"] = root / "fisher.pt", root / "shard"
     return out
 
@@ -239,15 +240,17 @@ def test_distributed_fisher_equals_single_process(runs, tiny):
 
 @multiprocess
 def test_a_rank_failing_leaves_the_checkpoint_and_the_run_resumes(runs, base_cfg, tmp_path):
+    # with dropout: the resumed ranks must draw the masks of the uninterrupted run
     cfg = replace(base_cfg, batch_size=base_cfg.batch_size // WORLD, distributed="ddp", out=str(tmp_path / "run"),
-                  save_every=2)
+                  save_every=2, lora_dropout=0.1)
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 fails at step 3"):
         _spawn(("train", cfg, 1, 3))
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.position.step == 2
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
     _spawn(("train", replace(cfg, resume=str(tmp_path / "run")), -1, -1))
-    torch.testing.assert_close(_adapter(tmp_path / "run"), _adapter(runs["ddp"]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(_adapter(tmp_path / "run"), _adapter(runs["dropout"]), rtol=1e-6, atol=1e-7)
+    assert _max_rel_err(_adapter(runs["dropout"]), _adapter(runs["ddp"])) > 1e-4  # dropout did act
     # the global batch depends on the world size: resuming on another one is refused
     with pytest.raises(ValueError, match="world_size: 1 here vs 2 there"):
         main(replace(cfg, distributed=None, resume=str(tmp_path / "run")))
