@@ -141,6 +141,7 @@ def init_distributed(mode: str | None, device_type: str) -> DistContext:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     if not ctx.main:  # one log for the whole run; errors still reach stderr with the rank named
         logging.getLogger("fora").setLevel(logging.WARNING)
+    log.info("%s over %d processes (%s)", mode, ctx.world, dist.get_backend())
     return ctx
 
 

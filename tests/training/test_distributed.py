@@ -271,6 +271,8 @@ def test_bad_distributed_settings_are_refused(base_cfg):
         replace(base_cfg, distributed="zero")
     with pytest.raises(ValueError, match="--merge needs the whole base in one process"):
         replace(base_cfg, distributed="fsdp", merge=True)
+    with pytest.raises(ValueError, match="unknown --distributed 'zero'; choose one of ddp, fsdp"):
+        init_distributed("zero", "cpu")
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
