@@ -80,6 +80,9 @@ _EXPORTS: dict[str, str] = {
     "train": "fora.training.run",
     "TrainingDiverged": "fora.training.loop",
     "METHODS": "fora.training.methods",
+    # fora.training: several processes under torchrun
+    "init_distributed": "fora.training.distributed",
+    "distributed_fisher_scores": "fora.training.distributed",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,6 +7,8 @@ Thin wrapper: argparse -> `fora.training.config.TrainConfig` -> `fora.training.r
     python scripts/train.py --model smollm2-135m --k 15 --max-steps 40 --batch-size 4 --cutoff-len 96 \
         --warmup-steps 4 --val-size 32 --fisher-batches 4 --eval-every 20 --log-every 5
     python scripts/train.py --help   # every flag; defaults are the paper's settings
+    # N GPUs (--batch-size is per process; see the README's "Distributed training")
+    torchrun --nproc-per-node 8 scripts/train.py --model llama-3.1-8b --batch-size 2 --distributed fsdp
 """
 from __future__ import annotations
 
@@ -27,13 +29,16 @@ USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, 
 def cli(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = parse_args(argv)
+    from fora.training.distributed import rank_prefix, shutdown
     from fora.training.run import main  # after parsing: --help stays quick
 
     try:
         main(cfg)
     except USER_ERRORS as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        print(f"train.py: error: {rank_prefix()}{err}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     return 0
 
 

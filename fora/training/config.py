@@ -16,12 +16,14 @@ from typing import Any
 
 from fora.inject import DEFAULT_TARGETS
 from fora.training.data import TEMPLATES
+from fora.training.distributed import DIST_MODES
 from fora.training.methods import METHODS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.
-RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device"})
+RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device",
+                              "distributed"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class TrainConfig:
     merge: bool = False
     log_every: int = 10
     eval_every: int = 100
+    distributed: str | None = None
+    world_size: int = 1  # set by the trainer from torchrun's WORLD_SIZE (not a flag); resume checks it
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,6 +94,11 @@ class TrainConfig:
             raise ValueError(f"unknown --template {self.template!r}; choose one of {', '.join(sorted(TEMPLATES))}")
         if not self.targets:
             raise ValueError("--targets is empty; pass e.g. q_proj,k_proj,v_proj,up_proj,down_proj")
+        if self.distributed is not None and self.distributed not in DIST_MODES:
+            raise ValueError(f"unknown --distributed {self.distributed!r}; choose one of {', '.join(DIST_MODES)}")
+        if self.distributed == "fsdp" and self.merge:
+            raise ValueError("--merge needs the whole base in one process, but --distributed fsdp shards it; "
+                             "drop --merge and merge the adapter afterwards in one process (fora.save_merged)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -176,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--merge", action="store_true", help="also write OUT/merged: the base with W0 + s B A folded in")
     a("--log-every", type=int, default=d.log_every, help="progress line + metrics.jsonl row every N steps")
     a("--eval-every", type=int, default=d.eval_every, help="validation loss every N steps (0 = only start and end)")
+    a("--distributed", choices=DIST_MODES, default=d.distributed, help="under torchrun: ddp (base replicated "
+      "per GPU) or fsdp (base sharded per block, adapters replicated); --batch-size stays per process")
     return p
 
 

@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from fora.formats.hub import PRESETS, resolve_checkpoint
 from fora.inject import freeze_base, inject_lora, lora_modules
 from fora.formats.atomic import atomic_write_json
 from fora.formats.loading import load_model
-from fora.training.methods import (CALIBRATED_SELECTORS, METHODS, SelectArgs, Selection, method_rank, select,
+from fora.training.methods import (CALIBRATED_SELECTORS, METHODS, SelectArgs, Selection, method_rank,
                           selection_json)
 from fora.optim import build_optimizers
 from fora.formats.peft_io import ADAPTER_WEIGHTS, save_adapter, save_merged
@@ -44,7 +44,9 @@ from fora.stiefel import stiefel_error
 from fora.training.tasks import arithmetic_task
 from fora.formats.loading import load_tokenizer
 from fora.training.config import TrainConfig
-from fora.training.loop import (MetricsLog, Throughput, autocast_context, diverged, evaluate, format_eta,
+from fora.training.distributed import (distributed_select, init_distributed, load_device, metrics_log, split_batches,
+                                       sync_adapter_grads, wrap_model)
+from fora.training.loop import (Throughput, autocast_context, diverged, evaluate, format_eta,
                              forward_loss, lr_lambda, supervised_tokens)
 
 log = logging.getLogger("fora.train")
@@ -156,8 +158,11 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
     simulate a crash. Raises `TrainingDiverged` on a NaN / inf loss or gradient norm.
     """
     t_start = time.perf_counter()
-    out, ckpt = prepare_out(cfg)
     device, dtype = resolve_device_dtype(cfg)
+    ctx = init_distributed(cfg.distributed, device.type)  # torchrun's process group, or one process
+    cfg, device = replace(cfg, world_size=ctx.world), ctx.device(device)
+    with ctx.main_first():  # rank 0 may repair a half-published checkpoint before the others read it
+        out, ckpt = prepare_out(cfg)
     torch.manual_seed(cfg.seed)  # dropout; the LoRA init and the data order have their own seeded streams
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -165,7 +170,7 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
 
     # 1. model and tokenizer
     folder = resolve_checkpoint(cfg.model)
-    model = load_model(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=load_device(ctx, device))
     tok = load_tokenizer(folder)
     L = model.config.num_hidden_layers
     if cfg.k is not None and cfg.k > L:
@@ -174,9 +179,12 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
     k = cfg.k or max(1, L // 2)  # PAPER.md §3: default K = L/2
 
     # 2. data
-    data = prepare_data(cfg, tok, need_calibration=ckpt is None and spec.selector in CALIBRATED_SELECTORS)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG_FILE, cfg.to_dict())
+    # (calibration and validation batches are global batches: those of the one-process run)
+    data = prepare_data(replace(cfg, batch_size=cfg.batch_size * ctx.world), tok,
+                        need_calibration=ckpt is None and spec.selector in CALIBRATED_SELECTORS)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / CONFIG_FILE, cfg.to_dict())
 
     # 3. layer selection (computed once on the base model; a resumed run reuses the saved one)
     rank = method_rank(cfg.method, cfg.rank)
@@ -184,8 +192,8 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         record = ckpt.selection
         sel = Selection(record["selected"], record["scores"], record["rank_pattern"])
     else:
-        sel = select(cfg.method, SelectArgs(model, data.calibration, L, k, rank, cfg.targets, cfg.seed,
-                                            cfg.fisher_params))
+        sel = distributed_select(ctx, cfg.method, SelectArgs(model, data.calibration, L, k, rank, cfg.targets,
+                                                             cfg.seed, cfg.fisher_params))
         record = selection_json(cfg.method, sel, data.calibration, num_layers=L,
                                 data_sha256=data.sha256, seed=cfg.seed, rank=rank)
     log.info("method %s: adapting %d of %d layers: %s", cfg.method, len(sel.layers), L, sel.layers)
@@ -195,11 +203,12 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
                 rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed)
     freeze_base(model)
     model.train()
+    engine = wrap_model(ctx, model, device)  # what the step calls: model, DDP(model) or model sharded
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %d (%d LoRA modules)", sum(p.numel() for p in params), len(lora_modules(model)))
     optimizers = build_optimizers(model, cfg.lr, stiefel_lr=cfg.stiefel_lr, weight_decay=cfg.weight_decay,
                                   stiefel=spec.stiefel, qr_every=cfg.qr_every)
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / cfg.batch_size) / cfg.grad_accum)
+    steps_per_epoch = math.ceil(math.ceil(len(data.train) / (cfg.batch_size * ctx.world)) / cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
@@ -212,11 +221,12 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
 
     # 5. the loop
     result = TrainResult(out, sorted(sel.layers), total)
-    metrics = MetricsLog(out / METRICS_FILE, keep_until_step=position.step if ckpt else None)
+    metrics = metrics_log(ctx, out / METRICS_FILE, keep_until_step=position.step if ckpt else None)
     autocast = partial(autocast_context, device, dtype)
     grad_from = min(sel.layers)
     ckpt_dir = ckpt.path if ckpt is not None else None
-    batches_of = partial(epoch_batches, data.train, cfg.batch_size, seed=cfg.seed, pad_id=tok.pad_id)
+    batches_of = split_batches(ctx, partial(epoch_batches, data.train, cfg.batch_size * ctx.world, seed=cfg.seed,
+                                            pad_id=tok.pad_id))
     epoch, b, step = position.epoch, position.batch, position.step
     batches = batches_of(epoch)
     if step == 0 and data.val_batches:
@@ -226,17 +236,19 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         log.info("validation loss at start: %.4f", val)
     speed, window = Throughput(step, total), []
     while step < total:
+        ctx.seed_step(cfg.seed, step)  # several processes: dropout streams per (rank, step)
         group = batches[b:b + cfg.grad_accum]
-        n_tokens = supervised_tokens(group)
+        n_tokens = ctx.all_sum(supervised_tokens(group))  # of the whole global batch
         step_loss = 0.0
         for batch in group:
-            loss_sum, _ = forward_loss(model, batch, device, grad_from_layer=grad_from, autocast=autocast)
+            loss_sum, _ = forward_loss(engine, batch, device, grad_from_layer=grad_from, autocast=autocast)
             loss = loss_sum / max(n_tokens, 1)  # token-weighted mean over the whole accumulated batch
             if not torch.isfinite(loss):
                 raise diverged(step + 1, "the training loss", float(loss.detach()), ckpt_dir)
-            loss.backward()
+            (loss * ctx.world).backward()  # DDP / FSDP average the gradients over ranks
             step_loss += float(loss.detach())
             speed.tokens += int(batch["attention_mask"].sum())
+        sync_adapter_grads(ctx, params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         if not torch.isfinite(grad_norm):
             raise diverged(step + 1, "the gradient norm", float(grad_norm), ckpt_dir)
@@ -250,7 +262,7 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         if b >= len(batches):  # epoch done: the position always names the next batch to read
             epoch, b = epoch + 1, 0
             batches = batches_of(epoch)
-        window.append(step_loss)
+        window.append(ctx.all_sum(step_loss))  # the global batch's loss (each rank holds its share)
 
         row = {}
         if step % cfg.log_every == 0 or step == total:
@@ -269,18 +281,19 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         if row:
             metrics.write({**row, "seconds": time.perf_counter() - t_start})
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            ckpt_dir = save_checkpoint(out / "checkpoint", model=model, optimizers=optimizers,
-                                       schedulers=schedulers, position=DataPosition(epoch, b, step),
-                                       selection=record, config=cfg.to_dict(),
-                                       base_model_name_or_path=base_model_id(cfg, folder))
+            ckpt_dir = out / "checkpoint"
+            ctx.main_only(save_checkpoint, ckpt_dir, model=model, optimizers=optimizers,
+                          schedulers=schedulers, position=DataPosition(epoch, b, step),
+                          selection=record, config=cfg.to_dict(),
+                          base_model_name_or_path=base_model_id(cfg, folder))
         if on_step is not None:
             on_step(step)
 
     # 6. outputs
-    save_adapter(model, out, base_model_name_or_path=base_model_id(cfg, folder), r=rank,
-                 extra_files={SELECTION_FILE: record})
+    ctx.main_only(save_adapter, model, out, base_model_name_or_path=base_model_id(cfg, folder), r=rank,
+                  extra_files={SELECTION_FILE: record})
     if cfg.merge:
-        save_merged(model, out / "merged", source_dir=folder)
+        ctx.main_only(save_merged, model, out / "merged", source_dir=folder)
     result.seconds = time.perf_counter() - t_start
     if len(result.val_losses) > 1:
         log.info("validation loss %.4f at start -> %.4f at step %d", result.val_losses[0][1],
