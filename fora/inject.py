@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fora.lora import LoRALinear
+from fora.models.nf4 import NF4Linear
 from fora.models.paths import decoder_layers, layer_index, target_path
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -68,7 +69,7 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
         base = model.get_submodule(path)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{path} already has a LoRA adapter; inject each module once")
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"{path} is a {type(base).__name__}, not an nn.Linear; LoRA targets must "
                             "be linear projections (e.g. q_proj, up_proj)")
         lora = LoRALinear(base, rank_pattern.get(path, rank), alpha, dropout=dropout, rslora=rslora,

@@ -31,6 +31,7 @@ from torch import nn
 from fora.formats.atomic import atomic_save_safetensors, atomic_write_json, staging_dir
 from fora.inject import lora_modules
 from fora.lora import LoRALinear
+from fora.models.nf4 import dequantized_weights
 from fora.models.paths import layer_index
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,8 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, *, source_dir: str
     The tensors are the base checkpoint's own (`source_dir`, from `fora.formats.hub.resolve_checkpoint`):
     same names (a multimodal Gemma-3 keeps its prefixes and vision tower, a tied `lm_head` stays
     omitted), same dtypes, with `W0 + s B A` at every adapted module, computed in float32 from
-    the *stored* W0 and cast back. So the export does not depend on the dtype the run trained in,
+    the *stored* W0 and cast back (for a model loaded with `quantize="nf4"`, W0 is the dequantized
+    4-bit weight of every quantized layer, the weights the run trained against). So the export does not depend on the dtype the run trained in,
     and equals the PEFT adapter applied to that checkpoint. `config.json` and the tokenizer files
     are copied unchanged; the result loads with transformers' `from_pretrained` and
     `fora.load_model`. The directory is published atomically.
@@ -254,10 +256,16 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, *, source_dir: str
     for file in checkpoint_files(source_dir):
         with safe_open(file, framework="pt") as f:
             state.update({name: f.get_tensor(name) for name in f.keys()})
-    for path, m in lora_modules(model).items():
+    # A 4-bit base: the run trained against the dequantized weights, so those are what is merged.
+    for path, w in dequantized_weights(model).items():
         hits = [n for n in state if n == f"{path}.weight" or n.endswith(f".{path}.weight")]
-        if len(hits) != 1 or tuple(state[hits[0]].shape) != tuple(m.weight.shape):
-            raise ValueError(f"cannot find the base weight of {path} (shape {tuple(m.weight.shape)}) in "
+        if len(hits) == 1 and state[hits[0]].shape == w.shape:
+            state[hits[0]] = w.cpu().to(state[hits[0]].dtype)
+    for path, m in lora_modules(model).items():
+        shape = (m.out_features, m.in_features)
+        hits = [n for n in state if n == f"{path}.weight" or n.endswith(f".{path}.weight")]
+        if len(hits) != 1 or tuple(state[hits[0]].shape) != shape:
+            raise ValueError(f"cannot find the base weight of {path} (shape {shape}) in "
                              f"{source_dir} (candidates: {hits[:3]}); pass the checkpoint the model was "
                              "loaded from as source_dir")
         w0 = state[hits[0]]

@@ -153,21 +153,28 @@ class NF4Linear(nn.Module):
     elsewhere, cast back to x's dtype.
 
     Args:
-        linear: the nn.Linear to quantize (any d_in: see the module docstring).
+        q: the quantized weight (``quantize_nf4`` of a [d_out, d_in] weight).
+        bias: [d_out] or None.
+    Build one from an nn.Linear with ``NF4Linear.from_linear`` (any d_in: see the module docstring).
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, q: NF4Weight, bias: Tensor | None = None) -> None:
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"NF4Linear quantizes an nn.Linear, got {type(linear).__name__}")
-        self.out_features, self.in_features = linear.out_features, linear.in_features
-        q = quantize_nf4(linear.weight)
+        if len(q.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D [d_out, d_in] weight, got shape {list(q.shape)}")
+        self.out_features, self.in_features = q.shape
         self.register_buffer("packed", q.packed)
         self.register_buffer("absmax_code", q.absmax_code)
         self.register_buffer("absmax_scale", q.absmax_scale)
         self.register_buffer("absmax_offset", q.absmax_offset)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                  requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> NF4Linear:
+        """Quantize ``linear.weight`` (its bias is kept as is)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"NF4Linear quantizes an nn.Linear, got {type(linear).__name__}")
+        return cls(quantize_nf4(linear.weight), linear.bias)
 
     @property
     def nf4(self) -> NF4Weight:
@@ -192,3 +199,16 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
                f"bias={self.bias is not None}, nf4"
+
+
+def dequantized_weights(model: nn.Module) -> dict[str, Tensor]:
+    """{module path: dense float32 weight} for every NF4Linear in ``model``.
+
+    A quantized base wrapped by an adapter sits at ``<path>.base_layer``; it is reported under
+    ``<path>``, the name of the checkpoint's linear layer.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            out[name.removesuffix(".base_layer")] = m.dequantized_weight(torch.float32)
+    return out

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fora.formats.loading import QUANTIZE
 from fora.inject import DEFAULT_TARGETS
 from fora.training.data import TEMPLATES
 from fora.training.methods import METHODS
@@ -63,6 +64,7 @@ class TrainConfig:
     merge: bool = False
     log_every: int = 10
     eval_every: int = 100
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,6 +92,9 @@ class TrainConfig:
             raise ValueError(f"unknown --template {self.template!r}; choose one of {', '.join(sorted(TEMPLATES))}")
         if not self.targets:
             raise ValueError("--targets is empty; pass e.g. q_proj,k_proj,v_proj,up_proj,down_proj")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"unknown --quantize {self.quantize!r}; choose {', '.join(QUANTIZE)} "
+                             "(or omit the flag for a full-precision base)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -176,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--merge", action="store_true", help="also write OUT/merged: the base with W0 + s B A folded in")
     a("--log-every", type=int, default=d.log_every, help="progress line + metrics.jsonl row every N steps")
     a("--eval-every", type=int, default=d.eval_every, help="validation loss every N steps (0 = only start and end)")
+    a("--quantize", default=d.quantize, help="store the base's block linears in 4 bits: nf4 (QLoRA's "
+      "NormalFloat, double-quantized constants; QFoRA with --method fora); default full precision")
     return p
 
 

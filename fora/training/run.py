@@ -165,7 +165,7 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
 
     # 1. model and tokenizer
     folder = resolve_checkpoint(cfg.model)
-    model = load_model(folder, dtype=dtype, device=device)
+    model = load_model(folder, dtype=dtype, device=device, quantize=cfg.quantize)
     tok = load_tokenizer(folder)
     L = model.config.num_hidden_layers
     if cfg.k is not None and cfg.k > L:

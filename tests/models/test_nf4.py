@@ -132,7 +132,7 @@ def test_all_zero_weight_stays_zero():
 def test_nf4_linear_forward_equals_f_linear(bias):
     torch.manual_seed(0)
     lin = nn.Linear(100, 24, bias=bias)  # d_in not a multiple of 64: blocks straddle rows
-    q = NF4Linear(lin)
+    q = NF4Linear.from_linear(lin)
     x = torch.randn(3, 5, 100)
     w = dequantize_nf4(quantize_nf4(lin.weight))
     assert torch.equal(q.dequantized_weight(), w)
@@ -144,19 +144,19 @@ def test_nf4_linear_forward_equals_f_linear(bias):
 def test_nf4_linear_keeps_input_dtype():
     lin = nn.Linear(64, 8)
     x = torch.randn(2, 64, dtype=torch.float64)
-    assert NF4Linear(lin)(x).dtype == torch.float64
+    assert NF4Linear.from_linear(lin)(x).dtype == torch.float64
 
 
 def test_storage_bytes_per_parameter():
     lin = nn.Linear(2048, 2048, bias=False)
-    per_param = NF4Linear(lin).storage_bytes() / lin.weight.numel()
+    per_param = NF4Linear.from_linear(lin).storage_bytes() / lin.weight.numel()
     assert 0.5 < per_param <= 0.53
 
 
 @pytest.mark.cuda
 def test_nf4_linear_computes_in_bf16_on_cuda():
     lin = nn.Linear(128, 32).cuda()
-    q = NF4Linear(lin)
+    q = NF4Linear.from_linear(lin)
     x = torch.randn(4, 128, device="cuda")
     ref = F.linear(x.bfloat16(), q.dequantized_weight(torch.bfloat16), lin.bias.bfloat16()).float()
     assert torch.equal(q(x), ref)
@@ -168,7 +168,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="materialised, non-empty weight"):
         quantize_nf4(torch.empty(4, 64, device="meta"))
     with pytest.raises(TypeError, match="quantizes an nn.Linear"):
-        NF4Linear(nn.Conv1d(3, 3, 1))
+        NF4Linear.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="2-D"):
+        NF4Linear(quantize_nf4(torch.ones(2, 3, 64)))
 
 
 def test_nf4weight_roundtrip_fields():
