@@ -31,7 +31,7 @@ from torch import nn
 from fora.formats.atomic import atomic_save_safetensors, atomic_write_json, staging_dir
 from fora.inject import lora_modules
 from fora.lora import LoRALinear
-from fora.models.nf4 import dequantized_weights
+from fora.models.nf4 import NF4Linear, dequantized_weights
 from fora.models.paths import layer_index
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     named = dict(model.named_modules())
     for path in paths:
         base = named.get(path)
-        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+        if not isinstance(base, (nn.Linear, NF4Linear)) or isinstance(base, LoRALinear):
             what = "missing" if base is None else type(base).__name__
             raise ValueError(f"adapter module {path!r} is {what} in this model (need a plain "
                              "nn.Linear); the adapter was trained for another architecture, or "
