@@ -80,6 +80,11 @@ _EXPORTS: dict[str, str] = {
     "train": "fora.training.run",
     "TrainingDiverged": "fora.training.loop",
     "METHODS": "fora.training.methods",
+    # QFoRA's 4-bit base and the DoRA baseline
+    "NF4Linear": "fora.models.nf4",
+    "quantize_nf4": "fora.models.nf4",
+    "dequantize_nf4": "fora.models.nf4",
+    "DoRALinear": "fora.dora",
 }
 
 __all__ = sorted(_EXPORTS)

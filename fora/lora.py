@@ -103,6 +103,10 @@ class LoRALinear(nn.Module):
         """ΔW = s · B A, shape (d_out, d_in), in the adapter dtype."""
         return self.scale * (self.lora_B @ self.lora_A)
 
+    def merged_weight(self, w0: Tensor) -> Tensor:
+        """W0 + s B A for a given W0 [d_out, d_in], in float32 (for exports; the module is unchanged)."""
+        return w0.float() + self.delta_weight().detach().float().to(w0.device)
+
     @torch.no_grad()
     def merge(self) -> None:
         """W ← W0 + s B A in the base dtype; forward then skips the adapter path."""

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fora.formats.atomic import atomic_save_safetensors, atomic_write_json, staging_dir
+from fora.dora import DoRALinear
 from fora.inject import lora_modules
 from fora.lora import LoRALinear
 from fora.models.nf4 import NF4Linear, dequantized_weights
@@ -78,9 +79,10 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | N
     alphas = {p: float(m.alpha) for p, m in modules.items()}
     rslora = {bool(m.rslora) for m in modules.values()}
     dropout = {_dropout_p(m) for m in modules.values()}
-    if len(rslora) > 1 or len(dropout) > 1:
-        raise ValueError("LoRA modules mix rsLoRA / dropout settings, which one adapter_config.json "
-                         "cannot express; inject all modules with the same rslora and dropout")
+    dora = {isinstance(m, DoRALinear) for m in modules.values()}
+    if len(rslora) > 1 or len(dropout) > 1 or len(dora) > 1:
+        raise ValueError("LoRA modules mix rsLoRA / dropout / DoRA settings, which one adapter_config.json "
+                         "cannot express; inject all modules with the same rslora, dropout and dora")
     r = _mode(list(ranks.values())) if r is None else int(r)
     alpha = _mode(list(alphas.values()))
     layers = sorted({_layer_index(p) for p in modules})
@@ -111,7 +113,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | N
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "lora_bias": False,
     }
 
@@ -122,6 +124,8 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for path, m in lora_modules(model).items():
         out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.detach()
         out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.detach()
+        if isinstance(m, DoRALinear):  # peft's name for DoRA's magnitude m (d_out,)
+            out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
     return out
 
 
@@ -167,9 +171,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path} has peft_type={config.get('peft_type')!r}; only LoRA "
                          "adapters (peft_type 'LORA') can be loaded")
-    if config.get("use_dora"):
-        raise ValueError(f"{cfg_path} is a DoRA adapter (use_dora=true), which fora does not "
-                         "implement; load it with peft instead")
     tensors = load_file(weights_path)
     paths = sorted({k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors
                     if k.startswith(PEFT_PREFIX) and k.endswith(".lora_A.weight")})
@@ -191,11 +192,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                              f"{None if B is None else tuple(B.shape)}, which do not fit the "
                              f"[{base.out_features} x {base.in_features}] layer of this model")
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"]))
-        lora = LoRALinear(base, int(A.shape[0]), alpha, dropout=float(config.get("lora_dropout", 0.0)),
-                          rslora=bool(config.get("use_rslora", False)))
+        cls = DoRALinear if config.get("use_dora") else LoRALinear
+        lora = cls(base, int(A.shape[0]), alpha, dropout=float(config.get("lora_dropout", 0.0)),
+                   rslora=bool(config.get("use_rslora", False)))
         with torch.no_grad():
             lora.lora_A.copy_(A)
             lora.lora_B.copy_(B)
+            if isinstance(lora, DoRALinear):
+                m = tensors.get(f"{PEFT_PREFIX}{path}.lora_magnitude_vector")
+                if m is None or m.shape != (base.out_features,):
+                    raise ValueError(f"{weights_path} is a DoRA adapter (use_dora=true) but its "
+                                     f"lora_magnitude_vector for {path!r} is "
+                                     f"{'missing' if m is None else f'of shape {tuple(m.shape)}'}; "
+                                     "re-export the adapter")
+                lora.lora_magnitude_vector.copy_(m)
         parent_name, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, lora)
     log.info("loaded %d LoRA modules from %s", len(paths), adapter_dir)
@@ -223,6 +233,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     The model is not modified. The tied `lm_head.weight` is omitted (as in the checkpoint).
     """
     modules = lora_modules(model)
+    special = [p for p, m in modules.items() if isinstance(m, DoRALinear) or m.quantized]
+    if special:
+        raise ValueError(f"merged_state_dict handles plain LoRA on a full-precision base; {special[0]} is "
+                         "DoRA or sits on a 4-bit base: use fora.formats.peft_io.save_merged")
     # An already merged module carries the update in its weight.
     scales = {p: float(m.scale) for p, m in modules.items() if not getattr(m, "merged", False)}
     state = merge_lora_state(model.state_dict(), scales)
@@ -269,8 +283,7 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, *, source_dir: str
                              f"{source_dir} (candidates: {hits[:3]}); pass the checkpoint the model was "
                              "loaded from as source_dir")
         w0 = state[hits[0]]
-        delta = m.scale * (m.lora_B.detach().float() @ m.lora_A.detach().float())
-        state[hits[0]] = (w0.float() + delta.cpu()).to(w0.dtype)
+        state[hits[0]] = m.merged_weight(w0.float()).cpu().to(w0.dtype)  # W0 + s B A (DoRA: m-scaled)
     with staging_dir(out_dir) as tmp:
         atomic_save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         for name in ("config.json", *TOKENIZER_FILES):

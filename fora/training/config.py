@@ -95,6 +95,10 @@ class TrainConfig:
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise ValueError(f"unknown --quantize {self.quantize!r}; choose {', '.join(QUANTIZE)} "
                              "(or omit the flag for a full-precision base)")
+        needs = METHODS[self.method].quantize
+        if needs is not None and self.quantize != needs:
+            raise ValueError(f"--method {self.method} trains on a quantized base: pass --quantize {needs} "
+                             "(or use the full-precision variant, e.g. --method dora)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""

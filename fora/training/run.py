@@ -192,7 +192,8 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
 
     # 4. adapters, optimizers, schedules
     inject_lora(model, sel.layers, targets=cfg.targets, rank=rank, alpha=cfg.alpha, stiefel=spec.stiefel,
-                rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed)
+                rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed,
+                dora=spec.dora)
     freeze_base(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -103,3 +103,17 @@ def test_quantize_flag(tiny, capsys):
     assert "unknown --quantize 'int4'; choose nf4" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown --quantize 'fp4'; choose nf4"):
         TrainConfig(model="x", quantize="fp4")
+
+
+def test_qdora_needs_the_quantized_base(tiny):
+    with pytest.raises(ValueError, match="--method qdora trains on a quantized base: pass --quantize nf4"):
+        TrainConfig(model=str(tiny), method="qdora")
+    assert TrainConfig(model=str(tiny), method="qdora", quantize="nf4").method == "qdora"
+
+
+def test_qdora_trains(cfg):
+    cfg = replace(cfg, method="qdora", max_steps=20, warmup_steps=2)
+    result = main(cfg)
+    assert result.val_losses[-1][1] < 0.8 * result.val_losses[0][1], result.val_losses
+    tensors = load_file(Path(cfg.out) / "adapter_model.safetensors")
+    assert sum(k.endswith("lora_magnitude_vector") for k in tensors) == 4 * 5
