@@ -143,6 +143,24 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+class _NF4LinearFn(torch.autograd.Function):
+    """y = x Wᵀ with W dequantized in the forward and again in the backward (as bitsandbytes'
+    MatMul4Bit): autograd keeps only the 4-bit buffers, never a float copy of W."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, packed: Tensor, code: Tensor, scale: Tensor, offset: Tensor,
+                shape: tuple[int, int]) -> Tensor:
+        ctx.save_for_backward(packed, code, scale, offset)
+        ctx.shape = shape
+        return F.linear(x, dequantize_nf4(NF4Weight(packed, code, scale, offset, shape), x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        packed, code, scale, offset = ctx.saved_tensors
+        w = dequantize_nf4(NF4Weight(packed, code, scale, offset, ctx.shape), grad.dtype)
+        return grad @ w, None, None, None, None, None
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 and dequantized in each forward.
 
@@ -150,7 +168,8 @@ class NF4Linear(nn.Module):
     ``absmax_offset``): they move with ``.to()`` and appear in ``state_dict`` but are no
     parameters, so nothing trains or keeps gradients for them. The bias, if any, stays in float
     as a frozen Parameter. Forward: ``F.linear(x, dequantize(W), b)`` in bf16 on CUDA, float32
-    elsewhere, cast back to x's dtype.
+    elsewhere, cast back to x's dtype. Autograd saves no float copy of W: the backward
+    dequantizes again (one extra dequantization per step buys the memory of a float weight).
 
     Args:
         q: the quantized weight (``quantize_nf4`` of a [d_out, d_in] weight).
@@ -188,8 +207,11 @@ class NF4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_in) -> (..., d_out) in x's dtype."""
         dtype = compute_dtype(x.device)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), self.dequantized_weight(dtype), bias).to(x.dtype)
+        y = _NF4LinearFn.apply(x.to(dtype), self.packed, self.absmax_code, self.absmax_scale,
+                               self.absmax_offset, (self.out_features, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.to(x.dtype)
 
     def storage_bytes(self) -> int:
         """Bytes of the quantized weight (packed codes + both levels of constants)."""

@@ -141,6 +141,22 @@ def test_nf4_linear_forward_equals_f_linear(bias):
     assert {"packed", "absmax_code", "absmax_scale", "absmax_offset"} <= set(q.state_dict())
 
 
+def test_nf4_linear_backward_saves_no_float_weight():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96)
+    q = NF4Linear.from_linear(lin)
+    x = torch.randn(5, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    assert not [t for t in saved if t.is_floating_point() and t.shape == (96, 128)]
+    g = torch.randn(5, 96)
+    (grad,) = torch.autograd.grad(y, x, g)
+    x2 = x.detach().clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(F.linear(x2, q.dequantized_weight(), lin.bias), x2, g)
+    assert torch.allclose(grad, ref, atol=1e-6)
+
+
 def test_nf4_linear_keeps_input_dtype():
     lin = nn.Linear(64, 8)
     x = torch.randn(2, 64, dtype=torch.float64)
