@@ -128,14 +128,23 @@ def dequantize_absmax(absmax_code: Tensor, absmax_scale: Tensor, absmax_offset: 
     return values.reshape(-1)[:n] + absmax_offset
 
 
+def _byte_table(device: torch.device) -> Tensor:
+    """(256, 2) float32: the two levels a packed byte decodes to (high nibble first)."""
+    levels = nf4_levels(device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([levels[byte >> 4], levels[byte & 0xF]], dim=1)
+
+
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32, block: int = BLOCK,
                    stat_block: int = STAT_BLOCK) -> Tensor:
     """W ≈ q_k · c_b with the shape of the original weight, computed in float32, returned in ``dtype``."""
     n = torch.Size(q.shape).numel()
-    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:n]
+    # One table lookup per byte decodes both of its codes.
+    values = _byte_table(q.packed.device)[q.packed.long()].view(-1)[:n]
     absmax = dequantize_absmax(q.absmax_code, q.absmax_scale, q.absmax_offset, stat_block)
-    values = F.pad(nf4_levels(codes.device)[codes.long()], (0, -n % block)).view(-1, block)
-    return (values * absmax[:, None]).reshape(-1)[:n].view(q.shape).to(dtype)
+    if n % block:
+        values = F.pad(values, (0, -n % block))
+    return (values.view(-1, block) * absmax[:, None]).view(-1)[:n].view(q.shape).to(dtype)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
