@@ -117,3 +117,10 @@ def test_qdora_trains(cfg):
     assert result.val_losses[-1][1] < 0.8 * result.val_losses[0][1], result.val_losses
     tensors = load_file(Path(cfg.out) / "adapter_model.safetensors")
     assert sum(k.endswith("lora_magnitude_vector") for k in tensors) == 4 * 5
+
+
+@pytest.mark.parametrize("method", ["lora", "cka", "random-k", "fim-lora"])
+def test_every_selector_runs_on_the_4bit_base(cfg, method):
+    result = main(replace(cfg, method=method))
+    tensors = load_file(Path(cfg.out) / "adapter_model.safetensors")
+    assert {int(k.split(".")[4]) for k in tensors} == set(result.selected)
