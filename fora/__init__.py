@@ -83,6 +83,11 @@ _EXPORTS: dict[str, str] = {
     # fora.training: several processes under torchrun
     "init_distributed": "fora.training.distributed",
     "distributed_fisher_scores": "fora.training.distributed",
+    # QFoRA's 4-bit base and the DoRA baseline
+    "NF4Linear": "fora.models.nf4",
+    "quantize_nf4": "fora.models.nf4",
+    "dequantize_nf4": "fora.models.nf4",
+    "DoRALinear": "fora.dora",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -210,7 +210,8 @@ def fim_rank_pattern(model: nn.Module, batches: Sequence[Mapping[str, torch.Tens
         raise ValueError("the model already holds LoRA modules; FIM-LoRA scores the base model — "
                          "pass the model before inject_lora")
     originals = target_modules(model, targets)
-    caps = {p: min(4 * rank, *m.weight.shape) for p, m in originals.items()} if r_max is None else r_max
+    caps = ({p: min(4 * rank, m.out_features, m.in_features) for p, m in originals.items()}
+            if r_max is None else r_max)
     num_layers = len(decoder_layers(model))
     with scoring_state(model, []):  # records modes and flags of the base model; restored on exit
         try:

@@ -20,7 +20,8 @@ from torch import nn
 
 from fora.inject import DEFAULT_TARGETS
 from fora.models.loss import causal_lm_loss
-from fora.models.paths import decoder_layers, target_modules
+from fora.models.paths import decoder_layers, layer_index, target_modules
+from fora.models.weight_grad import quantized_linears, weight_grad_norms
 from fora.selection import validate_batches
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def scoring_parameters(model: nn.Module, params: str = "block",
     out: list[tuple[int, str, nn.Parameter]] = []
     if params == "targets":
         for path, module in target_modules(model, targets).items():
-            out.append((int(path.split(".")[2]), path, module.weight))
+            if getattr(module, "weight", None) is not None:  # a 4-bit base is scored by fisher_scores' hooks
+                out.append((int(path.split(".")[2]), path, module.weight))
         return out
     for i, block in enumerate(decoder_layers(model)):
         for name, p in block.named_parameters():
@@ -113,7 +115,9 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
         batches: N dicts with ``input_ids`` [B, T], ``labels`` [B, T] (-100 = ignored, aligned with
             input_ids) and optionally ``attention_mask`` [B, T].
         params: "block" (θ_l = every parameter of block l, norms included) or "targets" (the
-            base weights of the LoRA target projections).
+            base weights of the LoRA target projections). A 4-bit ``NF4Linear`` weight is no
+            Parameter; its ‖∇W‖² is formed exactly from the layer's inputs and output gradients
+            (``fora.models.weight_grad``), so a quantized model scores as its dequantized twin.
         targets: target projection names, used when ``params="targets"``.
         per_module: also return {module path: score} (the same mean over batches, per module).
 
@@ -123,12 +127,15 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
     entries = scoring_parameters(model, params, targets)
     validate_batches(batches)
     num_layers = len(decoder_layers(model))
-    paths = list(dict.fromkeys(path for _, path, _ in entries))
+    quantized = quantized_linears(model, params, targets)  # 4-bit weights: no Parameters, see hooks
+    paths = list(dict.fromkeys([*(path for _, path, _ in entries), *quantized]))
     index = {path: j for j, path in enumerate(paths)}
     layer_of = torch.zeros(len(paths), dtype=torch.long)
     for layer, path, _ in entries:
         layer_of[index[path]] = layer
-    device = entries[0][2].device
+    for path in quantized:
+        layer_of[index[path]] = layer_index(path)
+    device = entries[0][2].device if entries else next(iter(quantized.values())).packed.device
     acc = torch.zeros(len(paths), dtype=torch.float32, device=device)  # this batch, per module
     total = torch.zeros(len(paths), dtype=torch.float64)
 
@@ -141,7 +148,10 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
         return hook
 
     trainable = list({id(p): p for _, _, p in entries}.values())
-    with scoring_state(model, trainable):
+    def fold_quantized(path: str, sq_norm: torch.Tensor) -> None:
+        acc[index[path]] += sq_norm.to(acc.device)
+
+    with scoring_state(model, trainable), weight_grad_norms(quantized, fold_quantized):
         hooks = [p.register_post_accumulate_grad_hook(fold(index[path])) for _, path, p in entries]
         try:
             for b, batch in enumerate(batches):

@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fora.dora import DoRALinear
 from fora.lora import LoRALinear
+from fora.models.nf4 import NF4Linear
 from fora.models.paths import decoder_layers, layer_index, target_path
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -27,7 +29,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 def inject_lora(model: nn.Module, layers: Sequence[int],
                 targets: Sequence[str] = DEFAULT_TARGETS, rank: int = 32, alpha: float | None = None,
                 stiefel: bool = True, rank_pattern: dict[str, int] | None = None, dropout: float = 0.0,
-                rslora: bool = False, seed: int | None = None) -> dict[str, LoRALinear]:
+                rslora: bool = False, seed: int | None = None, dora: bool = False) -> dict[str, LoRALinear]:
     """Replace ``targets`` of blocks ``layers`` by LoRALinear (in place).
 
     Args:
@@ -40,6 +42,7 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
         rank_pattern: full module path -> rank; every key must name an injected module.
         dropout, rslora: as in LoRALinear.
         seed: seeds the CPU generator that draws every A, in sorted layer order then target order.
+        dora: DoRALinear adapters (LoRA plus a trained magnitude per output row, ``fora.dora``).
     Returns:
         {full module path: LoRALinear} in injection order.
     """
@@ -68,11 +71,11 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
         base = model.get_submodule(path)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{path} already has a LoRA adapter; inject each module once")
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"{path} is a {type(base).__name__}, not an nn.Linear; LoRA targets must "
                             "be linear projections (e.g. q_proj, up_proj)")
-        lora = LoRALinear(base, rank_pattern.get(path, rank), alpha, dropout=dropout, rslora=rslora,
-                          init=init, generator=generator)
+        lora = (DoRALinear if dora else LoRALinear)(base, rank_pattern.get(path, rank), alpha, dropout=dropout,
+                                                    rslora=rslora, init=init, generator=generator)
         parent_path, leaf = path.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), leaf, lora)
         out[path] = lora
@@ -84,12 +87,17 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _euclidean(m: LoRALinear) -> list[nn.Parameter]:
+    """B, and DoRA's magnitude m: the adapter parameters trained by AdamW."""
+    return [m.lora_B, m.lora_magnitude_vector] if isinstance(m, DoRALinear) else [m.lora_B]
+
+
 def _check_collection(model: nn.Module) -> dict[str, LoRALinear]:
     """Every trainable parameter must be some adapter's A or B (nothing silently left out)."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters; call fora.inject.inject_lora first")
-    ours = {id(p) for m in mods.values() for p in (m.lora_A, m.lora_B)}
+    ours = {id(p) for m in mods.values() for p in (m.lora_A, *_euclidean(m))}
     stray = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
     if stray:
         raise ValueError(f"{len(stray)} trainable parameters are not LoRA A/B (e.g. {stray[:3]}); "
@@ -103,13 +111,13 @@ def stiefel_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def euclidean_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The B's (plain AdamW), in module order."""
-    return [m.lora_B for m in _check_collection(model).values()]
+    """The B's (plain AdamW), in module order; a DoRA module adds its magnitude m after its B."""
+    return [p for m in _check_collection(model).values() for p in _euclidean(m)]
 
 
 def freeze_base(model: nn.Module) -> None:
-    """requires_grad = False on every parameter except the LoRA A's and B's (which get True)."""
-    ours = {id(p) for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)}
+    """requires_grad = False on every parameter except the LoRA A's and B's (and DoRA's m), which get True."""
+    ours = {id(p) for m in lora_modules(model).values() for p in (m.lora_A, *_euclidean(m))}
     for p in model.parameters():
         p.requires_grad_(id(p) in ours)
 

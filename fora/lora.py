@@ -6,6 +6,8 @@
 The dense ``W0 + s B A`` is never formed in ``forward``; it only exists after ``merge()``.
 ``weight`` / ``bias`` are the wrapped layer's own Parameter objects under their own names, so
 the base model's state_dict keys are unchanged and the adapter adds ``lora_A`` / ``lora_B``.
+A 4-bit ``NF4Linear`` base (QLoRA / QFoRA) is kept whole as the child ``base_layer`` and called in
+``forward``; it cannot be merged in place (``save_merged`` writes the dequantized merge instead).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fora.models.nf4 import NF4Linear
 from fora.stiefel import random_stiefel
 
 logger = logging.getLogger(__name__)
@@ -27,7 +30,7 @@ class LoRALinear(nn.Module):
     """A frozen linear layer with a low-rank adapter (Eq. 1).
 
     Args:
-        base: the nn.Linear to wrap (may live on the meta device; init is then skipped).
+        base: the nn.Linear (or NF4Linear) to wrap (may live on the meta device; init is then skipped).
         rank: r >= 1.
         alpha: α; the scale is α / r, or α / √r with ``rslora=True``.
         dropout: dropout probability on the adapter input (peft's ``lora_dropout``).
@@ -42,10 +45,10 @@ class LoRALinear(nn.Module):
                  rslora: bool = False, init: str = "standard",
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}; "
                             "target a linear projection such as q_proj")
-        d_out, d_in = base.weight.shape
+        d_out, d_in = base.out_features, base.in_features
         if not (isinstance(rank, int) and rank > 0):
             raise ValueError(f"LoRA rank must be a positive int, got {rank!r}; pass e.g. rank=32")
         if init not in INITS:
@@ -59,15 +62,21 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.rslora, self.init = rank, float(alpha), rslora, init
         self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
         self.merged = False
-        # The base layer's own Parameters, frozen: same objects, same state_dict names.
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        if base.bias is not None:
-            self.bias = base.bias
-            self.bias.requires_grad_(False)
-        else:
+        self.quantized = isinstance(base, NF4Linear)
+        if self.quantized:
+            self.base_layer = base
+            self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        device = base.weight.device
+        else:
+            # The base layer's own Parameters, frozen: same objects, same state_dict names.
+            self.weight = base.weight
+            self.weight.requires_grad_(False)
+            if base.bias is not None:
+                self.bias = base.bias
+                self.bias.requires_grad_(False)
+            else:
+                self.register_parameter("bias", None)
+        device = base.packed.device if self.quantized else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -94,9 +103,14 @@ class LoRALinear(nn.Module):
         """ΔW = s · B A, shape (d_out, d_in), in the adapter dtype."""
         return self.scale * (self.lora_B @ self.lora_A)
 
+    def merged_weight(self, w0: Tensor) -> Tensor:
+        """W0 + s B A for a given W0 [d_out, d_in], in float32 (for exports; the module is unchanged)."""
+        return w0.float() + self.delta_weight().detach().float().to(w0.device)
+
     @torch.no_grad()
     def merge(self) -> None:
         """W ← W0 + s B A in the base dtype; forward then skips the adapter path."""
+        self._refuse_quantized("merge")
         if self.merged:
             logger.warning("LoRALinear.merge(): already merged, nothing to do")
             return
@@ -106,15 +120,22 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """W ← W − s B A: undo ``merge()`` (exact up to rounding in the base dtype)."""
+        self._refuse_quantized("unmerge")
         if not self.merged:
             logger.warning("LoRALinear.unmerge(): not merged, nothing to do")
             return
         self.weight.sub_(self.delta_weight().to(self.weight.dtype))
         self.merged = False
 
+    def _refuse_quantized(self, what: str) -> None:
+        if self.quantized:
+            raise ValueError(f"cannot {what} an adapter into a 4-bit NF4 base in place; write the merged "
+                             "model with fora.formats.peft_io.save_merged (dequantized W0 + s B A), "
+                             "or load the base unquantized")
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_in) -> (..., d_out) in x's dtype; adapter math in the adapter dtype."""
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
         h = self.lora_dropout(x).to(self.lora_A.dtype)

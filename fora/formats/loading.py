@@ -17,12 +17,15 @@ from fora.formats.hub import resolve_checkpoint
 from fora.models.decoder import CausalLM
 from fora.formats.safetensors_io import checkpoint_files, read_index, read_tensors
 from fora.formats.tokenizer import LoadedTokenizer, tokenizer_from_folder
+from fora.models.nf4 import NF4Linear, quantize_nf4
+from fora.models.paths import decoder_layers
 
 log = logging.getLogger(__name__)
 
 # Multimodal Gemma-3 stores the text decoder under these prefixes (ARCHITECTURES.md §1.9).
 _PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
              ("language_model.lm_head.", "lm_head."))
+QUANTIZE = ("nf4",)  # load_model(quantize=...): the linear layers of the blocks in 4-bit NormalFloat
 _VISION = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
@@ -38,7 +41,7 @@ def default_device() -> torch.device:
 
 
 def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None) -> CausalLM:
+               device: str | torch.device | None = None, quantize: str | None = None) -> CausalLM:
     """Load a supported causal LM (eval mode; parameters keep requires_grad=True - callers freeze).
 
     Args:
@@ -46,7 +49,14 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None,
             short name (see `fora.formats.hub.PRESETS`) or a hub repo id.
         dtype: compute dtype; default bfloat16 on CUDA, float32 on the CPU.
         device: default "cuda" when available, else "cpu".
+        quantize: None (full precision) or "nf4": every nn.Linear inside the decoder blocks becomes
+            an `NF4Linear` (QLoRA's 4-bit NormalFloat, double-quantized constants), quantized
+            tensor by tensor as the shards are read, so the full-precision model never exists;
+            embedding, norms and LM head keep `dtype`.
     """
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize={quantize!r}; supported: {', '.join(QUANTIZE)} "
+                         "(or None for full-precision weights)")
     folder = resolve_checkpoint(name_or_path)
     config = ModelConfig.from_json(folder)
     device = torch.device(device) if device is not None else default_device()
@@ -54,11 +64,18 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None,
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point dtype (e.g. torch.bfloat16), got {dtype}")
-    return load_weights(folder, config, dtype=dtype, device=device)
+    return load_weights(folder, config, dtype=dtype, device=device, quantize=quantize)
 
 
-def load_weights(folder: Path, config: ModelConfig, *, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Build `CausalLM(config)` on meta and assign the weights of `folder` to it."""
+def _block_linears(model: CausalLM) -> set[str]:
+    """Paths of the nn.Linear modules inside the decoder blocks (the ones QLoRA quantizes)."""
+    return {f"model.layers.{i}.{name}" for i, block in enumerate(decoder_layers(model))
+            for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def load_weights(folder: Path, config: ModelConfig, *, dtype: torch.dtype, device: torch.device,
+                 quantize: str | None = None) -> CausalLM:
+    """Build `CausalLM(config)` on meta and assign the weights of `folder` to it (see `load_model`)."""
     t0 = time.perf_counter()
     entries = read_index(checkpoint_files(folder))
     with torch.device("meta"):
@@ -93,8 +110,14 @@ def load_weights(folder: Path, config: ModelConfig, *, dtype: torch.dtype, devic
                          "config.json does not match it (e.g. tie_word_embeddings) - re-download it")
     n_bytes = sum(torch.Size(expected[k]).numel() for k in wanted) * dtype.itemsize
     log.info("loading %s: %d tensors, %.2f GB as %s on %s", folder, len(wanted), n_bytes / 1e9, dtype, device)
-    state = read_tensors(wanted, entries, dtype=dtype, device=device)
+    quantized = {f"{p}.weight" for p in _block_linears(model)} if quantize else set()
+    state = read_tensors(wanted, entries, dtype=dtype, device=device,
+                         convert=lambda name, t: quantize_nf4(t) if name in quantized else t)
+    nf4 = {name[:-len(".weight")]: state.pop(name) for name in quantized}
     model.load_state_dict(state, strict=False, assign=True)
+    for path, q in nf4.items():
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, NF4Linear(q, model.get_submodule(path).bias))
     model.tie_weights()  # assign=True replaced the embedding Parameter; re-share it
     log.info("loaded %s in %.1f s", folder, time.perf_counter() - t0)
     return model.eval()

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from fora.formats.atomic import atomic_save_safetensors, atomic_write_json, staging_dir
+from fora.dora import DoRALinear
 from fora.inject import lora_modules
 from fora.lora import LoRALinear
+from fora.models.nf4 import NF4Linear, dequantized_weights
 from fora.models.paths import layer_index
 
 log = logging.getLogger(__name__)
@@ -77,9 +79,10 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | N
     alphas = {p: float(m.alpha) for p, m in modules.items()}
     rslora = {bool(m.rslora) for m in modules.values()}
     dropout = {_dropout_p(m) for m in modules.values()}
-    if len(rslora) > 1 or len(dropout) > 1:
-        raise ValueError("LoRA modules mix rsLoRA / dropout settings, which one adapter_config.json "
-                         "cannot express; inject all modules with the same rslora and dropout")
+    dora = {isinstance(m, DoRALinear) for m in modules.values()}
+    if len(rslora) > 1 or len(dropout) > 1 or len(dora) > 1:
+        raise ValueError("LoRA modules mix rsLoRA / dropout / DoRA settings, which one adapter_config.json "
+                         "cannot express; inject all modules with the same rslora, dropout and dora")
     r = _mode(list(ranks.values())) if r is None else int(r)
     alpha = _mode(list(alphas.values()))
     layers = sorted({_layer_index(p) for p in modules})
@@ -110,7 +113,7 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | N
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "lora_bias": False,
     }
 
@@ -121,6 +124,8 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for path, m in lora_modules(model).items():
         out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.detach()
         out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.detach()
+        if isinstance(m, DoRALinear):  # peft's name for DoRA's magnitude m (d_out,)
+            out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
     return out
 
 
@@ -166,9 +171,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path} has peft_type={config.get('peft_type')!r}; only LoRA "
                          "adapters (peft_type 'LORA') can be loaded")
-    if config.get("use_dora"):
-        raise ValueError(f"{cfg_path} is a DoRA adapter (use_dora=true), which fora does not "
-                         "implement; load it with peft instead")
     tensors = load_file(weights_path)
     paths = sorted({k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors
                     if k.startswith(PEFT_PREFIX) and k.endswith(".lora_A.weight")})
@@ -178,7 +180,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     named = dict(model.named_modules())
     for path in paths:
         base = named.get(path)
-        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+        if not isinstance(base, (nn.Linear, NF4Linear)) or isinstance(base, LoRALinear):
             what = "missing" if base is None else type(base).__name__
             raise ValueError(f"adapter module {path!r} is {what} in this model (need a plain "
                              "nn.Linear); the adapter was trained for another architecture, or "
@@ -190,11 +192,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                              f"{None if B is None else tuple(B.shape)}, which do not fit the "
                              f"[{base.out_features} x {base.in_features}] layer of this model")
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"]))
-        lora = LoRALinear(base, int(A.shape[0]), alpha, dropout=float(config.get("lora_dropout", 0.0)),
-                          rslora=bool(config.get("use_rslora", False)))
+        cls = DoRALinear if config.get("use_dora") else LoRALinear
+        lora = cls(base, int(A.shape[0]), alpha, dropout=float(config.get("lora_dropout", 0.0)),
+                   rslora=bool(config.get("use_rslora", False)))
         with torch.no_grad():
             lora.lora_A.copy_(A)
             lora.lora_B.copy_(B)
+            if isinstance(lora, DoRALinear):
+                m = tensors.get(f"{PEFT_PREFIX}{path}.lora_magnitude_vector")
+                if m is None or m.shape != (base.out_features,):
+                    raise ValueError(f"{weights_path} is a DoRA adapter (use_dora=true) but its "
+                                     f"lora_magnitude_vector for {path!r} is "
+                                     f"{'missing' if m is None else f'of shape {tuple(m.shape)}'}; "
+                                     "re-export the adapter")
+                lora.lora_magnitude_vector.copy_(m)
         parent_name, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, lora)
     log.info("loaded %d LoRA modules from %s", len(paths), adapter_dir)
@@ -222,6 +233,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     The model is not modified. The tied `lm_head.weight` is omitted (as in the checkpoint).
     """
     modules = lora_modules(model)
+    special = [p for p, m in modules.items() if isinstance(m, DoRALinear) or m.quantized]
+    if special:
+        raise ValueError(f"merged_state_dict handles plain LoRA on a full-precision base; {special[0]} is "
+                         "DoRA or sits on a 4-bit base: use fora.formats.peft_io.save_merged")
     # An already merged module carries the update in its weight.
     scales = {p: float(m.scale) for p, m in modules.items() if not getattr(m, "merged", False)}
     state = merge_lora_state(model.state_dict(), scales)
@@ -237,7 +252,8 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, *, source_dir: str
     The tensors are the base checkpoint's own (`source_dir`, from `fora.formats.hub.resolve_checkpoint`):
     same names (a multimodal Gemma-3 keeps its prefixes and vision tower, a tied `lm_head` stays
     omitted), same dtypes, with `W0 + s B A` at every adapted module, computed in float32 from
-    the *stored* W0 and cast back. So the export does not depend on the dtype the run trained in,
+    the *stored* W0 and cast back (for a model loaded with `quantize="nf4"`, W0 is the dequantized
+    4-bit weight of every quantized layer, the weights the run trained against). So the export does not depend on the dtype the run trained in,
     and equals the PEFT adapter applied to that checkpoint. `config.json` and the tokenizer files
     are copied unchanged; the result loads with transformers' `from_pretrained` and
     `fora.load_model`. The directory is published atomically.
@@ -254,15 +270,20 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, *, source_dir: str
     for file in checkpoint_files(source_dir):
         with safe_open(file, framework="pt") as f:
             state.update({name: f.get_tensor(name) for name in f.keys()})
-    for path, m in lora_modules(model).items():
+    # A 4-bit base: the run trained against the dequantized weights, so those are what is merged.
+    for path, w in dequantized_weights(model).items():
         hits = [n for n in state if n == f"{path}.weight" or n.endswith(f".{path}.weight")]
-        if len(hits) != 1 or tuple(state[hits[0]].shape) != tuple(m.weight.shape):
-            raise ValueError(f"cannot find the base weight of {path} (shape {tuple(m.weight.shape)}) in "
+        if len(hits) == 1 and state[hits[0]].shape == w.shape:
+            state[hits[0]] = w.cpu().to(state[hits[0]].dtype)
+    for path, m in lora_modules(model).items():
+        shape = (m.out_features, m.in_features)
+        hits = [n for n in state if n == f"{path}.weight" or n.endswith(f".{path}.weight")]
+        if len(hits) != 1 or tuple(state[hits[0]].shape) != shape:
+            raise ValueError(f"cannot find the base weight of {path} (shape {shape}) in "
                              f"{source_dir} (candidates: {hits[:3]}); pass the checkpoint the model was "
                              "loaded from as source_dir")
         w0 = state[hits[0]]
-        delta = m.scale * (m.lora_B.detach().float() @ m.lora_A.detach().float())
-        state[hits[0]] = (w0.float() + delta.cpu()).to(w0.dtype)
+        state[hits[0]] = m.merged_weight(w0.float()).cpu().to(w0.dtype)  # W0 + s B A (DoRA: m-scaled)
     with staging_dir(out_dir) as tmp:
         atomic_save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         for name in ("config.json", *TOKENIZER_FILES):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -71,8 +73,13 @@ def read_index(files: list[Path]) -> dict[str, TensorEntry]:
 
 
 def read_tensors(wanted: dict[str, str], entries: dict[str, TensorEntry], *, dtype: torch.dtype,
-                 device: torch.device) -> dict[str, torch.Tensor]:
-    """Read `wanted` (our name -> file's name) cast to `dtype` on `device` (round to nearest even)."""
+                 device: torch.device,
+                 convert: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, Any]:
+    """Read `wanted` (our name -> file's name) cast to `dtype` on `device` (round to nearest even).
+
+    `convert(our_name, tensor)`, when given, replaces each tensor right after it is read (e.g. by
+    its 4-bit form), so only one full-precision tensor at a time is alive.
+    """
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for ours, theirs in wanted.items():
         by_file.setdefault(entries[theirs].file, []).append((ours, theirs))
@@ -84,6 +91,8 @@ def read_tensors(wanted: dict[str, str], entries: dict[str, TensorEntry], *, dty
             with safe_open(path, framework="pt", device="cpu") as f:
                 for ours, theirs in names:
                     out[ours] = f.get_tensor(theirs).to(device=device, dtype=dtype)
+                    if convert is not None:
+                        out[ours] = convert(ours, out[ours])
         except SafetensorError as e:
             raise _corrupt(path, e) from e
     return out

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fora.formats.loading import QUANTIZE
 from fora.inject import DEFAULT_TARGETS
 from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
@@ -67,6 +68,7 @@ class TrainConfig:
     eval_every: int = 100
     distributed: str | None = None
     world_size: int = 1  # set by the trainer from torchrun's WORLD_SIZE (not a flag); resume checks it
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -99,6 +101,13 @@ class TrainConfig:
         if self.distributed == "fsdp" and self.merge:
             raise ValueError("--merge needs the whole base in one process, but --distributed fsdp shards it; "
                              "drop --merge and merge the adapter afterwards in one process (fora.save_merged)")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(f"unknown --quantize {self.quantize!r}; choose {', '.join(QUANTIZE)} "
+                             "(or omit the flag for a full-precision base)")
+        needs = METHODS[self.method].quantize
+        if needs is not None and self.quantize != needs:
+            raise ValueError(f"--method {self.method} trains on a quantized base: pass --quantize {needs} "
+                             "(or use the full-precision variant, e.g. --method dora)")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -187,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-every", type=int, default=d.eval_every, help="validation loss every N steps (0 = only start and end)")
     a("--distributed", choices=DIST_MODES, default=d.distributed, help="under torchrun: ddp (base replicated "
       "per GPU) or fsdp (base sharded per block, adapters replicated); --batch-size stays per process")
+    a("--quantize", default=d.quantize, help="store the base's block linears in 4 bits: nf4 (QLoRA's "
+      "NormalFloat, double-quantized constants; QFoRA with --method fora); default full precision")
     return p
 
 

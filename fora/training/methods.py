@@ -10,10 +10,14 @@
 | random-k       | K random layers (seeded)       | Stiefel, CayleyAdam| r                      |
 | cka            | K least-similar layers (CKA)   | plain, AdamW       | r                      |
 | fim-lora       | all L                          | plain, AdamW       | FIM pattern (budget L*|targets|*r) |
+| dora           | all L                          | plain, AdamW (+ DoRA magnitude m) | r       |
+| qdora          | all L, 4-bit NF4 base          | plain, AdamW (+ DoRA magnitude m) | r       |
 
 `random-k` keeps FoRA's Stiefel A, so fora vs random-k isolates the *selection* (Fisher vs
 chance) with everything else equal. `cka` follows seed 003 (plain LoRA on the layers that
-transform the representation most). The first four rows are PAPER.md §3's 2x2 table.
+transform the representation most). The first four rows are PAPER.md §3's 2x2 table. `dora` and
+`qdora` are the DoRA baselines the paper compares with (Table 1 and §4.5; `fora.dora`); QFoRA
+itself is `fora` with `--quantize nf4`.
 """
 from __future__ import annotations
 
@@ -121,6 +125,8 @@ class MethodSpec:
     stiefel: bool   # A on the Stiefel manifold (Stiefel init + CayleyAdam) or plain (AdamW)
     rank_rule: str  # key of RANK_RULES (the uniform rank; fim adds a per-module pattern)
     description: str
+    dora: bool = False           # DoRALinear adapters (trained magnitude per output row)
+    quantize: str | None = None  # the --quantize the method requires (qdora: "nf4")
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -132,6 +138,9 @@ METHODS: dict[str, MethodSpec] = {
     "random-k": MethodSpec("random", True, "r", "K seeded-random layers + Stiefel A (isolates the selection)"),
     "cka": MethodSpec("cka", False, "r", "K least-similar layers by CKA, plain LoRA"),
     "fim-lora": MethodSpec("fim", False, "r", "all layers, FIM-LoRA per-module rank pattern, plain LoRA"),
+    "dora": MethodSpec("all", False, "r", "all layers, DoRA (LoRA direction + trained magnitude)", dora=True),
+    "qdora": MethodSpec("all", False, "r", "all layers, DoRA on a 4-bit NF4 base (with --quantize nf4)",
+                        dora=True, quantize="nf4"),
 }
 
 

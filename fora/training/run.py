@@ -170,7 +170,7 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
 
     # 1. model and tokenizer
     folder = resolve_checkpoint(cfg.model)
-    model = load_model(folder, dtype=dtype, device=load_device(ctx, device))
+    model = load_model(folder, dtype=dtype, device=load_device(ctx, device), quantize=cfg.quantize)
     tok = load_tokenizer(folder)
     L = model.config.num_hidden_layers
     if cfg.k is not None and cfg.k > L:
@@ -200,7 +200,8 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
 
     # 4. adapters, optimizers, schedules
     inject_lora(model, sel.layers, targets=cfg.targets, rank=rank, alpha=cfg.alpha, stiefel=spec.stiefel,
-                rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed)
+                rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed,
+                dora=spec.dora)
     freeze_base(model)
     model.train()
     engine = wrap_model(ctx, model, device)  # what the step calls: model, DDP(model) or model sharded

@@ -160,9 +160,10 @@ def test_truncated_backward_equals_full(tiny):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_adapts_what_it_should(cfg, method):
-    main(replace(cfg, method=method))
-    config, tensors = _adapter_config(cfg.out), _adapter(cfg.out)
     spec = METHODS[method]
+    main(replace(cfg, method=method, quantize=spec.quantize))
+    config, tensors = _adapter_config(cfg.out), _adapter(cfg.out)
+    assert config["use_dora"] == spec.dora
     expected_layers = cfg.k if spec.selector in ("fisher", "cka", "random") else L
     assert len(config["layers_to_transform"]) == expected_layers
     assert config["r"] == (cfg.rank // 2 if method == "lora-half-rank" else cfg.rank)
@@ -262,8 +263,8 @@ def test_bad_inputs(cfg, tmp_path):
         main(replace(cfg, cutoff_len=20))
     with pytest.raises(ValueError, match=f"--k 9 exceeds .*L={L}"):
         main(replace(cfg, k=9))
-    with pytest.raises(ValueError, match="unknown method 'dora'"):
-        replace(cfg, method="dora")
+    with pytest.raises(ValueError, match="unknown method 'vera'"):
+        replace(cfg, method="vera")
 
 
 def test_cli(tiny, data_file, tmp_path, capsys):
@@ -272,8 +273,8 @@ def test_cli(tiny, data_file, tmp_path, capsys):
     assert (cfg.k, cfg.targets, cfg.method, cfg.max_steps, cfg.merge, cfg.rank) == \
         (2, ("q_proj", "v_proj"), "cka", 5, True, 32)
     with pytest.raises(SystemExit):
-        parse_args(["--model", "x", "--method", "dora"])
-    assert "invalid choice: 'dora'" in capsys.readouterr().err
+        parse_args(["--model", "x", "--method", "vera"])
+    assert "invalid choice: 'vera'" in capsys.readouterr().err
     spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[2] / "scripts" / "train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
