@@ -18,7 +18,7 @@ from fora.inject import DEFAULT_TARGETS
 from fora.training.data import TEMPLATES
 from fora.training.methods import METHODS
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16")  # no float16: autocast without loss scaling underflows
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.
 RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device"})
@@ -80,8 +80,14 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}; omit it to train --epochs")
         if self.max_steps is None and self.epochs < 1:
             raise ValueError("--epochs 0 trains nothing; pass --epochs >= 1 or --max-steps")
-        if not self.lr > 0 or (self.stiefel_lr is not None and not self.stiefel_lr > 0):
-            raise ValueError(f"learning rates must be > 0, got --lr {self.lr}, --stiefel-lr {self.stiefel_lr}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.stiefel_lr is not None and not self.stiefel_lr > 0:
+            raise ValueError(f"--stiefel-lr must be > 0, got {self.stiefel_lr}; omit it for lr * sqrt(r * d_in)")
+        if self.dtype == "float16":
+            raise ValueError("--dtype float16 is not supported for training: fp16 autocast without loss "
+                             "scaling lets small gradients underflow to zero; use --dtype bfloat16 "
+                             "(the paper's dtype) or float32")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.schedule not in SCHEDULES:
@@ -168,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--schedule", choices=SCHEDULES, default=d.schedule, help="decay after warmup")
     a("--val-size", type=int, default=d.val_size, help="held-out validation records (0 = none)")
     a("--seed", type=int, default=d.seed, help="seeds data split/order, LoRA init, random-k and dropout")
-    a("--dtype", choices=DTYPES, default=d.dtype, help="base weight dtype; auto = bfloat16 on CUDA "
-      "(with bf16 autocast), float32 on CPU. Adapters are always float32")
+    a("--dtype", default=d.dtype, help=f"base weight dtype, one of {', '.join(DTYPES)}; auto = bfloat16 "
+      "on CUDA (with bf16 autocast), float32 on CPU. Adapters are always float32. No float16: without "
+      "loss scaling its small gradients underflow")
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ...; auto = cuda when available")
     a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps into OUT/checkpoint (0 = never)")
     a("--resume", default=d.resume, help="continue the run whose --out folder (or checkpoint/ folder) is given")
