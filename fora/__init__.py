@@ -80,6 +80,8 @@ _EXPORTS: dict[str, str] = {
     "train": "fora.training.run",
     "TrainingDiverged": "fora.training.loop",
     "METHODS": "fora.training.methods",
+    "TrainingInterrupted": "fora.training.interrupt",
+    "CAYLEY_BETAS": "fora.cayley_adam",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,7 +2,8 @@
 
 `StopRequest` turns the first SIGINT into a flag the loop checks between optimizer steps, so a
 checkpoint is never written from a half-applied step (after one optimizer stepped and not the
-other). A second Ctrl-C raises KeyboardInterrupt at once (abort, no checkpoint). Off the main
+other). A second Ctrl-C raises KeyboardInterrupt at once (abort, no checkpoint), and so does a
+Ctrl-C before the loop is armed (model loading, layer scoring: there is nothing to save yet). Off the main
 thread, where Python cannot install signal handlers, a KeyboardInterrupt raised by the caller is
 handled at the step boundary the same way.
 """
@@ -33,10 +34,11 @@ class StopRequest(contextlib.AbstractContextManager):
     def __init__(self) -> None:
         self.requested = False
         self.forced = False
+        self.armed = False  # set when the loop starts: from then on a checkpoint can be written
         self._previous: Any = None
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:  # second Ctrl-C: the user wants out now
+        if self.requested or not self.armed:  # second Ctrl-C, or nothing to save yet: out now
             self.forced = True
             raise KeyboardInterrupt
         self.requested = True

@@ -262,6 +262,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: _Live) 
                    selection=record, config=cfg.to_dict(), base_model_name_or_path=base_model_id(cfg, folder))
     live.out, live.total, live.position = out, total, DataPosition(epoch, b, step)
     live.save = lambda position: save(position=position, seconds=time.perf_counter() - t_start)
+    live.stop.armed = True
     progress = live.stack.enter_context(Progress(total, step))
     if step == 0 and data.val_batches:
         val = evaluate(model, progress.validation(data.val_batches, 0, data.val_examples), device, autocast=autocast)
