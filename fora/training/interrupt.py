@@ -13,6 +13,8 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,31 @@ class StopRequest(contextlib.AbstractContextManager):
 def resume_command(out: Path) -> str:
     """The one command that continues the run in `out` (its settings come from its train_config.json)."""
     return f"python scripts/train.py --resume {out}"
+
+
+@dataclass
+class LiveRun:
+    """What a Ctrl-C needs to write a checkpoint; the trainer fills it in once its loop runs
+    (`save(position)` writes the checkpoint of `position`, a `DataPosition`)."""
+
+    stack: contextlib.ExitStack
+    stop: StopRequest
+    out: Path | None = None
+    total: int = 0
+    position: Any = None
+    save: Callable[[Any], Path] | None = None
+
+
+@contextlib.contextmanager
+def checkpoint_on_interrupt() -> Iterator[LiveRun]:
+    """Around a training run: a KeyboardInterrupt at a step boundary writes the checkpoint of
+    `live.position` and becomes `TrainingInterrupted`; before the loop, or forced, it passes."""
+    with contextlib.ExitStack() as stack, StopRequest() as stop:
+        live = LiveRun(stack, stop)
+        try:
+            yield live
+        except KeyboardInterrupt:
+            if stop.forced or live.save is None:
+                raise
+            ckpt_dir = live.save(live.position)
+            raise TrainingInterrupted(live.position.step, live.total, ckpt_dir, resume_command(live.out)) from None

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import random
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from fora.training.tasks import arithmetic_task
 from fora.formats.loading import load_tokenizer
 from fora.training.config import TrainConfig, warmup_steps
 from fora.training.init_norm import unit_row_norms
-from fora.training.interrupt import StopRequest, TrainingInterrupted, resume_command
+from fora.training.interrupt import LiveRun, checkpoint_on_interrupt
 from fora.training.model_card import README_FILE, gguf_source, model_card
 from fora.training.model_card import base_model_id as _hub_base_model_id
 from fora.training.progress import Progress
@@ -158,18 +157,6 @@ def base_model_id(cfg: TrainConfig, folder: Path) -> str:
     return _hub_base_model_id(cfg.model, folder)
 
 
-@dataclass
-class _Live:
-    """What a Ctrl-C needs to write a checkpoint: filled in by `_main` once the loop runs."""
-
-    stack: contextlib.ExitStack
-    stop: StopRequest
-    out: Path | None = None
-    total: int = 0
-    position: DataPosition | None = None
-    save: Callable[[DataPosition], Path] | None = None
-
-
 def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Run one training job described by `cfg`; returns losses and where the outputs are.
 
@@ -178,18 +165,11 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
     `TrainingInterrupted` on Ctrl-C in the loop, after writing a checkpoint at the last finished
     step (`fora.training.interrupt`).
     """
-    with contextlib.ExitStack() as stack, StopRequest() as stop:
-        live = _Live(stack, stop)
-        try:
-            return _main(cfg, on_step, live)
-        except KeyboardInterrupt:
-            if stop.forced or live.save is None:  # second Ctrl-C, or before the loop: nothing to save
-                raise
-            ckpt_dir = live.save(live.position)
-            raise TrainingInterrupted(live.position.step, live.total, ckpt_dir, resume_command(live.out)) from None
+    with checkpoint_on_interrupt() as live:
+        return _main(cfg, on_step, live)
 
 
-def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: _Live) -> TrainResult:
+def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun) -> TrainResult:
     t_start = time.perf_counter()
     out, ckpt = prepare_out(cfg)
     t_start -= ckpt.seconds if ckpt is not None else 0.0  # timings continue across a resume
