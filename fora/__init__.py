@@ -88,6 +88,8 @@ _EXPORTS: dict[str, str] = {
     "quantize_nf4": "fora.models.nf4",
     "dequantize_nf4": "fora.models.nf4",
     "DoRALinear": "fora.dora",
+    "TrainingInterrupted": "fora.training.interrupt",
+    "CAYLEY_BETAS": "fora.cayley_adam",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -38,6 +38,9 @@ from fora.stiefel import (canonical_direction, cayley_fixed_point, cayley_step, 
                           skew_apply, skew_norm, stiefel_error)
 
 SOLVERS = ("closed_form", "fixed_point")
+# (β1, β2) of Li et al.'s Cayley-Adam: v ← β2 v + (1 − β2) ‖G‖²_F with β2 = 0.99 averages the
+# scalar second moment over about 1 / (1 − β2) = 100 steps. The one default, also build_optimizers'.
+CAYLEY_BETAS = (0.9, 0.99)
 
 
 def _math_dtype(p: Tensor) -> torch.dtype:
@@ -52,7 +55,9 @@ class CayleyAdam(torch.optim.Optimizer):
             first step (initialise with ``LoRALinear(..., init="stiefel")`` or
             ``fora.stiefel.random_stiefel(n, r).mT``).
         lr: step length; X moves by about ``lr`` in Frobenius norm per step (scale-free).
-        betas: (β1, β2) for the matrix first moment and the scalar second moment.
+        betas: (β1, β2) for the matrix first moment M and the scalar second moment v; default
+            ``CAYLEY_BETAS`` = (0.9, 0.99), Li et al.'s values (AdamW's usual β2 = 0.999 is for
+            per-entry moments; v here is one number per matrix).
         eps: added to √v̂.
         qr_every: QR retraction every this many steps (0 = never); removes rounding drift.
         solver: "closed_form" (Eq. 6 exactly, one 2r x 2r solve) or "fixed_point" (the paper's
@@ -63,7 +68,7 @@ class CayleyAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2,
-                 betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8, qr_every: int = 100,
+                 betas: tuple[float, float] = CAYLEY_BETAS, eps: float = 1e-8, qr_every: int = 100,
                  solver: str = "closed_form", iters: int = 2, step_cap: float | None = 0.5) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"invalid lr {lr!r}: pass a finite number >= 0")

@@ -197,7 +197,8 @@ def fim_rank_pattern(model: nn.Module, batches: Sequence[Mapping[str, torch.Tens
 
     Args:
         rank: the uniform rank r the budget is based on.
-        r_max: per-module cap; default min(4·rank, d_in, d_out) of each module.
+        r_max: per-module cap (never above min(d_in, d_out) of the module); default 4·rank.
+            The reference code caps at 2·rank; 4·rank leaves the allocation more room.
     """
     from fora.inject import inject_lora  # LoRA lives in its own module; imported where needed
 
@@ -210,8 +211,8 @@ def fim_rank_pattern(model: nn.Module, batches: Sequence[Mapping[str, torch.Tens
         raise ValueError("the model already holds LoRA modules; FIM-LoRA scores the base model — "
                          "pass the model before inject_lora")
     originals = target_modules(model, targets)
-    caps = ({p: min(4 * rank, m.out_features, m.in_features) for p, m in originals.items()}
-            if r_max is None else r_max)
+    cap = 4 * rank if r_max is None else r_max
+    caps = {p: min(cap, m.out_features, m.in_features) for p, m in originals.items()}
     num_layers = len(decoder_layers(model))
     with scoring_state(model, []):  # records modes and flags of the base model; restored on exit
         try:

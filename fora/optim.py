@@ -15,13 +15,14 @@ import math
 import torch
 from torch import nn
 
-from fora.cayley_adam import CayleyAdam
+from fora.cayley_adam import CAYLEY_BETAS, CayleyAdam
 from fora.inject import euclidean_parameters, stiefel_parameters
 
 
 def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = None,
                      weight_decay: float = 0.0, stiefel: bool = True,
                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                     stiefel_betas: tuple[float, float] = CAYLEY_BETAS,
                      qr_every: int = 100, solver: str = "closed_form", iters: int = 2,
                      step_cap: float | None = 0.5) -> list[torch.optim.Optimizer]:
     """Optimizers for the LoRA parameters of ``model`` (call ``freeze_base`` first).
@@ -30,6 +31,8 @@ def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = 
         ``[CayleyAdam(A's), AdamW(B's)]`` when ``stiefel`` (the A's must have orthonormal rows:
         inject with ``stiefel=True``), else ``[AdamW(A's and B's)]``. ``weight_decay`` applies to
         AdamW only: decay on A would leave the manifold. Step them all every iteration.
+        ``betas`` are AdamW's (0.9, 0.999); CayleyAdam uses ``stiefel_betas``, Li et al.'s
+        (0.9, 0.99) by default (see ``fora.cayley_adam.CAYLEY_BETAS``).
     Raises:
         ValueError when a trainable parameter is not a LoRA A or B, or there are no adapters.
     """
@@ -44,7 +47,7 @@ def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = 
         for p in A:
             by_numel.setdefault(p.numel(), []).append(p)
         groups = [{"params": ps, "lr": lr * math.sqrt(numel)} for numel, ps in by_numel.items()]
-    cayley = CayleyAdam(groups, lr=lr, betas=betas, eps=eps, qr_every=qr_every, solver=solver,
+    cayley = CayleyAdam(groups, lr=lr, betas=stiefel_betas, eps=eps, qr_every=qr_every, solver=solver,
                         iters=iters, step_cap=step_cap)
     adamw = torch.optim.AdamW(B, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return [cayley, adamw]

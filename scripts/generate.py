@@ -41,15 +41,24 @@ class GenerateConfig:
     device: str | None = None
 
 
-def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every flag has a help text."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=GenerateConfig.model,
-                   help="preset name, hub repo id, checkpoint folder or .gguf file (default: %(default)s)")
-    p.add_argument("--prompt", default=GenerateConfig.prompt)
+                   help="preset name, hub repo id, checkpoint folder or .gguf file")
+    p.add_argument("--prompt", default=GenerateConfig.prompt, help="text to continue greedily")
     p.add_argument("--paragraph", default=GenerateConfig.paragraph, help="text whose perplexity is reported")
-    p.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens)
-    p.add_argument("--dtype", default=GenerateConfig.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens,
+                   help="tokens to generate after the prompt (stops early at the end-of-sequence token)")
+    p.add_argument("--dtype", default=GenerateConfig.dtype, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the weights and the computation")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default: cuda if available, else cpu")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
@@ -87,10 +96,8 @@ def main(cfg: GenerateConfig) -> dict:
 
     from fora import load_model, load_tokenizer
 
-    t0 = time.perf_counter()
-    model = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    model = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)  # logs its time
     tok = load_tokenizer(cfg.model)
-    logging.info("loaded %s in %.1f s", cfg.model, time.perf_counter() - t0)
     prompt_ids = tok.encode(cfg.prompt)
     t0 = time.perf_counter()
     new = greedy(model, prompt_ids, cfg.max_new_tokens, eos_id=tok.eos_id)

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fora.training.config import parse_args  # noqa: E402
+from fora.training.interrupt import TrainingInterrupted  # noqa: E402
 from fora.training.loop import TrainingDiverged  # noqa: E402
 
 # Errors a user can fix from the command line: shown as one message, not a traceback.
@@ -37,6 +38,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"train.py: error: {rank_prefix()}{err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as stop:  # Ctrl-C in the loop: a checkpoint was written
+        print(f"train.py: {stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the loop (or a second Ctrl-C): nothing to continue from
+        print("train.py: interrupted before a checkpoint could be written; run the same command again",
+              file=sys.stderr)
+        return 130
     finally:
         shutdown()
     return 0

@@ -39,22 +39,26 @@ def orth_err(X):
     return (X.T @ X - torch.eye(X.shape[1], dtype=F64)).abs().max().item()
 
 
-@given(point_and_direction(), st.integers(1, 5))
-def test_skew_apply_is_a_skew_matrix(XG, k):
+@given(point_and_direction(), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_skew_apply_is_a_skew_matrix(XG, k, seed):
     X, G = XG
     n = X.shape[0]
     W = skew_apply(G, X, torch.eye(n, dtype=F64))   # the operator, materialised in the test only
     torch.testing.assert_close(W, -W.T, rtol=0, atol=1e-12)
     torch.testing.assert_close(W, dense_W(G, X), rtol=0, atol=1e-12)
-    Z = torch.randn(n, k, dtype=F64)
+    Z = torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=F64)  # replays from the drawn seed
     torch.testing.assert_close(skew_apply(G, X, Z), dense_W(G, X) @ Z)
     torch.testing.assert_close(skew_norm(G, X), torch.linalg.matrix_norm(dense_W(G, X)))
 
 
 @given(point_and_direction(), st.floats(0.0, 1e3))
 def test_cayley_step_stays_on_manifold_for_any_step(XG, tau):
+    # Exact in real arithmetic for every τ; in float64 the 2r x 2r solve's rounding grows with its
+    # conditioning, ~τ‖W‖₂ (measured: at most 2.4e-12 · (1 + τ‖W‖₂) over 20,000 random draws;
+    # a flat 1e-12 failed at τ = 86 on St(2, 1) with 1.9e-12).
     X, G = XG
-    assert orth_err(cayley_step(X, G, tau)) < 1e-12
+    w = torch.linalg.matrix_norm(dense_W(G, X), ord=2).item()
+    assert orth_err(cayley_step(X, G, tau)) < 5e-12 * (1 + tau * w)
 
 
 @given(point_and_direction(), st.floats(0.0, 50.0))
@@ -106,11 +110,11 @@ def test_canonical_direction_makes_WX_the_tangent_projection(XG):
     torch.testing.assert_close(dense_W(D, X) @ X, project_tangent(X, G), rtol=0, atol=1e-12)
 
 
-@given(point_and_direction(), st.integers(1, 12))
-def test_lemma1_singular_values_of_BA_are_those_of_B(XG, d_out):
+@given(point_and_direction(), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_lemma1_singular_values_of_BA_are_those_of_B(XG, d_out, seed):
     X, _ = XG
     A = X.T                                            # (r, n) with orthonormal rows
-    B = torch.randn(d_out, A.shape[0], dtype=F64)
+    B = torch.randn(d_out, A.shape[0], generator=torch.Generator().manual_seed(seed), dtype=F64)
     s_BA, s_B = torch.linalg.svdvals(B @ A), torch.linalg.svdvals(B)
     k = s_B.numel()
     torch.testing.assert_close(s_BA[:k], s_B, rtol=0, atol=1e-12)

@@ -41,12 +41,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; restored at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(path: str | os.PathLike | int, *, directory: bool) -> None:
+    """mkstemp / mkdtemp create owner-only files (0600 / 0700); give the final file the mode a
+    plain `open` would (0644 / 0755 under umask 0022) so that others can read a run's outputs."""
+    mode = (0o777 if directory else 0o666) & ~_umask()
+    if isinstance(path, int):
+        os.fchmod(path, mode)
+    else:
+        os.chmod(path, mode)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file in the same dir + fsync + os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _honour_umask(fd, directory=False)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -145,6 +163,7 @@ def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{final.name}-", dir=final.parent))
     try:
+        _honour_umask(staged, directory=True)
         yield staged
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

@@ -7,6 +7,7 @@ position, never by value, because `pad_id` often equals `eos_id` and the EOS is 
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Mapping, Sequence
 from typing import overload
@@ -110,8 +111,12 @@ def make_batches(examples: Sequence[Example], batch_size: int, *, pad_id: int, s
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The order seed of `epoch`: `seed + epoch`, so every epoch reshuffles reproducibly."""
-    return seed + epoch
+    """The order seed of `epoch`: 64 bits of sha256 of the pair `(seed, epoch)`.
+
+    Every epoch reshuffles reproducibly, and runs over consecutive seeds stay independent: a
+    plain `seed + epoch` would give seed s at epoch 1 the order of seed s + 1 at epoch 0.
+    """
+    return int.from_bytes(hashlib.sha256(f"fora-epoch:{seed}:{epoch}".encode()).digest()[:8], "big")
 
 
 def epoch_batches(examples: Sequence[Example], batch_size: int, epoch: int, seed: int = 0, *,

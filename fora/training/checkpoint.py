@@ -5,7 +5,8 @@ A checkpoint is a directory (published atomically, see `fora.formats.atomic.stag
     adapter_config.json, adapter_model.safetensors   the LoRA A, B (PEFT layout, loadable as is)
     optim.pt        state dicts of every optimizer (CayleyAdam for A, AdamW for B) and scheduler
     rng.pt          torch CPU / CUDA, python `random` and numpy generator states
-    state.json      data position: epoch, micro-batch index within the epoch, global step
+    state.json      data position: epoch, micro-batch index within the epoch, global step; and the
+                    seconds the run had taken (so timings continue across a resume)
     selection.json  the layer selection (so a resumed run does not recompute Fisher scores)
     train_config.json
 
@@ -61,6 +62,7 @@ class Checkpoint:
     rng: dict[str, Any]
     selection: dict[str, Any]
     config: dict[str, Any]
+    seconds: float = 0.0
 
 
 def capture_rng() -> dict[str, Any]:
@@ -90,7 +92,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_checkpoint(ckpt_dir: str | os.PathLike, *, model: nn.Module,
                     optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any],
                     position: DataPosition, selection: dict[str, Any], config: dict[str, Any],
-                    base_model_name_or_path: str) -> Path:
+                    base_model_name_or_path: str, seconds: float = 0.0) -> Path:
     """Write a checkpoint to `ckpt_dir`, replacing any previous one atomically.
 
     A crash while writing leaves the previous checkpoint in place (see `fora.formats.atomic`).
@@ -100,7 +102,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, *, model: nn.Module,
         atomic_torch_save({"optimizers": [o.state_dict() for o in optimizers],
                            "schedulers": [s.state_dict() for s in schedulers]}, tmp / OPTIM_FILE)
         atomic_torch_save(capture_rng(), tmp / RNG_FILE)
-        atomic_write_json(tmp / STATE_FILE, asdict(position))
+        atomic_write_json(tmp / STATE_FILE, {**asdict(position), "seconds": seconds})
         atomic_write_json(tmp / SELECTION_FILE, selection)
         atomic_write_json(tmp / CONFIG_FILE, config)
     return Path(ckpt_dir)
@@ -129,15 +131,18 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         raise FileNotFoundError(f"checkpoint {ckpt} is incomplete (missing {', '.join(missing)}); "
                                 "it was not written by fora.training.checkpoint.save_checkpoint - start afresh")
     optim = torch.load(ckpt / OPTIM_FILE, map_location=map_location, weights_only=True)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    seconds = float(state.pop("seconds", 0.0))
     return Checkpoint(
         path=ckpt,
-        position=DataPosition(**json.loads((ckpt / STATE_FILE).read_text())),
+        position=DataPosition(**state),
         adapter=load_file(ckpt / ADAPTER_WEIGHTS),
         optimizers=optim["optimizers"],
         schedulers=optim["schedulers"],
         rng=torch.load(ckpt / RNG_FILE, map_location="cpu", weights_only=True),
         selection=json.loads((ckpt / SELECTION_FILE).read_text()),
         config=json.loads((ckpt / CONFIG_FILE).read_text()),
+        seconds=seconds,
     )
 
 

@@ -2,7 +2,9 @@
 
 Defaults are the paper's settings (PAPER.md §3: r = 32, batch 16, sequence length 256, 3 epochs,
 targets q,k,v,up,down) and LLM-Adapters' recipe where the paper is silent (α = 2r, LoRA dropout
-0.05, 100 warmup steps, 120 validation records, linear decay). The README's quick CPU run passes
+0.05, 120 validation records, linear decay). Warmup defaults to 3 % of the run's steps
+(`WARMUP_FRACTION`), so short runs reach their learning rate; LLM-Adapters' 100 steps are about
+0.3 % of its ~30k-step runs. The README's quick CPU run passes
 small explicit flags instead of relying on different defaults.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +23,9 @@ from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
 from fora.training.methods import METHODS
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+WARMUP_FRACTION = 0.03
+FIM_STATISTICS = ("second_moment", "variance")
+DTYPES = ("auto", "float32", "bfloat16")  # no float16: autocast without loss scaling underflows
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.
 RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device",
@@ -55,7 +60,7 @@ class TrainConfig:
     fisher_batches: int = 8
     fisher_params: str = "block"
     qr_every: int = 100
-    warmup_steps: int = 100
+    warmup_steps: int | None = None
     schedule: str = "linear"
     val_size: int = 120
     seed: int = 42
@@ -69,6 +74,10 @@ class TrainConfig:
     distributed: str | None = None
     world_size: int = 1  # set by the trainer from torchrun's WORLD_SIZE (not a flag); resume checks it
     quantize: str | None = None
+    fim_statistic: str = "second_moment"
+    fim_r_min: int = 1
+    fim_r_max: int | None = None
+    match_init_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,7 +87,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("epochs", "qr_every", "warmup_steps", "val_size", "save_every", "eval_every"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.k is not None and self.k < 1:
             raise ValueError(f"--k must be >= 1, got {self.k}")
@@ -86,8 +95,14 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}; omit it to train --epochs")
         if self.max_steps is None and self.epochs < 1:
             raise ValueError("--epochs 0 trains nothing; pass --epochs >= 1 or --max-steps")
-        if not self.lr > 0 or (self.stiefel_lr is not None and not self.stiefel_lr > 0):
-            raise ValueError(f"learning rates must be > 0, got --lr {self.lr}, --stiefel-lr {self.stiefel_lr}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.stiefel_lr is not None and not self.stiefel_lr > 0:
+            raise ValueError(f"--stiefel-lr must be > 0, got {self.stiefel_lr}; omit it for lr * sqrt(r * d_in)")
+        if self.dtype == "float16":
+            raise ValueError("--dtype float16 is not supported for training: fp16 autocast without loss "
+                             "scaling lets small gradients underflow to zero; use --dtype bfloat16 "
+                             "(the paper's dtype) or float32")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.schedule not in SCHEDULES:
@@ -108,6 +123,12 @@ class TrainConfig:
         if needs is not None and self.quantize != needs:
             raise ValueError(f"--method {self.method} trains on a quantized base: pass --quantize {needs} "
                              "(or use the full-precision variant, e.g. --method dora)")
+        if self.fim_statistic not in FIM_STATISTICS:
+            raise ValueError(f"unknown --fim-statistic {self.fim_statistic!r}; "
+                             f"choose one of {', '.join(FIM_STATISTICS)}")
+        if self.fim_r_min < 1 or (self.fim_r_max is not None and self.fim_r_max < self.fim_r_min):
+            raise ValueError(f"--fim-r-min must be >= 1 and --fim-r-max >= --fim-r-min, got "
+                             f"{self.fim_r_min} and {self.fim_r_max}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -182,12 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fisher-params", choices=("block", "targets"), default=d.fisher_params,
       help="theta_l of Eq. 2: every block parameter, or only the target projections")
     a("--qr-every", type=int, default=d.qr_every, help="Cayley-Adam QR retraction every T steps (0 = never)")
-    a("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warmup steps")
+    a("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warmup steps; "
+      f"default {WARMUP_FRACTION:.0%} of the run's optimizer steps")
     a("--schedule", choices=SCHEDULES, default=d.schedule, help="decay after warmup")
     a("--val-size", type=int, default=d.val_size, help="held-out validation records (0 = none)")
     a("--seed", type=int, default=d.seed, help="seeds data split/order, LoRA init, random-k and dropout")
-    a("--dtype", choices=DTYPES, default=d.dtype, help="base weight dtype; auto = bfloat16 on CUDA "
-      "(with bf16 autocast), float32 on CPU. Adapters are always float32")
+    a("--dtype", default=d.dtype, help=f"base weight dtype, one of {', '.join(DTYPES)}; auto = bfloat16 "
+      "on CUDA (with bf16 autocast), float32 on CPU. Adapters are always float32. No float16: without "
+      "loss scaling its small gradients underflow")
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ...; auto = cuda when available")
     a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps into OUT/checkpoint (0 = never)")
     a("--resume", default=d.resume, help="continue the run whose --out folder (or checkpoint/ folder) is given")
@@ -198,11 +221,34 @@ def build_parser() -> argparse.ArgumentParser:
       "per GPU) or fsdp (base sharded per block, adapters replicated); --batch-size stays per process")
     a("--quantize", default=d.quantize, help="store the base's block linears in 4 bits: nf4 (QLoRA's "
       "NormalFloat, double-quantized constants; QFoRA with --method fora); default full precision")
+    a("--fim-statistic", choices=FIM_STATISTICS, default=d.fim_statistic, help="fim-lora's score of each "
+      "LoRA-B gradient over the calibration passes: the uncentered second moment (the reference "
+      "code) or the variance (PAPER.md §5); summed over B's entries")
+    a("--fim-r-min", type=int, default=d.fim_r_min, help="fim-lora: smallest rank of a module")
+    a("--fim-r-max", type=int, default=d.fim_r_max, help="fim-lora: largest rank of a module; default "
+      "min(4 r, d_in, d_out) (the reference code caps at 2 r)")
+    a("--match-init-norm", action="store_true", help="plain-A methods: scale each Kaiming row of A to "
+      "unit norm, the row norm of a Stiefel A (Kaiming rows have norm ~1/sqrt(3)), so the 2x2 "
+      "ablation starts both arms at the same ||dW|| scale")
     return p
 
 
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """`--warmup-steps`, or by default `WARMUP_FRACTION` of the `total` optimizer steps (>= 1)."""
+    return cfg.warmup_steps if cfg.warmup_steps is not None else max(1, math.ceil(WARMUP_FRACTION * total))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """argv -> TrainConfig (argparse exits with a usage message on bad flags)."""
+    """argv -> TrainConfig (argparse exits with a usage message on bad flags).
+
+    With `--resume DIR` the settings are read from the run's train_config.json
+    (`fora.training.resume`); `--model` is then not needed.
+    """
+    from fora.training.resume import resume_from_cli
+
+    resumed = resume_from_cli(build_parser, argv, TrainConfig, RESUMABLE_FIELDS)
+    if resumed is not None:
+        return resumed
     ns = vars(build_parser().parse_args(argv))
     try:
         return TrainConfig(**ns)

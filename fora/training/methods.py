@@ -18,6 +18,11 @@ chance) with everything else equal. `cka` follows seed 003 (plain LoRA on the la
 transform the representation most). The first four rows are PAPER.md §3's 2x2 table. `dora` and
 `qdora` are the DoRA baselines the paper compares with (Table 1 and §4.5; `fora.dora`); QFoRA
 itself is `fora` with `--quantize nf4`.
+
+Deviations from the seed methods, recorded in `selection.json` under `deviations` (see
+`DEVIATIONS`) so that they travel with the results: FIM-LoRA's statistic (default second moment,
+PAPER.md §5 says variance), its sum over B's entries (the reference code averages), its cap
+r_max = 4 r (the reference code: 2 r); CKA's samples at random cut points (seed 003: last token).
 """
 from __future__ import annotations
 
@@ -52,6 +57,9 @@ class SelectArgs:
     targets: tuple[str, ...]
     seed: int
     fisher_params: str
+    fim_statistic: str = "second_moment"
+    fim_r_min: int = 1
+    fim_r_max: int | None = None
 
 
 def _fisher_top_k(a: SelectArgs) -> Selection:
@@ -103,7 +111,8 @@ def _all_fim_ranks(a: SelectArgs) -> Selection:
     from fora.fim_lora import fim_rank_pattern
 
     pattern = fim_rank_pattern(a.model, a.batches, rank=a.rank, targets=a.targets,
-                               passes=len(a.batches), seed=a.seed)
+                               passes=len(a.batches), seed=a.seed, statistic=a.fim_statistic,
+                               r_min=a.fim_r_min, r_max=a.fim_r_max)
     return Selection(list(range(a.num_layers)), rank_pattern=pattern)
 
 
@@ -144,6 +153,15 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+DEVIATIONS: dict[str, str] = {
+    "fim": "FIM-LoRA: each LoRA-B scored by the {statistic} of its gradient over the calibration passes "
+           "(PAPER.md §5: variance; the reference code: uncentered second moment), summed over B's entries "
+           "(the reference code averages over A's); ranks in [{r_min}, {r_max}] (the reference code caps at 2r)",
+    "cka": "CKA: the residual stream sampled at one random cut point per sequence (seed 003 uses each "
+           "sequence's last token, which on instruction data is the same token everywhere)",
+}
+
+
 def select(method: str, args: SelectArgs) -> Selection:
     """Run the selector of `method` (the base model must not hold adapters yet)."""
     return SELECTORS[METHODS[method].selector](args)
@@ -155,7 +173,7 @@ def method_rank(method: str, rank: int) -> int:
 
 
 def selection_json(method: str, sel: Selection, batches: Batches, *, num_layers: int,
-                   data_sha256: str, seed: int, rank: int) -> dict[str, Any]:
+                   data_sha256: str, seed: int, rank: int, args: SelectArgs | None = None) -> dict[str, Any]:
     """The `selection.json` record: method, scores, selected layers, batches, data hash.
 
     Built on `fora.selection.selection_record` where the selector produced scores; selectors
@@ -172,4 +190,12 @@ def selection_json(method: str, sel: Selection, batches: Batches, *, num_layers:
     spec = METHODS[method]
     record.update(selector=spec.selector, stiefel=spec.stiefel, rank=rank,
                   rank_pattern=sel.rank_pattern, data_sha256=data_sha256, seed=seed)
+    if spec.selector == "fim" and args is not None:
+        r_max = args.fim_r_max if args.fim_r_max is not None else "min(4r, d_in, d_out)"
+        record["fim"] = {"statistic": args.fim_statistic, "reduction": "sum", "r_min": args.fim_r_min,
+                         "r_max": r_max, "passes": len(batches)}
+        record["deviations"] = DEVIATIONS["fim"].format(statistic=args.fim_statistic.replace("_", " "),
+                                                        r_min=args.fim_r_min, r_max=r_max)
+    if spec.selector == "cka":
+        record["deviations"] = DEVIATIONS["cka"]
     return record

@@ -32,9 +32,9 @@ import torch
 from fora.training.batching import calibration_batches, epoch_batches, make_batches
 from fora.training.checkpoint import Checkpoint, DataPosition, load_checkpoint, restore_training_state, save_checkpoint
 from fora.training.data import encode_records, load_records, split_records
-from fora.formats.hub import PRESETS, resolve_checkpoint
+from fora.formats.hub import resolve_checkpoint
 from fora.inject import freeze_base, inject_lora, lora_modules
-from fora.formats.atomic import atomic_write_json
+from fora.formats.atomic import atomic_write_json, atomic_write_text
 from fora.formats.loading import load_model
 from fora.training.methods import (CALIBRATED_SELECTORS, METHODS, SelectArgs, Selection, method_rank,
                           selection_json)
@@ -43,10 +43,17 @@ from fora.formats.peft_io import ADAPTER_WEIGHTS, save_adapter, save_merged
 from fora.stiefel import stiefel_error
 from fora.training.tasks import arithmetic_task
 from fora.formats.loading import load_tokenizer
-from fora.training.config import TrainConfig
+from fora.training.config import TrainConfig, warmup_steps
+from fora.training.init_norm import unit_row_norms
+from fora.training.interrupt import LiveRun, checkpoint_on_interrupt
+from fora.training.model_card import README_FILE, gguf_source, model_card
+from fora.training.model_card import base_model_id as _hub_base_model_id
+from fora.training.progress import Progress
+from fora.training.resume import refuse_finished, refuse_foreign_out
+from fora.models.config import ModelConfig
 from fora.training.distributed import (distributed_select, init_distributed, load_device, metrics_log, split_batches,
                                        sync_adapter_grads, wrap_model)
-from fora.training.loop import (Throughput, autocast_context, diverged, evaluate, format_eta,
+from fora.training.loop import (Throughput, autocast_context, diverged, evaluate,
                              forward_loss, lr_lambda, supervised_tokens)
 
 log = logging.getLogger("fora.train")
@@ -75,6 +82,7 @@ class RunData:
     val_batches: list[dict]
     calibration: list[dict]
     sha256: str
+    val_examples: int = 0
 
 
 def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -106,8 +114,10 @@ def prepare_out(cfg: TrainConfig) -> tuple[Path, Checkpoint | None]:
                              f"({_differences(diff)}); resume with the same flags, or start a new run "
                              "with another --out")
         out = Path(cfg.out) if cfg.out else ckpt.path.parent
+        refuse_finished(out, cfg.resume)
         return out, ckpt
     out = Path(cfg.out) if cfg.out else default_out(cfg)
+    refuse_foreign_out(out)
     if (out / CONFIG_FILE).is_file():
         diff = cfg.trajectory_diff(TrainConfig.from_dict(json.loads((out / CONFIG_FILE).read_text())))
         if diff:
@@ -134,35 +144,41 @@ def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool) -> RunData:
     train_recs, val_recs = split_records(records, val_size=cfg.val_size, seed=cfg.seed)
     encode = partial(encode_records, tok, cutoff_len=cfg.cutoff_len, template=cfg.template)
     train = encode(train_recs)
-    val = make_batches(encode(val_recs), cfg.batch_size, pad_id=tok.pad_id, shuffle=False) if val_recs else []
+    val_examples = encode(val_recs) if val_recs else []  # what is scored: after cut-off drops
+    val = make_batches(val_examples, cfg.batch_size, pad_id=tok.pad_id, shuffle=False) if val_examples else []
     calibration = (calibration_batches(train, min(cfg.fisher_batches, len(train) // cfg.batch_size or 1),
                                        min(cfg.batch_size, len(train)), pad_id=tok.pad_id, seed=cfg.seed)
                    if need_calibration else [])
     log.info("data: %d train / %d validation examples, %d calibration batches", len(train),
-             len(val_recs), len(calibration))
-    return RunData(train, val, calibration, data_sha256(records))
+             len(val_examples), len(calibration))
+    return RunData(train, val, calibration, data_sha256(records), len(val_examples))
 
 
 def base_model_id(cfg: TrainConfig, folder: Path) -> str:
-    """What `adapter_config.json` names as the base: the hub id when loaded from the hub cache,
-    else the local checkpoint folder (e.g. a converted GGUF), which peft can load as well."""
-    if folder.parent.name == "snapshots":
-        return PRESETS.get(cfg.model, cfg.model)
-    return str(folder.resolve())
+    """What `adapter_config.json` names as the base (see `fora.training.model_card.base_model_id`)."""
+    return _hub_base_model_id(cfg.model, folder)
 
 
 def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Run one training job described by `cfg`; returns losses and where the outputs are.
 
     `on_step(step)` is called after every optimizer step (and its checkpoint); tests use it to
-    simulate a crash. Raises `TrainingDiverged` on a NaN / inf loss or gradient norm.
+    simulate a crash. Raises `TrainingDiverged` on a NaN / inf loss or gradient norm, and
+    `TrainingInterrupted` on Ctrl-C in the loop, after writing a checkpoint at the last finished
+    step (`fora.training.interrupt`).
     """
+    with checkpoint_on_interrupt() as live:
+        return _main(cfg, on_step, live)
+
+
+def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun) -> TrainResult:
     t_start = time.perf_counter()
     device, dtype = resolve_device_dtype(cfg)
     ctx = init_distributed(cfg.distributed, device.type)  # torchrun's process group, or one process
     cfg, device = replace(cfg, world_size=ctx.world), ctx.device(device)
     with ctx.main_first():  # rank 0 may repair a half-published checkpoint before the others read it
         out, ckpt = prepare_out(cfg)
+    t_start -= ckpt.seconds if ckpt is not None else 0.0  # timings continue across a resume
     torch.manual_seed(cfg.seed)  # dropout; the LoRA init and the data order have their own seeded streams
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -170,12 +186,12 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
 
     # 1. model and tokenizer
     folder = resolve_checkpoint(cfg.model)
-    model = load_model(folder, dtype=dtype, device=load_device(ctx, device), quantize=cfg.quantize)
-    tok = load_tokenizer(folder)
-    L = model.config.num_hidden_layers
+    L = ModelConfig.from_json(folder).num_hidden_layers  # checked before the weights load
     if cfg.k is not None and cfg.k > L:
         raise ValueError(f"--k {cfg.k} exceeds the number of layers of {cfg.model} (L={L}); "
                          f"choose --k between 1 and {L}")
+    model = load_model(folder, dtype=dtype, device=load_device(ctx, device), quantize=cfg.quantize)
+    tok = load_tokenizer(folder)
     k = cfg.k or max(1, L // 2)  # PAPER.md §3: default K = L/2
 
     # 2. data
@@ -192,16 +208,19 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         record = ckpt.selection
         sel = Selection(record["selected"], record["scores"], record["rank_pattern"])
     else:
-        sel = distributed_select(ctx, cfg.method, SelectArgs(model, data.calibration, L, k, rank, cfg.targets,
-                                                             cfg.seed, cfg.fisher_params))
+        args = SelectArgs(model, data.calibration, L, k, rank, cfg.targets, cfg.seed, cfg.fisher_params,
+                          cfg.fim_statistic, cfg.fim_r_min, cfg.fim_r_max)
+        sel = distributed_select(ctx, cfg.method, args)
         record = selection_json(cfg.method, sel, data.calibration, num_layers=L,
-                                data_sha256=data.sha256, seed=cfg.seed, rank=rank)
+                                data_sha256=data.sha256, seed=cfg.seed, rank=rank, args=args)
     log.info("method %s: adapting %d of %d layers: %s", cfg.method, len(sel.layers), L, sel.layers)
 
     # 4. adapters, optimizers, schedules
     inject_lora(model, sel.layers, targets=cfg.targets, rank=rank, alpha=cfg.alpha, stiefel=spec.stiefel,
                 rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed,
                 dora=spec.dora)
+    if cfg.match_init_norm and not spec.stiefel and ckpt is None:
+        unit_row_norms(model)  # plain A rows at the Stiefel A's unit norm (fora.training.init_norm)
     freeze_base(model)
     model.train()
     engine = wrap_model(ctx, model, device)  # what the step calls: model, DDP(model) or model sharded
@@ -211,7 +230,7 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
                                   stiefel=spec.stiefel, qr_every=cfg.qr_every)
     steps_per_epoch = math.ceil(math.ceil(len(data.train) / (cfg.batch_size * ctx.world)) / cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total)
+    schedule = lr_lambda(cfg.schedule, warmup_steps(cfg, total), total)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
     position = DataPosition(0, 0, 0)
     if ckpt is not None:
@@ -230,14 +249,22 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
                                             pad_id=tok.pad_id))
     epoch, b, step = position.epoch, position.batch, position.step
     batches = batches_of(epoch)
+    save = partial(save_checkpoint, out / "checkpoint", model=model, optimizers=optimizers, schedulers=schedulers,
+                   selection=record, config=cfg.to_dict(), base_model_name_or_path=base_model_id(cfg, folder))
+    live.out, live.total, live.position = out, total, DataPosition(epoch, b, step)
+    live.save = lambda position: ctx.main_only(save, position=position, seconds=time.perf_counter() - t_start)
+    live.stop.armed = True
+    progress = live.stack.enter_context(Progress(total, step))
     if step == 0 and data.val_batches:
-        val = evaluate(model, data.val_batches, device, autocast=autocast)
+        val = evaluate(model, progress.validation(data.val_batches, 0, data.val_examples), device, autocast=autocast)
         result.val_losses.append((0, val))
         metrics.write({"step": 0, "val_loss": val, "seconds": time.perf_counter() - t_start})
         log.info("validation loss at start: %.4f", val)
     speed, window = Throughput(step, total), []
     while step < total:
         ctx.seed_step(cfg.seed, step)  # several processes: dropout streams per (rank, step)
+        if live.stop.requested:  # Ctrl-C, deferred to this step boundary
+            raise KeyboardInterrupt
         group = batches[b:b + cfg.grad_accum]
         n_tokens = ctx.all_sum(supervised_tokens(group))  # of the whole global batch
         step_loss = 0.0
@@ -263,36 +290,38 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         if b >= len(batches):  # epoch done: the position always names the next batch to read
             epoch, b = epoch + 1, 0
             batches = batches_of(epoch)
+        live.position = DataPosition(epoch, b, step)
         window.append(ctx.all_sum(step_loss))  # the global batch's loss (each rank holds its share)
 
-        row = {}
+        row, eta = {}, 0.0
         if step % cfg.log_every == 0 or step == total:
             tok_s, eta = speed.report(step)
             errs = [stiefel_error(m.lora_A.mT) for m in lora_modules(model).values()]
             row = {"step": step, "loss": sum(window) / len(window), "lr": optimizers[-1].param_groups[0]["lr"],
                    "tok_s": tok_s, "grad_norm": float(grad_norm), "stiefel_error": max(errs)}
             result.train_losses.append((step, row["loss"]))
-            log.info("step %d/%d  loss %.4f  lr %.2e  tok/s %.0f  eta %s", step, total, row["loss"],
-                     row["lr"], tok_s, format_eta(eta))
             window = []
+        progress.step(step, row or None, eta)
         if data.val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-            row.update(step=step, val_loss=evaluate(model, data.val_batches, device, autocast=autocast))
+            val_batches = progress.validation(data.val_batches, step, data.val_examples)
+            row.update(step=step, val_loss=evaluate(model, val_batches, device, autocast=autocast))
             result.val_losses.append((step, row["val_loss"]))
             log.info("step %d/%d  validation loss %.4f", step, total, row["val_loss"])
         if row:
             metrics.write({**row, "seconds": time.perf_counter() - t_start})
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            live.save(live.position)
             ckpt_dir = out / "checkpoint"
-            ctx.main_only(save_checkpoint, ckpt_dir, model=model, optimizers=optimizers,
-                          schedulers=schedulers, position=DataPosition(epoch, b, step),
-                          selection=record, config=cfg.to_dict(),
-                          base_model_name_or_path=base_model_id(cfg, folder))
         if on_step is not None:
             on_step(step)
 
-    # 6. outputs
+    # 6. outputs (a finished run keeps a final checkpoint too)
+    live.save(live.position)
+    live.save = None
     ctx.main_only(save_adapter, model, out, base_model_name_or_path=base_model_id(cfg, folder), r=rank,
                   extra_files={SELECTION_FILE: record})
+    ctx.main_only(atomic_write_text, out / README_FILE, model_card(base_model_id(cfg, folder), method=cfg.method,
+                  layers=sorted(sel.layers), gguf=gguf_source(folder)))
     if cfg.merge:
         ctx.main_only(save_merged, model, out / "merged", source_dir=folder)
     result.seconds = time.perf_counter() - t_start

@@ -26,6 +26,10 @@ from fora.training.loop import MetricsLog, TrainingDiverged, causal_lm_loss
 from fora.training.run import default_out, main
 
 L = 4
+
+
+class Killed(BaseException):
+    """A kill the process cannot catch (SIGKILL, power loss); Ctrl-C is KeyboardInterrupt."""
 IDS = torch.tensor([[2, 40, 41, 42, 50, 60, 70, 9], [2, 5, 6, 7, 8, 9, 10, 11]])
 
 
@@ -123,18 +127,23 @@ def test_kill_and_resume_equals_uninterrupted(cfg, tmp_path):
 
     def crash(step: int) -> None:
         if step == 5:
-            raise KeyboardInterrupt("simulated kill")
+            raise Killed
     killed = replace(cfg, out=str(tmp_path / "killed"))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         main(killed, on_step=crash)
     assert not (tmp_path / "killed" / "adapter_model.safetensors").exists()
     state = json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())
-    assert state == {"epoch": 1, "batch": 0, "step": 4}
-    main(replace(killed, resume=str(tmp_path / "killed")))
+    assert {k: state[k] for k in ("epoch", "batch", "step")} == {"epoch": 1, "batch": 0, "step": 4}
+    result = main(replace(killed, resume=str(tmp_path / "killed")))
     full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "killed")
     assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
-    steps = [r["step"] for r in MetricsLog.read(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    rows = MetricsLog.read(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # time continues across the resume: the checkpoint carries the seconds spent before it
+    seconds = [r["seconds"] for r in rows]
+    assert state["seconds"] > 0 and seconds == sorted(seconds)
+    assert min(r["seconds"] for r in rows if r["step"] > 4) > state["seconds"]
+    assert result.seconds > state["seconds"]
 
 
 def test_truncated_backward_equals_full(tiny):
@@ -210,19 +219,21 @@ def test_out_folder_guard(cfg):
         main(cfg)
     with pytest.raises(ValueError, match=r"different run \(lr: 0\.001 here vs 0\.01 there\)"):
         main(replace(cfg, lr=1e-3))
+    with pytest.raises(ValueError, match="that run is finished.*nothing to resume"):
+        main(replace(cfg, resume=cfg.out))
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-        main(replace(cfg, resume=cfg.out))  # save_every=0: nothing to resume from
+        main(replace(cfg, resume=str(Path(cfg.out) / "merged")))
 
 
 def test_unfinished_run_guard_and_resume_with_other_settings(cfg):
     def crash(step: int) -> None:
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
+        raise Killed
+    with pytest.raises(Killed):
         main(replace(cfg, save_every=0), on_step=crash)
     with pytest.raises(ValueError, match="saved no checkpoint"):
         main(replace(cfg, save_every=0))
     cfg = replace(cfg, save_every=1, out=cfg.out + "-2")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         main(cfg, on_step=crash)
     with pytest.raises(ValueError, match=f"already holds this run; pass --resume {cfg.out}"):
         main(cfg)

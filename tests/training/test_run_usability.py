@@ -1,0 +1,245 @@
+"""The trainer from a user's seat: Ctrl-C, --resume DIR alone, progress, counts, defaults, guards,
+what the adapter says about its base; and two equivalences: gradient accumulation, joint clipping.
+
+Tiny random checkpoint (char tokenizer), CPU, float32, as in test_run.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import signal
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import make_tiny_checkpoint
+
+import fora.training.progress
+import fora.training.run
+from fora.formats.hub import PRESETS
+from fora.training.config import TrainConfig, parse_args, warmup_steps
+from fora.training.interrupt import TrainingInterrupted
+from fora.training.loop import MetricsLog
+from fora.training.model_card import base_model_id, gguf_source
+from fora.training.run import main
+
+L = 4
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama", num_hidden_layers=L)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps([{"instruction": f"Is {i} even?", "input": "", "output": "yes" if i % 2 == 0
+                                 else "no"} for i in range(40)]))
+    return path
+
+
+@pytest.fixture
+def cfg(tiny, data_file, tmp_path) -> TrainConfig:
+    return TrainConfig(model=str(tiny), k=2, data=str(data_file), out=str(tmp_path / "run"), rank=4, device="cpu",
+                       val_size=8, batch_size=4, max_steps=2, warmup_steps=0, lr=1e-2, fisher_batches=2,
+                       log_every=1, eval_every=0, save_every=0, lora_dropout=0.0)
+
+
+def _adapter(out) -> dict[str, torch.Tensor]:
+    return load_file(Path(out) / "adapter_model.safetensors")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _state(out) -> dict:
+    return json.loads((Path(out) / "checkpoint" / "state.json").read_text())
+
+
+def test_ctrl_c_checkpoints_at_the_step_boundary_and_resume_dir_alone_continues(cfg, tmp_path):
+    cfg = replace(cfg, max_steps=6, grad_accum=2, lora_dropout=0.1)
+    full = main(replace(cfg, out=str(tmp_path / "full")))
+    assert _state(tmp_path / "full")["step"] == 6           # a finished run keeps a final checkpoint
+
+    def ctrl_c(step: int) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)               # a real Ctrl-C: honoured at the next boundary
+    out = tmp_path / "stopped"
+    with pytest.raises(TrainingInterrupted) as stop:
+        main(replace(cfg, out=str(out)), on_step=ctrl_c)
+    assert stop.value.step == 3 and _state(out)["step"] == 3
+    assert stop.value.command == f"python scripts/train.py --resume {out}"
+    assert not (out / "adapter_model.safetensors").exists()
+    resumed = parse_args(["--resume", str(out)])             # --resume DIR alone: settings from the run
+    assert replace(resumed, resume=None, out=cfg.out) == replace(cfg, out=cfg.out)
+    main(resumed)
+    a, b = _adapter(tmp_path / "full"), _adapter(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert full.steps == 6
+
+
+def test_keyboard_interrupt_mid_step_saves_the_last_finished_step(cfg, monkeypatch, tmp_path):
+    real, calls = fora.training.run.forward_loss, {"n": 0}
+
+    def interrupted(model, batch, device, **kw):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 4:                               # inside step 2 (grad_accum 2)
+                raise KeyboardInterrupt
+        return real(model, batch, device, **kw)
+    monkeypatch.setattr(fora.training.run, "forward_loss", interrupted)
+    with pytest.raises(TrainingInterrupted, match=r"(?s)after step 1 of 3.*--resume"):
+        main(replace(cfg, max_steps=3, grad_accum=2))
+    assert {k: _state(cfg.out)[k] for k in ("epoch", "batch", "step")} == {"epoch": 0, "batch": 2, "step": 1}
+
+
+def test_cli_ctrl_c_prints_the_resume_command_without_traceback(tiny, data_file, tmp_path, capsys, monkeypatch):
+    real = fora.training.run.forward_loss
+    calls = {"n": 0}
+
+    def interrupted(model, batch, device, **kw):
+        calls["n"] += model.training
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(model, batch, device, **kw)
+    monkeypatch.setattr(fora.training.run, "forward_loss", interrupted)
+    out = tmp_path / "cli"
+    argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(out), "--k", "2", "--rank", "4",
+            "--batch-size", "4", "--max-steps", "3", "--val-size", "8", "--fisher-batches", "2", "--device", "cpu"]
+    assert _script("train").cli(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"Resume with:\n  python scripts/train.py --resume {out}" in err
+    assert err.count("--resume") == 1
+
+
+def test_resume_refuses_flags_that_differ_and_accepts_neutral_ones(cfg, capsys):
+    def ctrl_c(step: int) -> None:
+        raise KeyboardInterrupt
+    with pytest.raises(TrainingInterrupted):
+        main(replace(cfg, max_steps=3), on_step=ctrl_c)
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", cfg.out, "--lr", "0.001", "--rank", "4", "--seed", "7"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "--lr (0.001 given, 0.01 saved)" in err and "--seed (7 given, 42 saved)" in err and "--rank" not in err
+    again = parse_args(["--resume", cfg.out, "--log-every", "5", "--merge", "--model", cfg.model])
+    assert (again.log_every, again.merge, again.lr, again.resume) == (5, True, cfg.lr, cfg.out)
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(Path(cfg.out).parent / "nowhere")])
+    assert "no checkpoint in" in capsys.readouterr().err
+
+
+def test_progress_plain_lines_off_a_terminal(cfg, caplog):
+    with caplog.at_level(logging.INFO, logger="fora.train"):
+        main(replace(cfg, max_steps=2, log_every=1))
+    text = caplog.text
+    assert "validation at step 0: 8 examples in 2 batches" in text
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [m.split()[1] for m in lines if "loss" in m and "validation" not in m] == ["1/2", "2/2"]
+    assert all("lr" in m and "tok/s" in m and "eta" in m for m in lines if "validation" not in m)
+
+
+def test_progress_bar_on_a_terminal(cfg, capsys, monkeypatch):
+    monkeypatch.setattr(fora.training.progress, "is_terminal", lambda: True)
+    main(replace(cfg, max_steps=2, log_every=1))
+    err = capsys.readouterr().err
+    assert "train: 100%" in err and "2/2" in err and "loss=" in err and "tok_s=" in err and "lr=" in err
+    assert "validation @ step 0" in err
+
+
+def test_validation_count_is_after_cutoff_drops(cfg, tmp_path, caplog):
+    records = [{"instruction": f"Is {i} even?", "input": "", "output": "yes"} for i in range(32)]
+    records += [{"instruction": "x" * 400, "input": "", "output": "no"} for _ in range(16)]  # beyond cutoff
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(records))
+    with caplog.at_level(logging.INFO, logger="fora.train"):
+        main(replace(cfg, data=str(data), val_size=16, cutoff_len=256, max_steps=1))
+    msg = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data:"))
+    kept = sum(1 for line in caplog.messages if "dropped" in line)
+    n_val = int(msg.split("/")[1].split()[0])
+    assert kept >= 1 and n_val < 16
+    assert f"validation at step 0: {n_val} examples" in caplog.text
+
+
+def test_default_warmup_is_a_fraction_of_the_run(cfg):
+    assert TrainConfig(model="m").warmup_steps is None
+    assert warmup_steps(TrainConfig(model="m"), 1000) == 30 and warmup_steps(TrainConfig(model="m"), 10) == 1
+    assert warmup_steps(TrainConfig(model="m", warmup_steps=7), 1000) == 7
+    main(replace(cfg, warmup_steps=None, max_steps=4))
+    lrs = [r["lr"] for r in MetricsLog.read(Path(cfg.out) / "metrics.jsonl") if "lr" in r]
+    assert lrs[0] == pytest.approx(cfg.lr)                   # warmup of 1 step: the full lr at once
+
+
+def test_out_folder_that_is_not_a_run_is_refused(cfg, tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff")
+    with pytest.raises(ValueError, match="non-empty folder that holds no fora run.*new or empty folder"):
+        main(replace(cfg, out=str(foreign)))
+    assert sorted(p.name for p in foreign.iterdir()) == ["cat.jpg"]
+    (tmp_path / "empty").mkdir()
+    main(replace(cfg, out=str(tmp_path / "empty"), max_steps=1))  # an empty folder is fine
+
+
+def test_k_is_checked_before_the_weights_load(cfg, monkeypatch):
+    def no_load(*a, **kw):
+        raise AssertionError("weights loaded before --k was checked")
+    monkeypatch.setattr(fora.training.run, "load_model", no_load)
+    with pytest.raises(ValueError, match=f"--k 9 exceeds .*L={L}.*between 1 and {L}"):
+        main(replace(cfg, k=9))
+
+
+def test_outputs_honour_the_umask(cfg):
+    before = os.umask(0o022)
+    try:
+        main(replace(cfg, max_steps=1))
+    finally:
+        os.umask(before)
+    out = Path(cfg.out)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "README.md",
+                 "checkpoint/optim.pt"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE((out / "checkpoint").stat().st_mode) == 0o755
+
+
+def test_base_model_is_the_hub_id_and_a_gguf_base_is_named(cfg, tiny, tmp_path, monkeypatch):
+    # A packaged preset resolves to a converted GGUF folder in a cache; simulate one from the tiny model.
+    converted = tmp_path / "cache" / "gguf" / "SmolLM2-135M-Instruct.Q4_1-0123456789ab"
+    converted.mkdir(parents=True)
+    for f in tiny.iterdir():
+        (converted / f.name).write_bytes(f.read_bytes())
+    save_file(load_file(tiny / "model.safetensors"), converted / "model.safetensors",
+              metadata={"format": "pt", "source": "SmolLM2-135M-Instruct.Q4_1.gguf"})
+    monkeypatch.setattr(fora.training.run, "resolve_checkpoint", lambda name: converted)
+    main(replace(cfg, model="smollm2-135m"))
+    config = json.loads((Path(cfg.out) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == PRESETS["smollm2-135m"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (Path(cfg.out) / "README.md").read_text()
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card and "quantized GGUF" in card and str(tmp_path) not in card
+    assert base_model_id(str(tiny), tiny) == str(tiny.resolve())  # a user's own folder: their path
+    assert gguf_source(tiny) is None
+
+
+@pytest.mark.slow
+def test_packaged_gguf_base_names_the_hub_id(smol_folder):
+    assert gguf_source(smol_folder) == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert base_model_id("smollm2-135m", smol_folder) == "HuggingFaceTB/SmolLM2-135M-Instruct"
