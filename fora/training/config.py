@@ -21,7 +21,8 @@ from fora.training.methods import METHODS
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.
-RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device"})
+RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device",
+                              "activation_checkpointing"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class TrainConfig:
     merge: bool = False
     log_every: int = 10
     eval_every: int = 100
+    compile: bool = False
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -176,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--merge", action="store_true", help="also write OUT/merged: the base with W0 + s B A folded in")
     a("--log-every", type=int, default=d.log_every, help="progress line + metrics.jsonl row every N steps")
     a("--eval-every", type=int, default=d.eval_every, help="validation loss every N steps (0 = only start and end)")
+    a("--compile", action="store_true", help="torch.compile each decoder block (regional); falls back to "
+      "eager with a warning where torch.compile does not work. Off by default: no measured gain yet")
+    a("--activation-checkpointing", action="store_true",
+      help="recompute each block's activations in backward: less activation memory, about one more forward")
     return p
 
 

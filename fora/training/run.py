@@ -44,6 +44,8 @@ from fora.stiefel import stiefel_error
 from fora.training.tasks import arithmetic_task
 from fora.formats.loading import load_tokenizer
 from fora.training.config import TrainConfig
+from fora.models.speed import checkpoint_blocks, compile_blocks
+from fora.training.health import StepHealth
 from fora.training.loop import (MetricsLog, Throughput, autocast_context, diverged, evaluate, format_eta,
                              forward_loss, lr_lambda, supervised_tokens)
 
@@ -195,6 +197,10 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
                 rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed)
     freeze_base(model)
     model.train()
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    if cfg.compile:
+        compile_blocks(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %d (%d LoRA modules)", sum(p.numel() for p in params), len(lora_modules(model)))
     optimizers = build_optimizers(model, cfg.lr, stiefel_lr=cfg.stiefel_lr, weight_decay=cfg.weight_decay,
@@ -224,22 +230,19 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         result.val_losses.append((0, val))
         metrics.write({"step": 0, "val_loss": val, "seconds": time.perf_counter() - t_start})
         log.info("validation loss at start: %.4f", val)
-    speed, window = Throughput(step, total), []
+    speed, window, health = Throughput(step, total), [], StepHealth()
     while step < total:
         group = batches[b:b + cfg.grad_accum]
         n_tokens = supervised_tokens(group)
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for batch in group:
             loss_sum, _ = forward_loss(model, batch, device, grad_from_layer=grad_from, autocast=autocast)
             loss = loss_sum / max(n_tokens, 1)  # token-weighted mean over the whole accumulated batch
-            if not torch.isfinite(loss):
-                raise diverged(step + 1, "the training loss", float(loss.detach()), ckpt_dir)
             loss.backward()
-            step_loss += float(loss.detach())
+            step_loss += loss.detach()  # checked for NaN / inf on the device, synced by `health`
             speed.tokens += int(batch["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise diverged(step + 1, "the gradient norm", float(grad_norm), ckpt_dir)
+        health.record(step + 1, step_loss, grad_norm)
         for opt in optimizers:
             opt.step()
         for sched in schedulers:
@@ -250,10 +253,16 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
         if b >= len(batches):  # epoch done: the position always names the next batch to read
             epoch, b = epoch + 1, 0
             batches = batches_of(epoch)
-        window.append(step_loss)
+        logging_now = step % cfg.log_every == 0 or step == total
+        evaluating = bool(data.val_batches) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
+        saving = bool(cfg.save_every) and step % cfg.save_every == 0 and step < total
+        if logging_now or evaluating or saving:  # the one device sync of these steps
+            losses, last_norm = health.check(ckpt_dir)
+            window += losses
+            grad_norm = last_norm if last_norm is not None else grad_norm
 
         row = {}
-        if step % cfg.log_every == 0 or step == total:
+        if logging_now:
             tok_s, eta = speed.report(step)
             errs = [stiefel_error(m.lora_A.mT) for m in lora_modules(model).values()]
             row = {"step": step, "loss": sum(window) / len(window), "lr": optimizers[-1].param_groups[0]["lr"],
@@ -262,13 +271,13 @@ def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> T
             log.info("step %d/%d  loss %.4f  lr %.2e  tok/s %.0f  eta %s", step, total, row["loss"],
                      row["lr"], tok_s, format_eta(eta))
             window = []
-        if data.val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+        if evaluating:
             row.update(step=step, val_loss=evaluate(model, data.val_batches, device, autocast=autocast))
             result.val_losses.append((step, row["val_loss"]))
             log.info("step %d/%d  validation loss %.4f", step, total, row["val_loss"])
         if row:
             metrics.write({**row, "seconds": time.perf_counter() - t_start})
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+        if saving:
             ckpt_dir = save_checkpoint(out / "checkpoint", model=model, optimizers=optimizers,
                                        schedulers=schedulers, position=DataPosition(epoch, b, step),
                                        selection=record, config=cfg.to_dict(),
