@@ -14,6 +14,9 @@ as in instruction data), LoRA r = 32, α = 64 on q, k, v, up, down, and one full
   fg-lora-k      fora, the same K layers, plain A, AdamW (FG-LoRA)
   fora-k         fora, the same K layers, Stiefel A, Cayley-Adam (FoRA)
 
+and, on request (``--variants``), fora-all+ckpt (activation checkpointing per block) and
+fora-all+compile (regional torch.compile of the blocks; its warm-up includes the compilation).
+
 Timing: the variants live in one process and are stepped round-robin (one step of each in turn,
 ``--steps`` rounds after ``--warmup``), so load from other processes hits all of them alike; the
 table gives the median step time. Memory: each variant is rebuilt in its own subprocess, stepped
@@ -27,6 +30,7 @@ input gradients 2NT) plus 8·B·T²·(heads·head_dim)·L for attention scores a
 
     python scripts/bench_vs_peft.py                                   # SmolLM2-135M, CPU, fp32
     python scripts/bench_vs_peft.py --device cuda --shape llama-3.2-1b --batch 16 --seq 256
+    python scripts/bench_vs_peft.py --variants fora-all fora-all+ckpt fora-all+compile
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from bench_fisher import SHAPES, _reset_peak_rss, _rss_bytes  # noqa: E402
 
 VARIANTS = ("peft-all", "fora-all", "peft-k", "fg-lora-k", "fora-k")
+# opt-in: fora-all with activation checkpointing per block / with regional torch.compile
+EXTRA = ("fora-all+ckpt", "fora-all+compile")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense bf16
 
 
@@ -68,13 +74,14 @@ class Config:
     variants: tuple[str, ...] = VARIANTS
 
 
-def make_batch(cfg: Config, vocab: int) -> dict[str, torch.Tensor]:
+def make_batch(cfg: Config, vocab: int, device: str | None = None) -> dict[str, torch.Tensor]:
+    device = device or cfg.device
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, vocab, (cfg.batch, cfg.seq), generator=g)
     labels = torch.full_like(ids, -100)
     labels[:, -cfg.supervised:] = ids[:, -cfg.supervised:]
-    return {"input_ids": ids.to(cfg.device), "labels": labels.to(cfg.device),
-            "attention_mask": torch.ones_like(ids, device=cfg.device)}
+    return {"input_ids": ids.to(device), "labels": labels.to(device),
+            "attention_mask": torch.ones_like(ids, device=device)}
 
 
 def hf_model(cfg: Config):
@@ -134,16 +141,23 @@ def build(cfg: Config, variant: str):
             with autocast():
                 return model(**batch).loss
     else:
+        from fora.models.speed import checkpoint_blocks, compile_blocks
         model = fora_model(cfg)
         L = model.config.num_hidden_layers
         k = cfg.k or L // 2
-        layers = list(range(L)) if variant == "fora-all" else list(range(L - k, L))
+        layers = list(range(L)) if variant.startswith("fora-all") else list(range(L - k, L))
         stiefel = variant == "fora-k"
         inject_lora(model, layers, rank=cfg.rank, stiefel=stiefel, seed=cfg.seed)
         freeze_base(model)
         model.train()
+        if variant.endswith("+ckpt"):
+            checkpoint_blocks(model)
+        if variant.endswith("+compile") and not compile_blocks(model, device):
+            raise SystemExit("torch.compile does not work here; drop the +compile variant")
         optimizers = build_optimizers(model, lr=1e-4, stiefel=stiefel)
-        batch = make_batch(cfg, model.config.vocab_size)
+        # on the host, as the trainer keeps it: forward_loss moves the ids and reads labels and
+        # padding from the CPU tensors without waiting for the device
+        batch = make_batch(cfg, model.config.vocab_size, device="cpu")
         grad_from = min(layers)
 
         def loss_fn():
@@ -252,7 +266,8 @@ def report(cfg: Config, timing: dict[str, dict], memory: dict[str, dict] | None)
               f" {cfg.batch * cfg.seq / (ms / 1e3):>8.0f} {mem:>9.1f} {mfu:>6}")
     if memory:
         print(f"memory: {next(iter(memory.values()))['method']} (peak of one step above the memory before it)")
-    pairs = [("fora-all", "peft-all"), ("fg-lora-k", "peft-k"), ("fora-k", "peft-k"), ("fora-k", "fg-lora-k")]
+    pairs = [("fora-all", "peft-all"), ("fg-lora-k", "peft-k"), ("fora-k", "peft-k"), ("fora-k", "fg-lora-k"),
+             ("fora-all+ckpt", "fora-all"), ("fora-all+compile", "fora-all")]
     for a, b in pairs:
         if a in timing and b in timing:
             t = statistics.median(timing[a]["ms"]) / statistics.median(timing[b]["ms"])
@@ -275,9 +290,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS + EXTRA, default=list(VARIANTS))
     ap.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
-    ap.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", choices=VARIANTS + EXTRA, help=argparse.SUPPRESS)
     ap.add_argument("--config-json", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.config_json:

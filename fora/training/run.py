@@ -46,7 +46,7 @@ from fora.formats.loading import load_tokenizer
 from fora.training.config import TrainConfig
 from fora.models.speed import checkpoint_blocks, compile_blocks
 from fora.training.health import StepHealth
-from fora.training.loop import (MetricsLog, Throughput, autocast_context, diverged, evaluate, format_eta,
+from fora.training.loop import (MetricsLog, Throughput, autocast_context, evaluate, format_eta,
                              forward_loss, lr_lambda, supervised_tokens)
 
 log = logging.getLogger("fora.train")
