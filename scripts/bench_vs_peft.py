@@ -271,8 +271,9 @@ def report(cfg: Config, timing: dict[str, dict], memory: dict[str, dict] | None)
     for a, b in pairs:
         if a in timing and b in timing:
             t = statistics.median(timing[a]["ms"]) / statistics.median(timing[b]["ms"])
+            fastest = min(timing[a]["ms"]) / min(timing[b]["ms"])  # least disturbed by other load
             m = f", peak memory {memory[a]['peak_mib'] / memory[b]['peak_mib']:.3f}" if memory else ""
-            print(f"ratio {a} / {b}: step time {t:.3f}{m}")
+            print(f"ratio {a} / {b}: step time {t:.3f} (medians), {fastest:.3f} (fastest steps){m}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
