@@ -25,9 +25,9 @@ def tiny(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama", num_hidden_layers=3)
 
 
-def _adapted(folder):
+def _adapted(folder, dropout=0.1):
     model = load_model(folder, dtype=torch.float32, device="cpu")
-    inject_lora(model, [1, 2], rank=4, seed=0, dropout=0.1)
+    inject_lora(model, [1, 2], rank=4, seed=0, dropout=dropout)
     freeze_base(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -75,8 +75,9 @@ def test_blocks_error_names_the_fix():
 
 @pytest.mark.slow
 def test_compiled_blocks_same_loss_and_gradients(tiny):
-    ref_loss, ref_grads = _step(_adapted(tiny), 1)
-    model = _adapted(tiny)
+    # no adapter dropout: inductor draws its own masks, so compiled dropout differs from eager's
+    ref_loss, ref_grads = _step(_adapted(tiny, 0.0), 1)
+    model = _adapted(tiny, 0.0)
     assert compile_blocks(model) is True
     loss, grads = _step(model, 1)
     assert list(model.state_dict()) == list(_adapted(tiny).state_dict())
