@@ -13,6 +13,11 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     # fora.models: the decoder and its loss
     "causal_lm_loss": "fora.models.loss",
+    "head_loss": "fora.models.loss",
+    "supervised_positions": "fora.models.loss",
+    "forward_loss": "fora.training.loop",
+    "compile_blocks": "fora.models.speed",
+    "checkpoint_blocks": "fora.models.speed",
     "IGNORE_INDEX": "fora.models.loss",
     "decoder_layers": "fora.models.paths",
     "target_modules": "fora.models.paths",

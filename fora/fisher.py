@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fora.inject import DEFAULT_TARGETS
+from fora.models.decoder import CausalLM
 from fora.models.loss import causal_lm_loss
 from fora.models.paths import decoder_layers, layer_index, target_modules
 from fora.models.weight_grad import quantized_linears, weight_grad_norms
@@ -91,8 +92,12 @@ def batch_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], device: torc
     """Mean token cross-entropy of one batch over supervised positions (labels shifted inside, as in HF)."""
     ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")
-    out = model(ids, attention_mask=None if mask is None else mask.to(device))
-    logits = getattr(out, "logits", out)  # fora.CausalLM returns logits, HF models an output object
+    mask = None if mask is None else mask.to(device)
+    if isinstance(model, CausalLM):  # logits only at supervised positions, chunked (head_loss)
+        total, count = model.loss(ids, batch["labels"], mask)
+        return total / count
+    out = model(ids, attention_mask=mask)
+    logits = getattr(out, "logits", out)  # HF models return an output object
     total, count = causal_lm_loss(logits, batch["labels"].to(device))
     return total / count
 
@@ -137,13 +142,15 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
         layer_of[index[path]] = layer_index(path)
     device = entries[0][2].device if entries else next(iter(quantized.values())).packed.device
     acc = torch.zeros(len(paths), dtype=torch.float32, device=device)  # this batch, per module
-    total = torch.zeros(len(paths), dtype=torch.float64)
+    # float64 sums stay on the device (MPS has no float64) and reach the host once, at the end
+    total = torch.zeros(len(paths), dtype=torch.float64, device=device if device.type != "mps" else "cpu")
 
     def fold(j: int):
         def hook(p: torch.Tensor) -> None:
             # Square-and-sum the finished gradient into its module, then free it: no gradient
             # outlives this call, which is what keeps peak memory at one-gradient scale.
-            acc[j] += p.grad.float().pow(2).sum().to(acc.device)
+            # vector_norm reduces bf16 in fp32 without a full-size fp32 copy of the gradient
+            acc[j] += torch.linalg.vector_norm(p.grad, dtype=torch.float32).square().to(acc.device)
             p.grad = None
         return hook
 
@@ -157,13 +164,14 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
             for b, batch in enumerate(batches):
                 loss = batch_loss(model, batch, device)
                 loss.backward()
-                total += acc.double().cpu()
+                total += acc.double().to(total.device)
                 acc.zero_()
-                log.debug("fisher batch %d/%d: loss %.4f", b + 1, len(batches), loss.item())
+                if log.isEnabledFor(logging.DEBUG):  # .item() waits for the device
+                    log.debug("fisher batch %d/%d: loss %.4f", b + 1, len(batches), loss.item())
         finally:
             for h in hooks:
                 h.remove()
-    total /= len(batches)
+    total = total.cpu() / len(batches)
     scores = torch.zeros(num_layers, dtype=torch.float64).index_add_(0, layer_of, total)
     if per_module:
         return scores, {path: float(total[j]) for j, path in enumerate(paths)}

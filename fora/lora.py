@@ -138,7 +138,9 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        h = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(h.device.type):  # autocast casts both operands itself
+            h = h.to(self.lora_A.dtype)
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B)   # (..., r) -> (..., d_out)
         return y + (delta * self.scale).to(y.dtype)
 

@@ -61,7 +61,6 @@ def pick_layers(num_layers: int, placement: str, seed: int) -> list[int]:
 def run_variant(cfg: TrainBenchConfig, variant: str) -> dict:
     from fora.inject import count_trainable, freeze_base, inject_lora
     from fora.optim import build_optimizers
-    from fora.training.loop import causal_lm_loss
 
     model, batch = build(BenchConfig(shape=cfg.shape, batch=cfg.batch, seq=cfg.seq, rank=cfg.rank,
                                      device=cfg.device, dtype=cfg.dtype, seed=cfg.seed))
@@ -74,12 +73,12 @@ def run_variant(cfg: TrainBenchConfig, variant: str) -> dict:
     model.to(cfg.device).train()
     optimizers = build_optimizers(model, lr=1e-4, stiefel=stiefel)
     grad_from = min(layers) if variant == "fora" else 0
-    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = batch["labels"].cpu()  # as the trainer keeps them: supervised positions found without a sync
     cuda = cfg.device.startswith("cuda")
 
     def step() -> None:
-        logits = model(ids, mask, grad_from_layer=grad_from)
-        total, count = causal_lm_loss(logits, labels)
+        total, count = model.loss(ids, labels, mask, grad_from_layer=grad_from)  # logits at supervised positions only
         (total / count).backward()
         for opt in optimizers:
             opt.step()

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from fora.models.config import SLIDING, ModelConfig
 from fora.models.layers import DecoderLayer, RMSNorm, causal_mask
+from fora.models.loss import head_loss
 from fora.models.rope import RotaryEmbedding
 
 
@@ -139,6 +140,16 @@ class CausalLM(nn.Module):
         """
         x = self.model(input_ids, attention_mask, position_ids, grad_from_layer=grad_from_layer)
         return self._head(x)
+
+    def loss(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,
+             position_ids: Tensor | None = None, *, grad_from_layer: int = 0) -> tuple[Tensor, Tensor]:
+        """(summed token cross-entropy, supervised-token count) as `causal_lm_loss(self(...), labels)`,
+        with the LM head applied only at supervised positions and the logits chunked (`head_loss`).
+
+        Args: as `forward`, plus labels [B, T] aligned with input_ids (IGNORE_INDEX: no loss).
+        """
+        x = self.model(input_ids, attention_mask, position_ids, grad_from_layer=grad_from_layer)
+        return head_loss(x, self.lm_head.weight, labels, softcap=self.config.final_logit_softcapping)
 
     def _head(self, x: Tensor) -> Tensor:
         logits = self.lm_head(x)

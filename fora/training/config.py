@@ -29,7 +29,7 @@ DTYPES = ("auto", "float32", "bfloat16")  # no float16: autocast without loss sc
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.
 RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device",
-                              "distributed"})
+                              "distributed", "activation_checkpointing"})
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,8 @@ class TrainConfig:
     fim_r_min: int = 1
     fim_r_max: int | None = None
     match_init_norm: bool = False
+    compile: bool = False
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -230,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--match-init-norm", action="store_true", help="plain-A methods: scale each Kaiming row of A to "
       "unit norm, the row norm of a Stiefel A (Kaiming rows have norm ~1/sqrt(3)), so the 2x2 "
       "ablation starts both arms at the same ||dW|| scale")
+    a("--compile", action="store_true", help="torch.compile each decoder block (regional); falls back to "
+      "eager with a warning where torch.compile does not work. Off by default: no measured gain yet")
+    a("--activation-checkpointing", action="store_true",
+      help="recompute each block's activations in backward: less activation memory, about one more forward")
     return p
 
 

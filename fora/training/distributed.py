@@ -87,6 +87,12 @@ class DistContext:
         dist.all_reduce(t)
         return type(value)(t.item())
 
+    def all_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks in place, without a host sync (the step's loss); `t` itself in one process."""
+        if self.active:
+            dist.all_reduce(t)
+        return t
+
     def seed_step(self, seed: int, step: int) -> None:
         """Across processes, seed torch's generator (LoRA dropout) from (seed, rank, step) before
         each step: ranks draw different masks, and a resumed run draws the masks of the

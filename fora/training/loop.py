@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fora.formats.atomic import atomic_write_text
+from fora.models.decoder import CausalLM, _key_mask
 from fora.models.loss import IGNORE_INDEX, causal_lm_loss
 
 Batch = Mapping[str, torch.Tensor]
@@ -58,12 +59,34 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
 def forward_loss(model: nn.Module, batch: Batch, device: torch.device, *, grad_from_layer: int = 0,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`causal_lm_loss` of one batch (summed, with its token count)."""
-    ids = batch["input_ids"].to(device)
-    mask = batch.get("attention_mask")
+    """Summed token cross-entropy of one batch and its supervised-token count (`causal_lm_loss`).
+
+    A fora `CausalLM` takes the loss from its final hidden states at supervised positions only
+    (`CausalLM.loss`: no [B, T, V] logits); any other model (transformers, peft) through its logits.
+    With the batch on the CPU (as the trainer keeps it) nothing here waits for the device: the
+    supervised positions and the padding layout are read from the CPU tensors.
+
+    Args:
+        model: a fora CausalLM, or any causal LM returning logits (or an object with ``.logits``).
+        batch: ``input_ids`` [B, T], ``labels`` [B, T] (IGNORE_INDEX: no loss), optional
+            ``attention_mask`` [B, T].
+        device: where the model is.
+        grad_from_layer: no autograd below this layer (fora CausalLM only).
+        autocast: a context factory for mixed precision (see `autocast_context`).
+    Returns:
+        (loss sum, count); the mean token loss is ``sum / count``.
+    """
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    mask, labels = batch.get("attention_mask"), batch["labels"]
+    if isinstance(model, CausalLM):
+        if mask is not None and mask.device.type == "cpu" and _key_mask(mask) is None:
+            mask = None  # right padding only: causality hides the pads, and the decoder needs no check
+        with autocast():
+            return model.loss(ids, labels, None if mask is None else mask.to(device, non_blocking=True),
+                              grad_from_layer=grad_from_layer)
     with autocast():
-        logits = model(ids, None if mask is None else mask.to(device), grad_from_layer=grad_from_layer)
-    return causal_lm_loss(logits, batch["labels"].to(device))
+        out = model(ids, attention_mask=None if mask is None else mask.to(device))
+    return causal_lm_loss(getattr(out, "logits", out), labels.to(device))
 
 
 @torch.no_grad()
@@ -72,14 +95,14 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], device: torch.device, *
     """Token-weighted mean validation loss, in eval mode (no dropout); the mode is restored."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     try:
         for batch in batches:
             s, n = forward_loss(model, batch, device, autocast=autocast)
-            total, count = total + float(s), count + int(n)
+            total, count = total + s.double(), count + int(n)  # one device sync, at the end
     finally:
         model.train(was_training)
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def diverged(step: int, what: str, value: float, checkpoint: Path | None) -> TrainingDiverged:

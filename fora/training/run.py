@@ -53,7 +53,9 @@ from fora.training.resume import refuse_finished, refuse_foreign_out
 from fora.models.config import ModelConfig
 from fora.training.distributed import (distributed_select, init_distributed, load_device, metrics_log, split_batches,
                                        sync_adapter_grads, wrap_model)
-from fora.training.loop import (Throughput, autocast_context, diverged, evaluate,
+from fora.models.speed import checkpoint_blocks, compile_blocks
+from fora.training.health import StepHealth
+from fora.training.loop import (Throughput, autocast_context, evaluate,
                              forward_loss, lr_lambda, supervised_tokens)
 
 log = logging.getLogger("fora.train")
@@ -223,6 +225,10 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
         unit_row_norms(model)  # plain A rows at the Stiefel A's unit norm (fora.training.init_norm)
     freeze_base(model)
     model.train()
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    if cfg.compile:
+        compile_blocks(model, device)
     engine = wrap_model(ctx, model, device)  # what the step calls: model, DDP(model) or model sharded
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %d (%d LoRA modules)", sum(p.numel() for p in params), len(lora_modules(model)))
@@ -252,7 +258,13 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
     save = partial(save_checkpoint, out / "checkpoint", model=model, optimizers=optimizers, schedulers=schedulers,
                    selection=record, config=cfg.to_dict(), base_model_name_or_path=base_model_id(cfg, folder))
     live.out, live.total, live.position = out, total, DataPosition(epoch, b, step)
-    live.save = lambda position: ctx.main_only(save, position=position, seconds=time.perf_counter() - t_start)
+    health = StepHealth()
+
+    def save_at(position: DataPosition) -> Path | None:
+        health.check(ckpt_dir)  # a diverged step is never checkpointed
+        return ctx.main_only(save, position=position, seconds=time.perf_counter() - t_start)
+
+    live.save = save_at
     live.stop.armed = True
     progress = live.stack.enter_context(Progress(total, step))
     if step == 0 and data.val_batches:
@@ -267,19 +279,16 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
             raise KeyboardInterrupt
         group = batches[b:b + cfg.grad_accum]
         n_tokens = ctx.all_sum(supervised_tokens(group))  # of the whole global batch
-        step_loss = 0.0
+        step_loss = torch.zeros((), device=device)
         for batch in group:
             loss_sum, _ = forward_loss(engine, batch, device, grad_from_layer=grad_from, autocast=autocast)
             loss = loss_sum / max(n_tokens, 1)  # token-weighted mean over the whole accumulated batch
-            if not torch.isfinite(loss):
-                raise diverged(step + 1, "the training loss", float(loss.detach()), ckpt_dir)
             (loss * ctx.world).backward()  # DDP / FSDP average the gradients over ranks
-            step_loss += float(loss.detach())
+            step_loss += loss.detach()  # checked for NaN / inf on the device, synced by `health`
             speed.tokens += int(batch["attention_mask"].sum())
         sync_adapter_grads(ctx, params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise diverged(step + 1, "the gradient norm", float(grad_norm), ckpt_dir)
+        health.record(step + 1, ctx.all_sum_(step_loss), grad_norm)  # the global batch's loss
         for opt in optimizers:
             opt.step()
         for sched in schedulers:
@@ -291,10 +300,16 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
             epoch, b = epoch + 1, 0
             batches = batches_of(epoch)
         live.position = DataPosition(epoch, b, step)
-        window.append(ctx.all_sum(step_loss))  # the global batch's loss (each rank holds its share)
+        logging_now = step % cfg.log_every == 0 or step == total
+        evaluating = bool(data.val_batches) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
+        saving = bool(cfg.save_every) and step % cfg.save_every == 0 and step < total
+        if logging_now or evaluating or saving:  # the one device sync of these steps
+            losses, last_norm = health.check(ckpt_dir)
+            window += losses
+            grad_norm = last_norm if last_norm is not None else grad_norm
 
         row, eta = {}, 0.0
-        if step % cfg.log_every == 0 or step == total:
+        if logging_now:
             tok_s, eta = speed.report(step)
             errs = [stiefel_error(m.lora_A.mT) for m in lora_modules(model).values()]
             row = {"step": step, "loss": sum(window) / len(window), "lr": optimizers[-1].param_groups[0]["lr"],
@@ -302,14 +317,14 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
             result.train_losses.append((step, row["loss"]))
             window = []
         progress.step(step, row or None, eta)
-        if data.val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+        if evaluating:
             val_batches = progress.validation(data.val_batches, step, data.val_examples)
             row.update(step=step, val_loss=evaluate(model, val_batches, device, autocast=autocast))
             result.val_losses.append((step, row["val_loss"]))
             log.info("step %d/%d  validation loss %.4f", step, total, row["val_loss"])
         if row:
             metrics.write({**row, "seconds": time.perf_counter() - t_start})
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+        if saving:
             live.save(live.position)
             ckpt_dir = out / "checkpoint"
         if on_step is not None:
