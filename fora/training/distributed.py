@@ -281,7 +281,7 @@ def wrap_model(ctx: DistContext, model: nn.Module, device: torch.device) -> nn.M
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     with torch.no_grad():  # fully_shard moves what it shards; the ignored adapters move here
         for p in adapters:
@@ -290,6 +290,7 @@ def wrap_model(ctx: DistContext, model: nn.Module, device: torch.device) -> nn.M
     for block in decoder_layers(model):
         fully_shard(block, mesh=mesh, ignored_params=adapters & set(block.parameters()))
     fully_shard(model, mesh=mesh, ignored_params=adapters)
+    register_fsdp_forward_method(model, "loss")  # the trainer's step calls CausalLM.loss, not forward
     return model
 
 
