@@ -118,3 +118,24 @@ def test_bad_inputs(models):
         ours.model(ids, mask, cache=cache)
     with pytest.raises(ValueError, match="must cover the 0 cached and 5 new positions"):
         ours.model(ids, mask[:, 1:], cache=KVCache(2, 8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder_fixture", ["smol_folder", "gemma_folder"])
+def test_real_checkpoints_match_transformers(request, folder_fixture):
+    """SmolLM2-135M and Gemma-3-270M (converted GGUFs), two left-padded prompts, 8 new tokens."""
+    from fora.formats.loading import load_tokenizer
+
+    folder = request.getfixturevalue(folder_fixture)
+    ours, ref, tok = load_model(folder, dtype=torch.float32, device="cpu"), hf_reference(folder), load_tokenizer(folder)
+    prompts = [tok.encode("The capital of France is"), tok.encode("Water boils at a temperature of one hundred")]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    cached = ours.generate(ids, mask, max_new_tokens=8, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    assert torch.equal(cached, ours.generate(ids, mask, max_new_tokens=8, eos_id=tok.eos_id,
+                                             pad_id=tok.pad_id, use_cache=False))
+    expected = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                            eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, top_k=None, top_p=None,
+                            temperature=None)[:, T:]
+    assert torch.equal(cached, expected[:, :cached.shape[1]]) and cached.shape[1] == expected.shape[1]
