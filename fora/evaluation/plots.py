@@ -74,17 +74,22 @@ def plot_spectra(spectra: Mapping[str, Sequence[Sequence[float]]], path: str | o
         raise ValueError("no spectra to plot; pass {method: [[singular values of each module], ...]}")
     plt = _pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [3, 2]})
+    colors = {}
     for label, rows in spectra.items():
         normed = [[s / row[0] for s in row] if row and row[0] > 0 else [0.0] * len(row) for row in rows]
         width = max(len(r) for r in normed)
         mean = [sum(r[i] for r in normed if i < len(r)) / len(normed) for i in range(width)]
-        ax.plot(range(1, width + 1), mean, marker=".", label=label)
+        (line,) = ax.plot(range(1, width + 1), mean, marker=".", label=label)
+        colors[label] = line.get_color()
     ax.set_xlabel("index i")
     ax.set_ylabel("mean σ_i / σ_1 of ΔW")
     ax.legend(fontsize=8)
     labels = list(spectra)
     values = [ratios[m] if ratios else math.nan for m in labels]
-    bx.barh(labels, values, color="tab:blue")
+    bx.barh(labels, values, color=[colors[m] for m in labels])
+    for y, v in enumerate(values):
+        if not math.isnan(v):
+            bx.text(min(v, 0.82) + 0.02, y, f"{v:.2f}", va="center", fontsize=8)
     bx.set_xlim(0, 1)
     bx.set_xlabel("effective rank / r")
     bx.invert_yaxis()
