@@ -50,6 +50,7 @@ class ReproduceConfig:
     max_new_tokens: int = 12   # "the correct answer is option1" is 8 tokens with SmolLM2's tokenizer
     ppl_tokens: int = 4096     # held-out text tokens for perplexity
     kl_windows: int = 8        # 256-token windows for the KL drift
+    base_first: bool = False   # measure the base model before training (else before the first evaluation)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
@@ -64,9 +65,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
                  "gen_limit", "max_new_tokens", "ppl_tokens", "kl_windows"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--base-first", action="store_true",
+                   help="measure the base model before training (for a second invocation running in parallel)")
     a = vars(p.parse_args(argv))
     for name, value in a.items():
-        if isinstance(value, int) and value < 1 and name not in ("gen_limit", "warmup_steps", "val_size"):
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1 and name not in ("gen_limit", "warmup_steps", "val_size"):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return ReproduceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
 
@@ -120,13 +123,28 @@ def load(model_name: str):
 
 
 def base_row(model_name: str, test: list[dict], cfg: ReproduceConfig, path: Path) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    from fora.formats.atomic import atomic_write_json
+    """The base model's zero-shot row, cached in `path` for these evaluation sizes.
 
+    Another process of the same reproduction computing it (a `.running` marker younger than an
+    hour) is waited for rather than duplicated.
+    """
+    from fora.formats.atomic import atomic_write_json, atomic_write_text
+
+    sizes = {"n_loglik": min(cfg.eval_limit, len(test)), "n_generate": min(cfg.gen_limit, len(test)) or None}
+    marker = path.with_suffix(".running")
+    while True:
+        if path.is_file():
+            row = json.loads(path.read_text())
+            if all(row.get(k) == v for k, v in sizes.items()):
+                return row
+        if not (marker.is_file() and time.time() - marker.stat().st_mtime < 3600):
+            break
+        time.sleep(10)
+    atomic_write_text(marker, str(time.time()))
     model, tok = load(model_name)
     row = {"model": model_name, "method": "base (zero-shot)", "seed": None, **measure(model, tok, test, cfg)}
     atomic_write_json(path, row)
+    marker.unlink(missing_ok=True)
     log.info("%s zero-shot: %s", model_name, {k: v for k, v in row.items() if k != "sample_generation"})
     return row
 
@@ -238,7 +256,8 @@ def main(cfg: ReproduceConfig) -> dict:
     for model in cfg.models:
         folder = cfg.out / slug(model)
         folder.mkdir(parents=True, exist_ok=True)
-        base[model] = base_row(model, test, cfg, folder / "base.json")
+        if cfg.base_first:
+            base[model] = base_row(model, test, cfg, folder / "base.json")
         for seed in cfg.seeds:
             for method in cfg.methods:
                 run = folder / f"{method}-s{seed}"
@@ -247,6 +266,8 @@ def main(cfg: ReproduceConfig) -> dict:
                     continue
                 log.info("%s: training (%.0f s into this invocation)", run, time.perf_counter() - t0)
                 train_arm(model, method, seed, train_file, cfg, run)
+                if model not in base:  # after training: a parallel invocation may have measured it meanwhile
+                    base[model] = base_row(model, test, cfg, folder / "base.json")
                 arm_row(model, method, seed, test, cfg, run, base[model])
     # the table covers every finished arm under OUT (earlier invocations with other models included)
     rows = [json.loads(p.read_text()) for p in sorted(cfg.out.glob("*/*-s*/result.json"))]
