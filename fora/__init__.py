@@ -80,6 +80,14 @@ _EXPORTS: dict[str, str] = {
     "train": "fora.training.run",
     "TrainingDiverged": "fora.training.loop",
     "METHODS": "fora.training.methods",
+    # fora.evaluation: accuracy (generate / loglik protocols), perplexity; the decoder's KV cache
+    "load_eval_tasks": "fora.evaluation.tasks_io",
+    "evaluate_tasks": "fora.evaluation.accuracy",
+    "evaluate_generate": "fora.evaluation.accuracy",
+    "evaluate_loglik": "fora.evaluation.accuracy",
+    "text_perplexity": "fora.evaluation.perplexity",
+    "load_evaluated": "fora.evaluation.adapted",
+    "KVCache": "fora.models.generation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -55,7 +55,7 @@ class DecoderModel(nn.Module):
         device = input_ids.device
         past = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T), broadcast over the batch
+            position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T), broadcast
         dtype = self.embed_tokens.weight.dtype
         rope = {lt: (self.rotary_emb_local if lt == SLIDING else self.rotary_emb)(position_ids, dtype)
                 for lt in set(cfg.layer_types)}
