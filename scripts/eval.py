@@ -52,7 +52,9 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
     p.add_argument("--adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--data", help="test file (.json/.jsonl) or a folder of <task>/test.json")
     p.add_argument("--protocol", default="generate", choices=["generate", "loglik"])
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "llm-adapters"])
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "llm-adapters", "llm-adapters-eval"],
+                   help="prompt template: the one the adapter was trained with (llm-adapters-eval: "
+                        "LLM-Adapters' evaluation prompt)")
     p.add_argument("--limit", type=int, help="evaluate the first N records of each task")
     p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
     p.add_argument("--max-new-tokens", type=int, default=EvalConfig.max_new_tokens)

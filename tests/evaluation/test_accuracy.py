@@ -132,3 +132,11 @@ def test_evaluate_tasks_report(tiny, one_thread):
         evaluate_tasks(ours, tok, tasks, protocol="mc")
     with pytest.raises(ValueError, match="no records to evaluate"):
         evaluate_generate(ours, tok, [])
+
+
+def test_llm_adapters_eval_template_is_their_evaluation_prompt():
+    """LLM-Adapters' commonsense_evaluate.py generate_prompt, no-input form, written out by hand."""
+    pad = " " * 16
+    expected = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                f"the request. \n\n{pad}### Instruction:\n{pad}Is it red?\n\n{pad}### Response:\n{pad}")
+    assert build_prompt({"instruction": "Is it red?", "input": ""}, template="llm-adapters-eval") == expected
