@@ -120,3 +120,23 @@ def test_bad_command_lines(setup, tmp_path, capsys):
     assert "unknown task layout" in capsys.readouterr().err
     assert ev.cli(["--model", str(ckpt), "--adapter", str(tmp_path), "--data", str(root / "dataset")]) == 1
     assert "adapter_config.json not found" in capsys.readouterr().err
+
+
+def test_generate_script_with_adapter_matches_peft(setup, capsys, one_thread):
+    from fora.formats.loading import load_tokenizer
+
+    root, ckpt, peft_model, _ = setup
+    path = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
+    spec = importlib.util.spec_from_file_location("fora_generate_script_eval", path)
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gen
+    spec.loader.exec_module(gen)
+    out = gen.main(gen.parse_args(["--model", str(ckpt), "--adapter", str(root / "adapter"), "--prompt", "Hi there",
+                                   "--paragraph", "Some text.", "--max-new-tokens", "6"]))
+    tok = load_tokenizer(ckpt)
+    ids = torch.tensor([tok.encode("Hi there")])
+    with torch.no_grad():
+        expected = peft_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_id,
+                                       pad_token_id=tok.pad_id, top_k=None, top_p=None, temperature=None)
+    assert out["new_ids"] == expected[0, ids.shape[1]:].tolist()
+    assert "Hi there" in capsys.readouterr().out
