@@ -95,6 +95,23 @@ _EXPORTS: dict[str, str] = {
     "DoRALinear": "fora.dora",
     "TrainingInterrupted": "fora.training.interrupt",
     "CAYLEY_BETAS": "fora.cayley_adam",
+    # fora.evaluation: accuracy (generate / loglik protocols), perplexity; the decoder's KV cache
+    "load_eval_tasks": "fora.evaluation.tasks_io",
+    "evaluate_tasks": "fora.evaluation.accuracy",
+    "evaluate_generate": "fora.evaluation.accuracy",
+    "evaluate_loglik": "fora.evaluation.accuracy",
+    "text_perplexity": "fora.evaluation.perplexity",
+    "load_evaluated": "fora.evaluation.adapted",
+    "KVCache": "fora.models.generation",
+    # fora.evaluation: what an adapter did (spectra, effective rank, KL drift) and its figures
+    "delta_singular_values": "fora.evaluation.diagnostics",
+    "adapter_diagnostics": "fora.evaluation.diagnostics",
+    "output_drift": "fora.evaluation.diagnostics",
+    "analyze_adapter": "fora.evaluation.diagnostics",
+    "plot_fisher_profile": "fora.evaluation.plots",
+    "plot_spectra": "fora.evaluation.plots",
+    "plot_val_curves": "fora.evaluation.plots",
+    "cloze_task": "fora.training.cloze",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,10 +4,11 @@
     python scripts/generate.py                                  # smollm2-135m (GGUF preset, offline)
     python scripts/generate.py --model gemma-3-270m --max-new-tokens 40
     python scripts/generate.py --model path/to/folder_or_file.gguf --prompt "Once upon a time"
+    python scripts/generate.py --adapter out/adapter --prompt "$(cat prompt.txt)"
 
 Thin and importable: argparse -> `GenerateConfig` -> `main(cfg)`, which returns the results.
-Greedy decoding re-runs the whole prefix at each step (fora has no KV cache): fine for a few dozen
-tokens on small models.
+Greedy decoding uses `CausalLM.generate` (KV cache); `greedy` below is the cache-free reference.
+--adapter attaches a LoRA adapter folder (fora's or peft's) to the model first.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, 
 @dataclass(frozen=True)
 class GenerateConfig:
     model: str = "smollm2-135m"
+    adapter: str | None = None
     prompt: str = DEFAULT_PROMPT
     paragraph: str = DEFAULT_PARAGRAPH
     max_new_tokens: int = 30
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=GenerateConfig.model,
                    help="preset name, hub repo id, checkpoint folder or .gguf file")
+    p.add_argument("--adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--prompt", default=GenerateConfig.prompt, help="text to continue greedily")
     p.add_argument("--paragraph", default=GenerateConfig.paragraph, help="text whose perplexity is reported")
     p.add_argument("--max-new-tokens", type=int, default=GenerateConfig.max_new_tokens,
@@ -62,12 +65,13 @@ def parse_args(argv: Sequence[str] | None = None) -> GenerateConfig:
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
-    return GenerateConfig(model=a.model, prompt=a.prompt, paragraph=a.paragraph,
+    return GenerateConfig(model=a.model, adapter=a.adapter, prompt=a.prompt, paragraph=a.paragraph,
                           max_new_tokens=a.max_new_tokens, dtype=a.dtype, device=a.device)
 
 
 def greedy(model, ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """The next `max_new_tokens` argmax tokens after `ids` (stops early after `eos_id`)."""
+    """The next `max_new_tokens` argmax tokens after `ids` (stops early after `eos_id`), re-running
+    the whole prefix at every step: the cache-free reference for `CausalLM.generate`."""
     import torch
 
     device = model.lm_head.weight.device
@@ -94,13 +98,13 @@ def perplexity(model, ids: list[int]) -> float:
 def main(cfg: GenerateConfig) -> dict:
     import torch
 
-    from fora import load_model, load_tokenizer
+    from fora.evaluation.adapted import load_evaluated
 
-    model = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)  # logs its time
-    tok = load_tokenizer(cfg.model)
+    model, tok = load_evaluated(cfg.model, cfg.adapter, dtype=getattr(torch, cfg.dtype), device=cfg.device)  # logs its time
     prompt_ids = tok.encode(cfg.prompt)
     t0 = time.perf_counter()
-    new = greedy(model, prompt_ids, cfg.max_new_tokens, eos_id=tok.eos_id)
+    x = torch.tensor([prompt_ids], device=model.lm_head.weight.device)
+    new = model.generate(x, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_id)[0].tolist()
     seconds = time.perf_counter() - t0
     continuation = tok.decode(new, skip_special_tokens=True)
     ppl = perplexity(model, tok.encode(cfg.paragraph))

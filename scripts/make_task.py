@@ -1,9 +1,14 @@
-"""Write the synthetic arithmetic task (Commonsense-170K format) as train/val JSONL files.
+"""Write a built-in task (Commonsense-170K / LLM-Adapters format) as JSONL files.
 
     python scripts/make_task.py --out data/arith --n-train 2000 --n-val 200 --seed 0
+    python scripts/make_task.py --task cloze --out data/cloze      # train.jsonl + test.jsonl
 
-The validation questions are drawn first and excluded from training, so the two files share no
-question and each has balanced answers.
+`arithmetic` (default): the validation questions are drawn first and excluded from training, so
+the two files share no question and each has balanced answers (train.jsonl, val.jsonl).
+`cloze`: the two-option fill-in-the-blank task on CPython's documentation
+(`fora.training.cloze`); its fixed train and test splits share no paragraph. `--n-train` /
+`--n-val` cap the record counts (default: every sentence); the held-out file is test.jsonl, so
+that `data/cloze/test.jsonl` evaluates as the task "cloze".
 """
 from __future__ import annotations
 
@@ -12,46 +17,61 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fora.training.cloze import cloze_task
 from fora.training.data import write_jsonl
 from fora.training.tasks import KINDS, arithmetic_task
 
 log = logging.getLogger("make_task")
+TASKS = ("arithmetic", "cloze")
 
 
 @dataclass(frozen=True)
 class MakeTaskConfig:
     out: Path
-    n_train: int = 2000
-    n_val: int = 200
+    n_train: int | None = 2000
+    n_val: int | None = 200
     seed: int = 0
     kinds: tuple[str, ...] = KINDS
     values: tuple[int, int] = (10, 99)
+    task: str = "arithmetic"
 
 
 def parse_args(argv: list[str] | None = None) -> MakeTaskConfig:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and val.jsonl")
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSONL files")
+    p.add_argument("--task", choices=TASKS, default="arithmetic",
+                   help="arithmetic (synthetic) or cloze (fill-in-the-blank on CPython's documentation)")
+    p.add_argument("--n-train", type=int, default=None, help="default: 2000 (arithmetic), all (cloze)")
+    p.add_argument("--n-val", type=int, default=None, help="default: 200 (arithmetic), all (cloze)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="arithmetic only")
     p.add_argument("--values", type=int, nargs=2, default=[10, 99], metavar=("LO", "HI"),
-                   help="operand range, inclusive")
+                   help="arithmetic only: operand range, inclusive")
     a = p.parse_args(argv)
-    return MakeTaskConfig(out=a.out, n_train=a.n_train, n_val=a.n_val, seed=a.seed,
-                          kinds=tuple(a.kinds), values=(a.values[0], a.values[1]))
+    arith = a.task == "arithmetic"
+    n_train = a.n_train if a.n_train is not None else (2000 if arith else None)
+    n_val = a.n_val if a.n_val is not None else (200 if arith else None)
+    return MakeTaskConfig(out=a.out, n_train=n_train, n_val=n_val, seed=a.seed, kinds=tuple(a.kinds),
+                          values=(a.values[0], a.values[1]), task=a.task)
 
 
 def main(cfg: MakeTaskConfig) -> tuple[Path, Path]:
-    val = arithmetic_task(cfg.n_val, cfg.seed + 1, kinds=cfg.kinds,
-                          values=cfg.values) if cfg.n_val > 0 else []
-    train = arithmetic_task(cfg.n_train, cfg.seed, kinds=cfg.kinds, values=cfg.values,
-                            exclude={r["instruction"] for r in val})
+    if cfg.task == "cloze":
+        train = cloze_task("train", cfg.n_train, cfg.seed)
+        held_out = cloze_task("test", cfg.n_val, cfg.seed)
+        held_name = "test.jsonl"
+    else:
+        n_train = cfg.n_train if cfg.n_train is not None else 2000
+        n_val = cfg.n_val if cfg.n_val is not None else 200
+        held_out = arithmetic_task(n_val, cfg.seed + 1, kinds=cfg.kinds, values=cfg.values) if n_val > 0 else []
+        train = arithmetic_task(n_train, cfg.seed, kinds=cfg.kinds, values=cfg.values,
+                                exclude={r["instruction"] for r in held_out})
+        held_name = "val.jsonl"
     train_path = write_jsonl(train, cfg.out / "train.jsonl")
-    val_path = write_jsonl(val, cfg.out / "val.jsonl")
-    log.info("wrote %d train records to %s and %d val records to %s",
-             len(train), train_path, len(val), val_path)
-    return train_path, val_path
+    held_path = write_jsonl(held_out, cfg.out / held_name)
+    log.info("wrote %d train records to %s and %d held-out records to %s",
+             len(train), train_path, len(held_out), held_path)
+    return train_path, held_path
 
 
 if __name__ == "__main__":

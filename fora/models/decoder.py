@@ -7,11 +7,13 @@ model's name. Module paths equal the checkpoint tensor names: `model.embed_token
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from fora.models.config import SLIDING, ModelConfig
+from fora.models.generation import KVCache, greedy_generate
 from fora.models.layers import DecoderLayer, RMSNorm, causal_mask
 from fora.models.loss import head_loss
 from fora.models.rope import RotaryEmbedding
@@ -41,21 +43,25 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, *, grad_from_layer: int = 0,
-                collect: list[Tensor] | None = None) -> Tensor:
+                collect: list[Tensor] | None = None, cache: KVCache | None = None) -> Tensor:
         """Final-normed hidden states [B, T, Hd]. `collect`, if given, receives the residual stream
-        entering every layer and leaving the last one (L + 1 tensors, before the final norm)."""
+        entering every layer and leaving the last one (L + 1 tensors, before the final norm).
+        With a `cache` (KVCache) the T tokens follow the cache's `length` cached positions:
+        `attention_mask` then covers all length + T positions and the cache advances by T."""
         cfg = self.config
         if not 0 <= grad_from_layer <= cfg.num_hidden_layers:
             raise ValueError(f"grad_from_layer={grad_from_layer} is outside [0, {cfg.num_hidden_layers}]; "
                              "pass the index of the lowest layer that needs gradients")
         B, T = input_ids.shape
         device = input_ids.device
+        past = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = torch.arange(T, device=device)[None]  # (1, T), broadcast over the batch
+            position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T), broadcast
         dtype = self.embed_tokens.weight.dtype
         rope = {lt: (self.rotary_emb_local if lt == SLIDING else self.rotary_emb)(position_ids, dtype)
                 for lt in set(cfg.layer_types)}
-        masks = self._masks(T, attention_mask, dtype, device)
+        masks = (self._masks(T, attention_mask, dtype, device) if cache is None
+                 else cache.masks(cfg, T, attention_mask, dtype, device))
 
         frozen = torch.no_grad() if grad_from_layer > 0 else contextlib.nullcontext()
         with frozen:
@@ -65,9 +71,11 @@ class DecoderModel(nn.Module):
                 collect.append(x)
             cos, sin = rope[layer.layer_type]
             with torch.no_grad() if i < grad_from_layer else contextlib.nullcontext():
-                x = layer(x, cos, sin, masks[layer.layer_type])
+                x = layer(x, cos, sin, masks[layer.layer_type], cache)
         if collect is not None:
             collect.append(x)
+        if cache is not None:
+            cache.advance(T)
         return self.norm(x)
 
     def _masks(self, T: int, attention_mask: Tensor | None, dtype: torch.dtype,
@@ -157,6 +165,25 @@ class CausalLM(nn.Module):
         if cap is not None:  # Gemma-2: tanh soft-cap of the final logits
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                 max_new_tokens: int = 32, eos_id: int | Sequence[int] | None = None,
+                 pad_id: int = 0, use_cache: bool = True) -> Tensor:
+        """Greedy decoding with a KV cache; equals transformers' `generate(do_sample=False)`.
+
+        Args:
+            input_ids: [B, T] prompts, LEFT-padded (the last column holds real tokens).
+            attention_mask: [B, T], 1 for tokens, 0 for padding; None when nothing is padded.
+                Positions count real tokens only, so padding does not shift RoPE.
+            max_new_tokens: at most this many tokens per row.
+            eos_id: stop id(s); a row that emitted one gets `pad_id` from then on, and decoding
+                ends when every row has stopped.
+            use_cache: False re-runs the whole prefix at every step (the cache-free reference).
+        Returns:
+            The new tokens [B, n], n <= max_new_tokens (the prompt is not repeated).
+        """
+        return greedy_generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                               eos_id=eos_id, pad_id=pad_id, use_cache=use_cache)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None) -> list[Tensor]:

@@ -5,12 +5,21 @@ so that a state dict loads with the identity key map.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fora.models.config import SLIDING, ModelConfig
 from fora.models.rope import apply_rope
+
+
+class KVCacheLike(Protocol):
+    """What attention needs of `fora.models.generation.KVCache` (not imported: it imports this module)."""
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
 
 # `enable_gqa` arrived in torch 2.5; older versions get the kv heads repeated explicitly.
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -67,6 +76,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scaling = cfg.attn_scaling
+        self.layer_idx = layer_idx
         self.softcap = cfg.attn_logit_softcapping
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
@@ -78,8 +88,13 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        """x [B, T, Hd]; cos/sin [B, 1, T, D]; mask None (plain causal) or additive [B|1, 1, T, T]."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCacheLike | None = None) -> Tensor:
+        """x [B, T, Hd]; cos/sin [B, 1, T, D]; mask None (plain causal) or additive [B|1, 1, T, T].
+
+        With a `cache` the keys/values of earlier positions are read from it and this call's
+        appended; `mask` is then [B|1, 1, T, past + T] and required.
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, K, D)
@@ -88,6 +103,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, past + T, D)
         groups = self.n_heads // self.n_kv
         if self.softcap is None and self.impl == "sdpa":
             gqa = {"enable_gqa": groups > 1} if _SDPA_GQA else {}
@@ -127,8 +144,9 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCacheLike | None = None) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -141,15 +159,16 @@ class DecoderLayer(nn.Module):
 
 
 def causal_mask(T: int, window: int | None, key_mask: Tensor | None, dtype: torch.dtype,
-                device: torch.device) -> Tensor:
-    """Additive mask [B|1, 1, T, T]: 0 where query i sees key j, finfo.min elsewhere.
+                device: torch.device, past: int = 0) -> Tensor:
+    """Additive mask [B|1, 1, T, past + T]: 0 where query i sees key j, finfo.min elsewhere.
 
+    Queries are positions past..past+T-1 of the sequence (`past` keys come from a KV cache).
     Visible iff j <= i, and i - window < j when window is set, and key_mask[b, j] != 0.
     finfo.min (not -inf), as transformers does, so a row with no visible key (a padded query)
     softmaxes to uniform weights instead of NaN, which would leak into later layers.
     """
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
+    i = torch.arange(past, past + T, device=device)[:, None]
+    j = torch.arange(past + T, device=device)[None, :]
     visible = j <= i
     if window is not None:
         visible = visible & (j > i - window)

@@ -46,7 +46,21 @@ _LLM_ADAPTERS = (
     f"{_PAD16}### Instruction:\n{_PAD16}{{instruction}}\n{_PAD16}\n"
     f"{_PAD16}### Response:\n{_PAD16}",
 )
-TEMPLATES: dict[str, tuple[str, str]] = {"alpaca": _ALPACA, "llm-adapters": _LLM_ADAPTERS}
+# LLM-Adapters' commonsense_evaluate.py `generate_prompt`: the same text with different whitespace
+# (no padded blank lines; one trailing space after "request." in the no-input form, none with input).
+_LLM_ADAPTERS_EVAL = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    f"{_PAD16}### Instruction:\n{_PAD16}{{instruction}}\n\n"
+    f"{_PAD16}### Input:\n{_PAD16}{{input}}\n\n"
+    f"{_PAD16}### Response:\n{_PAD16}",
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request. \n\n"
+    f"{_PAD16}### Instruction:\n{_PAD16}{{instruction}}\n\n"
+    f"{_PAD16}### Response:\n{_PAD16}",
+)
+TEMPLATES: dict[str, tuple[str, str]] = {"alpaca": _ALPACA, "llm-adapters": _LLM_ADAPTERS,
+                                         "llm-adapters-eval": _LLM_ADAPTERS_EVAL}
 
 # `owner/name` or `owner/name:path/in/repo.json` (hub dataset repo ids)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::(?P<file>.+))?$")

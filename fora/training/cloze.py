@@ -1,0 +1,187 @@
+"""A WinoGrande-style two-option cloze built from real English: CPython's own documentation.
+
+`pydoc_data.topics` ships with every Python (the text of `help("if")` etc.), so the task needs no
+download. Prose sentences are cut from its paragraphs (code blocks, grammar rules and headings
+skipped); in each sentence one content word is blanked and offered against a distractor: a word
+of the same coarse kind (same inflection suffix: -ed, -ing, -ly, -s, or none) drawn from an
+occurrence in *another* paragraph of the same split, so both options have corpus frequencies and the
+right morphology but usually only one fits the sentence. The record is LLM-Adapters' WinoGrande
+format:
+
+    Please choose the correct answer to fill in the blank to complete the given sentence: The _
+    statement is used for conditional execution.\\n\\nOption1: while\\n\\nOption2: if\\n\\n
+    Answer format: option1/option2   ->   output "the correct answer is option2"
+
+Splits are by paragraph (a hash of its text puts about one in five into test), so no sentence
+or paragraph of the test split occurs in training; `prose_paragraphs("test")` is held-out English for perplexity.
+The text is CPython's, so the task is fixed for a given Python minor version (`corpus_sha256`
+fingerprints it).
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Sequence
+
+SPLITS = ("train", "test")
+INSTRUCTION = ("Please choose the correct answer to fill in the blank to complete the given sentence: "
+               "{sentence}\n\nOption1: {option1}\n\nOption2: {option2}\n\nAnswer format: option1/option2")
+_TEST_EVERY = 5  # about one paragraph in five is held out
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_WORD = re.compile(r"[a-z]{4,14}")
+_SUFFIXES = ("ing", "ed", "ly", "s")
+# Function words long enough to pass the length filter: blanking them tests grammar, not meaning.
+_STOPWORDS = frozenset("""
+about above after again against also although among another anything because been before being
+below between both cannot could does doing done down during each either else even ever every from
+further given have having here however into itself just least less many more most much must neither
+never next none once only onto other others otherwise over same shall should since some such than
+that their theirs them then there therefore these they this those though through thus together
+too under unless until upon very were what whatever when whenever where whether which while whom
+whose will with within without would your yours also always often usually rather instead perhaps
+""".split())
+
+
+def _topics() -> dict[str, str]:
+    from pydoc_data.topics import topics  # stdlib; imported late so that importing fora stays cheap
+
+    return topics
+
+
+def corpus_sha256() -> str:
+    """Fingerprint of the `pydoc_data.topics` text this Python ships (the task depends on it)."""
+    text = "\0".join(f"{k}\0{v}" for k, v in sorted(_topics().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def _paragraph_split(paragraph: str) -> str:
+    digest = hashlib.sha256(paragraph.encode()).digest()
+    return "test" if digest[0] % _TEST_EVERY == 0 else "train"
+
+
+def _is_prose(block: str) -> bool:
+    lines = block.split("\n")
+    if any(line.startswith(" ") for line in lines):  # code, grammar and indented examples
+        return False
+    if any(set(line) <= set("*=-~^") for line in lines):  # a heading underline
+        return False
+    return "::=" not in block and len(block) > 80
+
+
+def prose_paragraphs(split: str) -> list[str]:
+    """The distinct prose paragraphs (one line each) of `split`, in topic order.
+
+    A paragraph's split is fixed by its text's SHA-256 (about one in five is test), so the
+    two splits are disjoint and stable when topics are added or reordered.
+    """
+    _check_split(split)
+    out, seen = [], set()
+    for name in sorted(_topics()):
+        for block in re.split(r"\n\s*\n", _topics()[name]):
+            text = " ".join(block.split())
+            if _is_prose(block.strip("\n")) and text not in seen and _paragraph_split(text) == split:
+                seen.add(text)
+                out.append(text)
+    return out
+
+
+def _raw_sentences(split: str) -> list[tuple[int, str]]:
+    out, seen = [], set()
+    for p, paragraph in enumerate(prose_paragraphs(split)):
+        for sent in _SENTENCE_END.split(paragraph):
+            if (sent.endswith(".") and 8 <= len(sent.split()) <= 40 and sent[0].isupper() and "_" not in sent
+                    and sent not in seen):
+                seen.add(sent)
+                out.append((p, sent))
+    return out
+
+
+def sentences(split: str) -> list[tuple[int, str]]:
+    """(paragraph index, sentence) pairs: distinct prose sentences of 8-40 words ending in a full
+    stop (none holding "_", the blank marker). A sentence that also occurs in a test paragraph
+    (the docs repeat some) belongs to test only."""
+    pairs = _raw_sentences(split)
+    if split == "train":
+        held_out = {s for _, s in _raw_sentences("test")}
+        pairs = [(p, s) for p, s in pairs if s not in held_out]
+    return pairs
+
+
+def _kind(word: str) -> str:
+    return next((s for s in _SUFFIXES if word.endswith(s)), "")
+
+
+def _blankable(tokens: Sequence[str]) -> list[int]:
+    """Positions of plain lower-case content words (not quoted code, not function words)."""
+    keep = []
+    for i, tok in enumerate(tokens):
+        word = tok.rstrip(",;:.")
+        if _WORD.fullmatch(word) and word not in _STOPWORDS and tokens.count(tok) == 1:
+            keep.append(i)
+    return keep
+
+
+def _occurrences(pairs: Sequence[tuple[int, str]]) -> dict[str, list[tuple[int, str]]]:
+    """kind -> every (paragraph, word) occurrence of a blankable word: frequency-weighted draws."""
+    pool: dict[str, list[tuple[int, str]]] = {}
+    for para, sent in pairs:
+        tokens = sent.split()
+        for i in _blankable(tokens):
+            word = tokens[i].rstrip(",;:.")
+            pool.setdefault(_kind(word), []).append((para, word))
+    return pool
+
+
+def cloze_task(split: str, n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """Two-option cloze records of `split` in LLM-Adapters' WinoGrande format, deterministic in `seed`.
+
+    Args:
+        split: "train" or "test" (disjoint paragraphs).
+        n: keep the first `n` records (after the seeded shuffle); None keeps all (654 train,
+            185 test on CPython 3.11).
+        seed: chooses the blanked word, the distractor and the option order.
+    Returns:
+        Records `{"instruction", "input": "", "output": "the correct answer is optionK", "answer":
+        "optionK"}`; exactly half (rounded down) answer option1.
+    """
+    _check_split(split)
+    if n is not None and n < 1:
+        raise ValueError(f"n must be >= 1 (or None for every sentence), got {n}")
+    rng = random.Random(f"cloze-{split}-{seed}")
+    pairs = sentences(split)
+    pool = _occurrences(pairs)
+    drafts = []
+    for para, sent in pairs:
+        tokens = sent.split()
+        slots = _blankable(tokens)
+        if not slots:
+            continue
+        i = rng.choice(slots)
+        word = tokens[i].rstrip(",;:.")
+        lowered = set(re.findall(r"[a-z]+", sent.lower()))
+        candidates = [w for t, w in pool[_kind(word)] if t != para and w not in lowered]
+        if not candidates:
+            continue
+        distractor = rng.choice(candidates)
+        blanked = " ".join(tokens[:i] + [tokens[i].replace(word, "_", 1)] + tokens[i + 1:])
+        drafts.append((blanked, word, distractor))
+    rng.shuffle(drafts)
+    if n is not None and n > len(drafts):
+        raise ValueError(f"the {split} split has only {len(drafts)} cloze sentences, asked for n={n}; "
+                         "lower n or pass None for all of them")
+    drafts = drafts[:n] if n is not None else drafts
+    records = []
+    for j, (blanked, word, distractor) in enumerate(drafts):
+        first = j % 2 == 0  # alternate, then shuffle: balanced answers, no order pattern
+        option1, option2 = (word, distractor) if first else (distractor, word)
+        answer = "option1" if first else "option2"
+        records.append({"instruction": INSTRUCTION.format(sentence=blanked, option1=option1, option2=option2),
+                        "input": "", "output": f"the correct answer is {answer}", "answer": answer})
+    rng.shuffle(records)
+    return records
