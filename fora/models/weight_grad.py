@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from fora.models.nf4 import NF4Linear

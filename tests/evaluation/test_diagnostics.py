@@ -23,22 +23,10 @@ from fora.inject import inject_lora, lora_modules
 from fora.stiefel import effective_rank
 from fora.training.config import TrainConfig
 from fora.training.run import main as train
-from tiny_models import make_tiny_checkpoint
 
 L = 4
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama", num_hidden_layers=L)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

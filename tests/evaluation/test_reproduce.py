@@ -3,23 +3,15 @@ plotted; a second invocation skips finished arms and re-evaluates a trained but 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fora.training.data import write_jsonl
 from tiny_models import make_tiny_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _records(n: int, offset: int = 0) -> list[dict]:

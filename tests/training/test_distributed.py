@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from tiny_models import make_tiny_checkpoint
 
 from torch.distributed.tensor import DTensor
 
@@ -38,6 +37,8 @@ from fora.training.run import main
 WORLD = 2
 multiprocess = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                   reason="needs torch.distributed with the gloo backend")
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _records(n: int) -> list[dict]:
@@ -135,20 +136,6 @@ def _adapter(out) -> dict[str, torch.Tensor]:
 def _max_rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert set(a) == set(b)
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in b)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matrices: intra-op threads only add synchronisation on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama", num_hidden_layers=4)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import hf_reference, make_tiny_checkpoint
+from tiny_models import hf_reference
 
 from fora.formats.loading import load_model
 from fora.formats.peft_io import load_adapter
@@ -24,18 +24,7 @@ from fora.training.run import main
 
 IDS = torch.tensor([[2, 40, 41, 42, 50, 60, 70, 9], [2, 5, 6, 7, 8, 9, 10, 11]])
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama", num_hidden_layers=4)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import hf_reference, make_tiny_checkpoint
+from tiny_models import hf_reference
 
 import fora.training.run
 from fora.inject import freeze_base, inject_lora
@@ -27,6 +27,8 @@ from fora.training.run import default_out, main
 
 L = 4
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
 
 class Killed(BaseException):
     """A kill the process cannot catch (SIGKILL, power loss); Ctrl-C is KeyboardInterrupt."""
@@ -37,21 +39,6 @@ def _records(n: int) -> list[dict]:
     # Learnable: the answer is a function of the last digit, and short (char tokenizer).
     return [{"instruction": f"Is {i} even?", "input": "", "output": "yes" if i % 2 == 0 else "no"}
             for i in range(n)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: intra-op threads only add synchronisation, which on a busy 2-core machine
-    # costs 10-30x (measured); one thread keeps the file fast and timing-stable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama", num_hidden_layers=L)
 
 
 @pytest.fixture(scope="module")

@@ -12,30 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import make_tiny_checkpoint
 
 import fora.training.run
 from fora.fim_lora import fim_rank_pattern
 from fora.formats.loading import load_model, load_tokenizer
-from fora.inject import freeze_base, inject_lora, lora_modules
+from fora.inject import inject_lora, lora_modules
 from fora.training.config import TrainConfig, parse_args
 from fora.training.init_norm import unit_row_norms
 from fora.training.run import main, prepare_data
 
 L = 4
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), "llama", num_hidden_layers=L)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
