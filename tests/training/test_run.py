@@ -41,20 +41,6 @@ def _records(n: int) -> list[dict]:
             for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.json"
-    path.write_text(json.dumps(_records(40)))
-    return path
-
-
-@pytest.fixture
-def cfg(tiny, data_file, tmp_path) -> TrainConfig:
-    return TrainConfig(model=str(tiny), k=2, data=str(data_file), out=str(tmp_path / "run"), rank=4, device="cpu",
-                       val_size=8, batch_size=4, max_steps=2, warmup_steps=0, lr=1e-2, fisher_batches=2,
-                       log_every=1, eval_every=0, save_every=0, lora_dropout=0.0)
-
-
 def _adapter(out) -> dict[str, torch.Tensor]:
     return load_file(Path(out) / "adapter_model.safetensors")
 

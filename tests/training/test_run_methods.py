@@ -34,13 +34,6 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def cfg(tiny, data_file, tmp_path) -> TrainConfig:
-    return TrainConfig(model=str(tiny), k=2, data=str(data_file), out=str(tmp_path / "run"), rank=4, device="cpu",
-                       val_size=8, batch_size=4, max_steps=2, warmup_steps=0, lr=1e-2, fisher_batches=2,
-                       log_every=1, eval_every=0, save_every=0, lora_dropout=0.0)
-
-
 def _adapter(out) -> dict[str, torch.Tensor]:
     return load_file(Path(out) / "adapter_model.safetensors")
 

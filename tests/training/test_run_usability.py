@@ -33,21 +33,6 @@ ROOT = Path(__file__).parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.json"
-    path.write_text(json.dumps([{"instruction": f"Is {i} even?", "input": "", "output": "yes" if i % 2 == 0
-                                 else "no"} for i in range(40)]))
-    return path
-
-
-@pytest.fixture
-def cfg(tiny, data_file, tmp_path) -> TrainConfig:
-    return TrainConfig(model=str(tiny), k=2, data=str(data_file), out=str(tmp_path / "run"), rank=4, device="cpu",
-                       val_size=8, batch_size=4, max_steps=2, warmup_steps=0, lr=1e-2, fisher_batches=2,
-                       log_every=1, eval_every=0, save_every=0, lora_dropout=0.0)
-
-
 def _adapter(out) -> dict[str, torch.Tensor]:
     return load_file(Path(out) / "adapter_model.safetensors")
 
