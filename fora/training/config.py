@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="theta_l of Eq. 2: every block parameter, or only the target projections")
     a("--qr-every", type=int, default=d.qr_every, help="Cayley-Adam QR retraction every T steps (0 = never)")
     a("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warmup steps; "
-      f"default {WARMUP_FRACTION:.0%} of the run's optimizer steps")
+      f"default {WARMUP_FRACTION:.0%}% of the run's optimizer steps")  # %% for argparse
     a("--schedule", choices=SCHEDULES, default=d.schedule, help="decay after warmup")
     a("--val-size", type=int, default=d.val_size, help="held-out validation records (0 = none)")
     a("--seed", type=int, default=d.seed, help="seeds data split/order, LoRA init, random-k and dropout")
