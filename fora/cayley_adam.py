@@ -27,6 +27,7 @@ All arithmetic is fp32 (fp64 for fp64 parameters) whatever the parameter dtype; 
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,17 +35,47 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fora.stiefel import (canonical_direction, cayley_fixed_point, cayley_step, qr_retract,
-                          skew_apply, skew_norm, stiefel_error)
+from fora.models.speed import compile_supported
+from fora.stiefel import (canonical_direction, cayley_fixed_point, cayley_step_from_grams, qr_retract,
+                          skew_norm_from_grams, stiefel_error)
 
 SOLVERS = ("closed_form", "fixed_point")
 # (β1, β2) of Li et al.'s Cayley-Adam: v ← β2 v + (1 − β2) ‖G‖²_F with β2 = 0.99 averages the
 # scalar second moment over about 1 / (1 − β2) = 100 steps. The one default, also build_optimizers'.
 CAYLEY_BETAS = (0.9, 0.99)
+log = logging.getLogger(__name__)
 
 
 def _math_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def cayley_adam_update(X: Tensor, G: Tensor, M: Tensor, v: Tensor, bc1: float | Tensor, bc2: float | Tensor,
+                       lr: float | Tensor, *, beta1: float, beta2: float, eps: float, step_cap: float | None,
+                       solver: str, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One Cayley-Adam step (Li et al. 2020, Alg. 2; Eq. 4-6) for a batch of P points, pure.
+
+    Args:
+        X: (P, n, r) points on St(n, r). G: (P, n, r) gradients. M: (P, n, r) first moments.
+        v: (P,) scalar second moments. bc1, bc2: the bias corrections 1 - β1^k, 1 - β2^k.
+        lr, eps, step_cap, solver, iters: as in ``CayleyAdam``.
+    Returns:
+        (Y, M, v): the new points (before any QR retraction), the moment re-projected onto the
+        tangent space at X, and the second moment.
+    """
+    M = torch.add(M * beta1, G, alpha=1 - beta1)
+    v = v * beta2 + (1 - beta2) * G.pow(2).sum(dim=(-2, -1))
+    D = canonical_direction(X, M / bc1)          # W = D Xᵀ − X Dᵀ has W X = P_X(M̂)
+    # The r x r Gram blocks, once: W X (= skew_apply(D, X, X)), ‖W‖_F and Eq. 6 all read them.
+    XtD, XtX, DtD = X.mT @ D, X.mT @ X, D.mT @ D
+    M = bc1 * (D @ XtX - X @ XtD.mT)             # (1 − β1^k) W X: moment on the tangent space
+    tau = lr / ((v / bc2).sqrt() + eps)
+    if step_cap is not None:
+        tau = torch.minimum(tau, 2 * step_cap / (skew_norm_from_grams(XtD, XtX, DtD) + eps))
+    tau = tau[:, None, None]
+    if solver == "closed_form":
+        return cayley_step_from_grams(X, D, tau, XtD, XtX, DtD), M, v
+    return cayley_fixed_point(X, D, tau, iters), M, v
 
 
 class CayleyAdam(torch.optim.Optimizer):
@@ -65,11 +96,19 @@ class CayleyAdam(torch.optim.Optimizer):
         iters: fixed-point sweeps (only for solver="fixed_point").
         step_cap: q in τ <= 2q / (‖W‖_F + ε); q < 1 keeps the fixed point a contraction
             (‖W‖_F >= ‖W‖₂). None disables the cap (closed form only).
+        compiled: run the update through ``torch.compile`` (fewer kernel launches on CUDA); the
+            iterates equal the eager ones to rounding. Falls back to eager, with a warning, where
+            torch.compile does not work.
+
+    The moments of same-shape A's live in one stacked buffer per shape, and a step updates each
+    stack with one batched ``cayley_adam_update``: a step over all of a model's A's is a few dozen
+    kernels, not a few dozen per A. ``state_dict()`` is per parameter as for any torch optimizer.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-2,
                  betas: tuple[float, float] = CAYLEY_BETAS, eps: float = 1e-8, qr_every: int = 100,
-                 solver: str = "closed_form", iters: int = 2, step_cap: float | None = 0.5) -> None:
+                 solver: str = "closed_form", iters: int = 2, step_cap: float | None = 0.5,
+                 compiled: bool = False) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"invalid lr {lr!r}: pass a finite number >= 0")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -88,7 +127,9 @@ class CayleyAdam(torch.optim.Optimizer):
             raise ValueError("solver='fixed_point' needs step_cap (q in (0, 1)) to converge; "
                              "pass step_cap=0.5 or use solver='closed_form'")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, qr_every=qr_every, solver=solver,
-                        iters=iters, step_cap=step_cap)
+                        iters=iters, step_cap=step_cap, compiled=bool(compiled))
+        self._stacks: dict[tuple[int, ...], tuple[Tensor, Tensor, list[Tensor], list[Tensor]]] = {}
+        self._compiled_update: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -118,7 +159,7 @@ class CayleyAdam(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             # One batched update per (shape, dtype, device, step): a model's A's come in two or
-            # three shapes, and a step is ~50 small kernels, so batching saves launches, not flops.
+            # three shapes, so a step over all A's is a few dozen kernels whatever their number.
             buckets: dict[tuple, list[Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
@@ -132,34 +173,55 @@ class CayleyAdam(torch.optim.Optimizer):
                 self._update(group, ps, k)
         return loss
 
+    def _moments(self, ps: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The bucket's moments as one (P, r, n) and one (P,) buffer whose rows *are* the
+        per-parameter ``exp_avg`` / ``exp_avg_sq`` state (views), so the update reads and writes
+        them in place: no stacking or copying back per step, and state_dict() is unchanged."""
+        key = tuple(id(p) for p in ps)
+        cached = self._stacks.get(key)
+        if cached is not None and all(self.state[p]["exp_avg"] is m and self.state[p]["exp_avg_sq"] is v
+                                      for p, m, v in zip(ps, cached[2], cached[3])):
+            return cached[0], cached[1]
+        M = torch.stack([self.state[p]["exp_avg"] for p in ps])   # a fresh or reloaded state: copy once
+        v = torch.stack([self.state[p]["exp_avg_sq"] for p in ps])
+        Ms, vs = list(M.unbind(0)), list(v.unbind(0))
+        for p, m, s in zip(ps, Ms, vs):
+            self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"] = m, s
+        self._stacks[key] = (M, v, Ms, vs)
+        return M, v
+
     def _update(self, group: dict[str, Any], ps: list[Tensor], k: int) -> None:
         """Algorithm 2 for P same-shape parameters at step k, batched as (P, n, r)."""
         beta1, beta2 = group["betas"]
         dt = _math_dtype(ps[0])
-        Ms = [self.state[p]["exp_avg"] for p in ps]
-        vs = [self.state[p]["exp_avg_sq"] for p in ps]
+        M, v = self._moments(ps)                                   # (P, r, n), (P,): the state itself
         X = torch.stack([p.detach() for p in ps]).to(dt).mT        # (P, n, r), orthonormal columns
         G = torch.stack([p.grad.detach() for p in ps]).to(dt).mT   # (P, n, r)
-        M = torch.stack(Ms).mT                                     # (P, n, r)
-        v = torch.stack(vs)                                        # (P,)
-        M.mul_(beta1).add_(G, alpha=1 - beta1)
-        v.mul_(beta2).add_((1 - beta2) * G.pow(2).sum(dim=(-2, -1)))
-        bc1, bc2 = 1 - beta1 ** k, 1 - beta2 ** k
-        D = canonical_direction(X, M / bc1)          # W = D Xᵀ − X Dᵀ has W X = P_X(M̂)
-        M = bc1 * skew_apply(D, X, X)                # (1 − β1^k) W X: moment on the tangent space
-        tau = group["lr"] / ((v / bc2).sqrt() + group["eps"])
-        if group["step_cap"] is not None:
-            tau = torch.minimum(tau, 2 * group["step_cap"] / (skew_norm(D, X) + group["eps"]))
-        tau = tau[:, None, None]
-        if group["solver"] == "closed_form":
-            Y = cayley_step(X, D, tau)
-        else:
-            Y = cayley_fixed_point(X, D, tau, group["iters"])
+        bc1, bc2, lr = 1 - beta1 ** k, 1 - beta2 ** k, group["lr"]
+        update = self._compiled(group) if group.get("compiled") else cayley_adam_update  # get: older checkpoints
+        if update is not cayley_adam_update:  # 0-d tensors, so a new step or lr is not a recompile
+            bc1, bc2, lr = (torch.tensor(x, dtype=dt, device=X.device) for x in (bc1, bc2, lr))
+        Y, M_new, v_new = update(X, G, M.mT, v, bc1, bc2, lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                 step_cap=group["step_cap"], solver=group["solver"], iters=group["iters"])
         if group["qr_every"] and k % group["qr_every"] == 0:
             Y = qr_retract(Y)
-        torch._foreach_copy_(Ms, list(M.mT.unbind(0)))
-        torch._foreach_copy_(vs, list(v.unbind(0)))
+        M.copy_(M_new.mT)
+        v.copy_(v_new)
         torch._foreach_copy_(ps, list(Y.mT.to(ps[0].dtype).unbind(0)))
+
+    def _compiled(self, group: dict[str, Any]) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+        """torch.compile of the update (elementwise chains fused), or eager with a warning where
+        compilation does not work here."""
+        if self._compiled_update is None:
+            device = group["params"][0].device
+            ok, reason = compile_supported(device)
+            if ok:
+                self._compiled_update = torch.compile(cayley_adam_update, dynamic=False)
+            else:
+                log.warning("CayleyAdam(compiled=True): torch.compile does not work on %s here (%s); "
+                            "stepping eagerly", device.type, reason)
+                self._compiled_update = cayley_adam_update
+        return self._compiled_update
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the moments stay in fp32 (torch casts state to the parameter dtype)."""

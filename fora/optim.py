@@ -24,7 +24,7 @@ def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = 
                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                      stiefel_betas: tuple[float, float] = CAYLEY_BETAS,
                      qr_every: int = 100, solver: str = "closed_form", iters: int = 2,
-                     step_cap: float | None = 0.5) -> list[torch.optim.Optimizer]:
+                     step_cap: float | None = 0.5, compiled: bool = False) -> list[torch.optim.Optimizer]:
     """Optimizers for the LoRA parameters of ``model`` (call ``freeze_base`` first).
 
     Returns:
@@ -32,7 +32,8 @@ def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = 
         inject with ``stiefel=True``), else ``[AdamW(A's and B's)]``. ``weight_decay`` applies to
         AdamW only: decay on A would leave the manifold. Step them all every iteration.
         ``betas`` are AdamW's (0.9, 0.999); CayleyAdam uses ``stiefel_betas``, Li et al.'s
-        (0.9, 0.99) by default (see ``fora.cayley_adam.CAYLEY_BETAS``).
+        (0.9, 0.99) by default (see ``fora.cayley_adam.CAYLEY_BETAS``). ``compiled`` runs
+        CayleyAdam's update through torch.compile (``CayleyAdam(compiled=True)``).
     Raises:
         ValueError when a trainable parameter is not a LoRA A or B, or there are no adapters.
     """
@@ -48,6 +49,6 @@ def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = 
             by_numel.setdefault(p.numel(), []).append(p)
         groups = [{"params": ps, "lr": lr * math.sqrt(numel)} for numel, ps in by_numel.items()]
     cayley = CayleyAdam(groups, lr=lr, betas=stiefel_betas, eps=eps, qr_every=qr_every, solver=solver,
-                        iters=iters, step_cap=step_cap)
+                        iters=iters, step_cap=step_cap, compiled=compiled)
     adamw = torch.optim.AdamW(B, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     return [cayley, adamw]

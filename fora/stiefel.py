@@ -115,8 +115,12 @@ def skew_norm(G: Tensor, X: Tensor) -> Tensor:
     ‖W‖²_F = 2 ⟨GᵀG, XᵀX⟩ − 2 ⟨XᵀG, (XᵀG)ᵀ⟩ (r x r Gram blocks only). G, X: (..., n, r);
     returns shape (...) (batched over leading dims, 0-d for plain matrices).
     """
-    S = X.mT @ G
-    sq = 2 * ((G.mT @ G) * (X.mT @ X)).sum(dim=(-2, -1)) - 2 * (S * S.mT).sum(dim=(-2, -1))
+    return skew_norm_from_grams(X.mT @ G, X.mT @ X, G.mT @ G)
+
+
+def skew_norm_from_grams(XtG: Tensor, XtX: Tensor, GtG: Tensor) -> Tensor:
+    """``skew_norm`` from the r x r blocks XᵀG, XᵀX, GᵀG (for callers that already hold them)."""
+    sq = 2 * (GtG * XtX).sum(dim=(-2, -1)) - 2 * (XtG * XtG.mT).sum(dim=(-2, -1))
     return sq.clamp_min(0).sqrt()
 
 
@@ -139,8 +143,14 @@ def cayley_step(X: Tensor, G: Tensor, tau: float | Tensor) -> Tensor:
     Returns:
         Y: (n, r) on St(n, r).
     """
+    return cayley_step_from_grams(X, G, tau, X.mT @ G, X.mT @ X, G.mT @ G)
+
+
+def cayley_step_from_grams(X: Tensor, G: Tensor, tau: float | Tensor, XtG: Tensor, XtX: Tensor,
+                           GtG: Tensor) -> Tensor:
+    """``cayley_step`` given its three r x r Gram blocks XᵀG, XᵀX, GᵀG (computed once by a caller
+    that needs them for other things too, e.g. CayleyAdam's step cap)."""
     r = X.shape[-1]
-    XtG, XtX, GtG = X.mT @ G, X.mT @ X, G.mT @ G          # (r, r) each
     VtU = torch.cat([torch.cat([XtG, XtX], -1), torch.cat([-GtG, -XtG.mT], -1)], -2)   # (2r, 2r)
     VtX = torch.cat([XtX, -XtG.mT], -2)                                               # (2r, r)
     lhs = torch.eye(2 * r, dtype=X.dtype, device=X.device) + (0.5 * tau) * VtU

@@ -290,6 +290,9 @@ def test_build_optimizers_splits_A_and_B():
     assert adamw.param_groups[0]["weight_decay"] == 0.1
     (cayley2, _) = build_optimizers(model, lr=1e-3, stiefel_lr=0.3)
     assert [g["lr"] for g in cayley2.param_groups] == [0.3]
+    assert not any(g["compiled"] for g in cayley.param_groups)
+    (cayley3, _) = build_optimizers(model, lr=1e-3, compiled=True)
+    assert all(g["compiled"] for g in cayley3.param_groups)
     (plain,) = build_optimizers(model, lr=1e-3, stiefel=False)
     assert len(plain.param_groups[0]["params"]) == 4
 
@@ -332,3 +335,63 @@ def test_cuda_matches_cpu():
         results.append(lora.lora_A.detach().cpu())
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-4)
     assert stiefel_error(results[1].mT) < 1e-5
+
+
+def _steps(params, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+
+
+def test_reloading_a_stepped_optimizer_uses_the_loaded_moments():
+    # The moments live in one stacked buffer per shape; loading a state_dict into an optimizer
+    # that has already stepped must replace them, not keep stepping the stale buffer.
+    params = [stiefel_param(12, 3, s) for s in range(3)]
+    opt = CayleyAdam(params, lr=0.1, qr_every=0)
+    _steps(params, opt, 3, 0)
+    snap = ([p.detach().clone() for p in params], io.BytesIO())
+    torch.save(opt.state_dict(), snap[1])
+    _steps(params, opt, 4, 1)
+    expected = [p.detach().clone() for p in params]
+    _steps(params, opt, 2, 2)                      # move on, then rewind to the snapshot
+    with torch.no_grad():
+        for p, s in zip(params, snap[0]):
+            p.copy_(s)
+    snap[1].seek(0)
+    opt.load_state_dict(torch.load(snap[1]))
+    _steps(params, opt, 4, 1)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["closed_form", "fixed_point"])
+def test_compiled_update_equals_eager(solver):
+    shapes = [(3, 12), (3, 12), (4, 20)]
+    eager = [stiefel_param(n, r, s) for s, (r, n) in enumerate(shapes)]
+    comp = [nn.Parameter(p.detach().clone()) for p in eager]
+    kw = dict(lr=0.1, qr_every=3, solver=solver)
+    opt_e, opt_c = CayleyAdam(eager, **kw), CayleyAdam(comp, compiled=True, **kw)
+    _steps(eager, opt_e, 5, 0)
+    _steps(comp, opt_c, 5, 0)
+    import fora.cayley_adam as ca
+
+    assert opt_c._compiled_update not in (None, ca.cayley_adam_update)  # compiled, not the fallback
+    for p, q in zip(eager, comp):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(opt_c.state[q]["exp_avg"], opt_e.state[p]["exp_avg"], rtol=0, atol=1e-5)
+
+
+def test_compiled_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    import fora.cayley_adam as ca
+
+    monkeypatch.setattr(ca, "compile_supported", lambda device: (False, "no C++ compiler"))
+    eager = [stiefel_param(12, 3, 0)]
+    comp = [nn.Parameter(eager[0].detach().clone())]
+    opt_e, opt_c = CayleyAdam(eager, lr=0.1), CayleyAdam(comp, lr=0.1, compiled=True)
+    with caplog.at_level("WARNING", logger="fora.cayley_adam"):
+        _steps(eager, opt_e, 3, 0)
+        _steps(comp, opt_c, 3, 0)
+    assert "torch.compile does not work on cpu here (no C++ compiler); stepping eagerly" in caplog.text
+    assert torch.equal(comp[0], eager[0])
