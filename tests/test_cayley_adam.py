@@ -395,3 +395,20 @@ def test_compiled_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
         _steps(comp, opt_c, 3, 0)
     assert "torch.compile does not work on cpu here (no C++ compiler); stepping eagerly" in caplog.text
     assert torch.equal(comp[0], eager[0])
+
+
+@pytest.mark.parametrize("solver", ["closed_form", "fixed_point"])
+def test_cayley_adam_update_on_a_stack_equals_dense_algorithm_2_per_point(solver):
+    from fora.cayley_adam import cayley_adam_update
+
+    n, r, steps = 9, 3, 4
+    g = torch.Generator().manual_seed(3)
+    X = torch.stack([random_stiefel(n, r, generator=g, dtype=F64) for _ in range(2)])
+    grads = [torch.randn(2, n, r, generator=g, dtype=F64) for _ in range(steps)]
+    refs = [list(dense_cayley_adam(X[i].clone(), [G[i] for G in grads], lr=0.3, solver=solver)) for i in range(2)]
+    M, v = torch.zeros_like(X), torch.zeros(2, dtype=F64)
+    for k, G in enumerate(grads, 1):
+        X, M, v = cayley_adam_update(X, G, M, v, 1 - 0.9 ** k, 1 - 0.99 ** k, 0.3, beta1=0.9, beta2=0.99,
+                                     eps=1e-8, step_cap=0.5, solver=solver, iters=2)
+        for i in range(2):
+            torch.testing.assert_close(X[i], refs[i][k - 1][0], rtol=0, atol=1e-10)
