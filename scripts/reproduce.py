@@ -38,15 +38,16 @@ class ReproduceConfig:
     models: tuple[str, ...] = ("smollm2-135m",)
     methods: tuple[str, ...] = ARMS
     seeds: tuple[int, ...] = (0,)
-    steps: int = 80
-    batch_size: int = 4
+    steps: int = 200
+    batch_size: int = 8
     cutoff_len: int = 128
     rank: int = 16
-    lr: float = 1e-3
+    lr: float = 5e-4
     warmup_steps: int = 8
     val_size: int = 32
-    eval_limit: int = 160      # loglik records of the test split
-    gen_limit: int = 80        # generate records (greedy decoding is the slow protocol)
+    blanks: int = 4            # training records per sentence, each blanking another word (2532 in all)
+    eval_limit: int = 185      # loglik records of the test split (185 = all of it)
+    gen_limit: int = 48        # generate records (greedy decoding is the slow protocol)
     max_new_tokens: int = 12   # "the correct answer is option1" is 8 tokens with SmolLM2's tokenizer
     ppl_tokens: int = 4096     # held-out text tokens for perplexity
     kl_windows: int = 8        # 256-token windows for the KL drift
@@ -61,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
     p.add_argument("--models", nargs="+", default=list(d.models), help="presets, folders or .gguf files")
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
-    for name in ("steps", "batch_size", "cutoff_len", "rank", "warmup_steps", "val_size", "eval_limit",
+    for name in ("steps", "batch_size", "cutoff_len", "rank", "warmup_steps", "val_size", "blanks", "eval_limit",
                  "gen_limit", "max_new_tokens", "ppl_tokens", "kl_windows"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
@@ -79,12 +80,12 @@ def slug(model: str) -> str:
     return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
-def write_data(out: Path) -> tuple[Path, list[dict]]:
+def write_data(out: Path, blanks: int = 1) -> tuple[Path, list[dict]]:
     """The cloze task (fixed splits) into OUT/data; returns the train file and the test records."""
     from fora.training.cloze import cloze_task
     from fora.training.data import write_jsonl
 
-    train = write_jsonl(cloze_task("train"), out / "data" / "train.jsonl")
+    train = write_jsonl(cloze_task("train", blanks=blanks), out / "data" / "train.jsonl")
     test = cloze_task("test")
     write_jsonl(test, out / "data" / "test.jsonl")
     return train, test
@@ -251,7 +252,7 @@ def main(cfg: ReproduceConfig) -> dict:
     from fora.formats.atomic import atomic_write_json, atomic_write_text
 
     t0 = time.perf_counter()
-    train_file, test = write_data(cfg.out)
+    train_file, test = write_data(cfg.out, cfg.blanks)
     base: dict[str, dict] = {}
     for model in cfg.models:
         folder = cfg.out / slug(model)

@@ -25,8 +25,9 @@ import re
 from collections.abc import Sequence
 
 SPLITS = ("train", "test")
+STYLES = ("word", "option")
 INSTRUCTION = ("Please choose the correct answer to fill in the blank to complete the given sentence: "
-               "{sentence}\n\nOption1: {option1}\n\nOption2: {option2}\n\nAnswer format: option1/option2")
+               "{sentence}\n\nOption1: {option1}\n\nOption2: {option2}\n\nAnswer format: {choices}")
 _TEST_EVERY = 5  # about one paragraph in five is held out
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _WORD = re.compile(r"[a-z]{4,14}")
@@ -138,21 +139,31 @@ def _occurrences(pairs: Sequence[tuple[int, str]]) -> dict[str, list[tuple[int, 
     return pool
 
 
-def cloze_task(split: str, n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
-    """Two-option cloze records of `split` in LLM-Adapters' WinoGrande format, deterministic in `seed`.
+def cloze_task(split: str, n: int | None = None, seed: int = 0, *, style: str = "word",
+               blanks: int = 1) -> list[dict[str, str]]:
+    """Two-option cloze records of `split` in LLM-Adapters' format, deterministic in `seed`.
 
     Args:
         split: "train" or "test" (disjoint paragraphs).
         n: keep the first `n` records (after the seeded shuffle); None keeps all (654 train,
-            185 test on CPython 3.11).
-        seed: chooses the blanked word, the distractor and the option order.
+            185 test on CPython 3.11 with one blank per sentence).
+        seed: chooses the blanked words, the distractors and the option order.
+        style: "word" (default): the choices are the two words, ``Answer format: if/while`` and
+            output "the correct answer is if"; "option": WinoGrande's labels exactly,
+            ``Answer format: option1/option2`` and "the correct answer is option2".
+        blanks: up to this many records per sentence, each blanking a different word (more
+            training data from the same text; the test split is meant for 1).
     Returns:
-        Records `{"instruction", "input": "", "output": "the correct answer is optionK", "answer":
-        "optionK"}`; exactly half (rounded down) answer option1.
+        Records `{"instruction", "input": "", "output": "the correct answer is <answer>", "answer"}`;
+        the right word is Option1 in exactly half (rounded down) of them.
     """
     _check_split(split)
     if n is not None and n < 1:
         raise ValueError(f"n must be >= 1 (or None for every sentence), got {n}")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
+    if not (isinstance(blanks, int) and blanks >= 1):
+        raise ValueError(f"blanks must be an int >= 1 (records per sentence), got {blanks!r}")
     rng = random.Random(f"cloze-{split}-{seed}")
     pairs = sentences(split)
     pool = _occurrences(pairs)
@@ -160,28 +171,29 @@ def cloze_task(split: str, n: int | None = None, seed: int = 0) -> list[dict[str
     for para, sent in pairs:
         tokens = sent.split()
         slots = _blankable(tokens)
-        if not slots:
-            continue
-        i = rng.choice(slots)
-        word = tokens[i].rstrip(",;:.")
         lowered = set(re.findall(r"[a-z]+", sent.lower()))
-        candidates = [w for t, w in pool[_kind(word)] if t != para and w not in lowered]
-        if not candidates:
-            continue
-        distractor = rng.choice(candidates)
-        blanked = " ".join(tokens[:i] + [tokens[i].replace(word, "_", 1)] + tokens[i + 1:])
-        drafts.append((blanked, word, distractor))
+        # one slot is drawn exactly as before for blanks=1, so existing seeds keep their records
+        for i in ([rng.choice(slots)] if blanks == 1 else rng.sample(slots, min(blanks, len(slots)))) if slots else []:
+            word = tokens[i].rstrip(",;:.")
+            candidates = [w for t, w in pool[_kind(word)] if t != para and w not in lowered]
+            if not candidates:
+                continue
+            distractor = rng.choice(candidates)
+            blanked = " ".join(tokens[:i] + [tokens[i].replace(word, "_", 1)] + tokens[i + 1:])
+            drafts.append((blanked, word, distractor))
     rng.shuffle(drafts)
     if n is not None and n > len(drafts):
-        raise ValueError(f"the {split} split has only {len(drafts)} cloze sentences, asked for n={n}; "
+        raise ValueError(f"the {split} split has only {len(drafts)} cloze records, asked for n={n}; "
                          "lower n or pass None for all of them")
     drafts = drafts[:n] if n is not None else drafts
     records = []
     for j, (blanked, word, distractor) in enumerate(drafts):
         first = j % 2 == 0  # alternate, then shuffle: balanced answers, no order pattern
         option1, option2 = (word, distractor) if first else (distractor, word)
-        answer = "option1" if first else "option2"
-        records.append({"instruction": INSTRUCTION.format(sentence=blanked, option1=option1, option2=option2),
+        answer = word if style == "word" else ("option1" if first else "option2")
+        choices = f"{option1}/{option2}" if style == "word" else "option1/option2"
+        records.append({"instruction": INSTRUCTION.format(sentence=blanked, option1=option1, option2=option2,
+                                                          choices=choices),
                         "input": "", "output": f"the correct answer is {answer}", "answer": answer})
     rng.shuffle(records)
     return records

@@ -19,7 +19,7 @@ from fora.training.tasks import choices_from_instruction
 
 WINO = re.compile(r"^Please choose the correct answer to fill in the blank to complete the given sentence: "
                   r"(?P<sentence>.+ ?)\n\nOption1: (?P<o1>[a-z]+)\n\nOption2: (?P<o2>[a-z]+)\n\n"
-                  r"Answer format: option1/option2$", re.DOTALL)
+                  r"Answer format: (?P<fmt>\S+)$", re.DOTALL)
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +33,57 @@ def _parts(record: dict) -> tuple[str, str, str]:
     return m["sentence"], m["o1"], m["o2"]
 
 
+def _right_wrong(record: dict) -> tuple[str, str]:
+    _, o1, o2 = _parts(record)
+    first = record["answer"] in (o1, "option1")
+    return (o1, o2) if first else (o2, o1)
+
+
+def _check_against_the_text(records: list[dict], split: str, style: str) -> None:
+    validate_records(records)
+    source = {s for _, s in sentences(split)}
+    for r in records:
+        sentence, o1, o2 = _parts(r)
+        assert r["input"] == "" and r["output"] == f"the correct answer is {r['answer']}"
+        if style == "word":
+            assert choices_from_instruction(r["instruction"]) == [o1, o2] and r["answer"] in (o1, o2)
+        else:
+            assert choices_from_instruction(r["instruction"]) == ["option1", "option2"]
+        right, wrong = _right_wrong(r)
+        assert right != wrong and sentence.count("_") == 1
+        assert sentence.replace("_", right) in source
+        assert sentence.replace("_", wrong) not in source
+        assert re.search(rf"\b{wrong}\b", sentence.replace("_", "")) is None  # no copy-paste give-away
+
+
 def test_format_and_answers_recomputed_from_the_text(tasks):
     for split, records in tasks.items():
-        validate_records(records)
-        source = {s for _, s in sentences(split)}
         assert len(records) > (150 if split == "test" else 600)
-        for r in records:
-            sentence, o1, o2 = _parts(r)
-            assert r["input"] == "" and r["output"] == f"the correct answer is {r['answer']}"
-            assert choices_from_instruction(r["instruction"]) == ["option1", "option2"]
-            right, wrong = (o1, o2) if r["answer"] == "option1" else (o2, o1)
-            assert right != wrong and sentence.count("_") == 1
-            assert sentence.replace("_", right) in source
-            assert sentence.replace("_", wrong) not in source
-            assert re.search(rf"\b{wrong}\b", sentence.replace("_", "")) is None  # no copy-paste give-away
+        _check_against_the_text(records, split, "word")
+    _check_against_the_text(cloze_task("test", style="option"), "test", "option")
+
+
+def test_option_style_differs_only_in_the_answer_labels(tasks):
+    labelled = cloze_task("test", style="option")
+    for w, o in zip(tasks["test"], labelled):
+        assert _parts(w) == _parts(o) and _right_wrong(w) == _right_wrong(o)
+        assert o["answer"] == ("option1" if w["answer"] == _parts(w)[1] else "option2")
 
 
 def test_answers_balanced_and_order_mixed(tasks):
     for records in tasks.values():
-        counts = Counter(r["answer"] for r in records)
-        assert abs(counts["option1"] - counts["option2"]) <= 1
-        runs = sum(a["answer"] != b["answer"] for a, b in zip(records, records[1:]))
+        first = [r["answer"] == _parts(r)[1] for r in records]
+        assert abs(2 * sum(first) - len(first)) <= 1
+        runs = sum(a != b for a, b in zip(first, first[1:]))
         assert runs > len(records) / 3  # shuffled, not alternating blocks
+
+
+def test_several_blanks_per_sentence_blank_different_words():
+    records = cloze_task("train", blanks=4)
+    _check_against_the_text(records, "train", "word")
+    per_sentence = Counter(_parts(r)[0].replace("_", _right_wrong(r)[0]) for r in records)
+    assert max(per_sentence.values()) == 4 and len(records) > 3 * len(cloze_task("train"))
+    assert len({_parts(r)[0] for r in records}) == len(records)  # each record blanks another word
 
 
 def test_splits_disjoint_by_paragraph_and_sentence(tasks):
@@ -69,7 +98,7 @@ def test_splits_disjoint_by_paragraph_and_sentence(tasks):
 def test_deterministic_and_seeded(tasks):
     assert cloze_task("test") == tasks["test"]
     small = cloze_task("test", 20)
-    assert small == cloze_task("test", 20) and Counter(r["answer"] for r in small) == {"option1": 10, "option2": 10}
+    assert small == cloze_task("test", 20) and sum(r["answer"] == _parts(r)[1] for r in small) == 10
     other = cloze_task("test", seed=1)
     assert other != tasks["test"] and len(other) == len(tasks["test"])
     assert len(corpus_sha256()) == 64
@@ -80,8 +109,12 @@ def test_bad_arguments():
         cloze_task("val")
     with pytest.raises(ValueError, match="n must be >= 1"):
         cloze_task("test", 0)
-    with pytest.raises(ValueError, match=r"has only \d+ cloze sentences, asked for n=100000"):
+    with pytest.raises(ValueError, match=r"has only \d+ cloze records, asked for n=100000"):
         cloze_task("test", 100000)
+    with pytest.raises(ValueError, match="unknown style 'labels'; choose one of word, option"):
+        cloze_task("test", style="labels")
+    with pytest.raises(ValueError, match="blanks must be an int >= 1"):
+        cloze_task("test", blanks=0)
 
 
 def test_make_task_cloze(tmp_path, monkeypatch):
