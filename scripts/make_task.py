@@ -2,6 +2,7 @@
 
     python scripts/make_task.py --out data/arith --n-train 2000 --n-val 200 --seed 0
     python scripts/make_task.py --task cloze --out data/cloze      # train.jsonl + test.jsonl
+    python scripts/make_task.py --task cloze --blanks 4 --out data/cloze4   # reproduce.py's training set
 
 `arithmetic` (default): the validation questions are drawn first and excluded from training, so
 the two files share no question and each has balanced answers (train.jsonl, val.jsonl).
@@ -17,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fora.training.cloze import cloze_task
+from fora.training.cloze import STYLES, cloze_task
 from fora.training.data import write_jsonl
 from fora.training.tasks import KINDS, arithmetic_task
 
@@ -34,6 +35,8 @@ class MakeTaskConfig:
     kinds: tuple[str, ...] = KINDS
     values: tuple[int, int] = (10, 99)
     task: str = "arithmetic"
+    style: str = "word"
+    blanks: int = 1
 
 
 def parse_args(argv: list[str] | None = None) -> MakeTaskConfig:
@@ -47,18 +50,24 @@ def parse_args(argv: list[str] | None = None) -> MakeTaskConfig:
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="arithmetic only")
     p.add_argument("--values", type=int, nargs=2, default=[10, 99], metavar=("LO", "HI"),
                    help="arithmetic only: operand range, inclusive")
+    p.add_argument("--style", choices=STYLES, default="word",
+                   help="cloze only: answer with the word (Answer format: if/while) or WinoGrande's option1/option2")
+    p.add_argument("--blanks", type=int, default=1,
+                   help="cloze only: training records per sentence, each blanking another word (test keeps 1)")
     a = p.parse_args(argv)
+    if a.blanks < 1:
+        p.error(f"--blanks must be >= 1, got {a.blanks}")
     arith = a.task == "arithmetic"
     n_train = a.n_train if a.n_train is not None else (2000 if arith else None)
     n_val = a.n_val if a.n_val is not None else (200 if arith else None)
     return MakeTaskConfig(out=a.out, n_train=n_train, n_val=n_val, seed=a.seed, kinds=tuple(a.kinds),
-                          values=(a.values[0], a.values[1]), task=a.task)
+                          values=(a.values[0], a.values[1]), task=a.task, style=a.style, blanks=a.blanks)
 
 
 def main(cfg: MakeTaskConfig) -> tuple[Path, Path]:
     if cfg.task == "cloze":
-        train = cloze_task("train", cfg.n_train, cfg.seed)
-        held_out = cloze_task("test", cfg.n_val, cfg.seed)
+        train = cloze_task("train", cfg.n_train, cfg.seed, style=cfg.style, blanks=cfg.blanks)
+        held_out = cloze_task("test", cfg.n_val, cfg.seed, style=cfg.style)
         held_name = "test.jsonl"
     else:
         n_train = cfg.n_train if cfg.n_train is not None else 2000

@@ -7,7 +7,8 @@
 
 Per model: the base model's zero-shot accuracy and perplexity, then per arm and seed a training
 run (`fora.training.run.main`) into OUT/<model>/<method>-s<seed>, evaluated on the held-out
-cloze test split (loglik: acc and acc_norm; generate), perplexity on held-out CPython-docs
+cloze test split (loglik: acc and acc_norm; generate; the fill-in LM ranking of the two completed
+sentences, `fora.evaluation.fill_in`), perplexity on held-out CPython-docs
 paragraphs, effective-rank ratio, max |AAᵀ − I| and KL(base ‖ tuned) (`fora.evaluation.diagnostics`),
 wall time, trainable parameters, final validation loss. Writes OUT/results.md, OUT/results.json
 and per model val_loss.png, spectrum.png, fisher_profile.png. Resumable: finished arms
@@ -95,12 +96,14 @@ def measure(model, tok, test: list[dict], cfg: ReproduceConfig) -> dict:
     """Accuracy by both protocols on the test split and perplexity on held-out paragraphs."""
     from fora.evaluation.accuracy import evaluate_generate, evaluate_loglik
     from fora.evaluation.diagnostics import held_out_text
+    from fora.evaluation.fill_in import fill_in_accuracy
     from fora.evaluation.perplexity import perplexity
 
     model.eval()
     t0 = time.perf_counter()
     ll = evaluate_loglik(model, tok, test[:cfg.eval_limit], batch_size=8, progress=False)
-    row = {"acc_loglik": ll["accuracy"], "acc_norm": ll["acc_norm"], "n_loglik": ll["n"]}
+    row = {"acc_loglik": ll["accuracy"], "acc_norm": ll["acc_norm"], "n_loglik": ll["n"],
+           "acc_fill_in": fill_in_accuracy(model, tok, test[:cfg.eval_limit])["accuracy"]}
     if cfg.gen_limit:
         gen = evaluate_generate(model, tok, test[:cfg.gen_limit], batch_size=8,
                                 max_new_tokens=cfg.max_new_tokens, progress=False)
@@ -209,11 +212,12 @@ def _cell(rows: list[dict], key: str, fmt: str) -> str:
 def table(base: dict[str, dict], rows: list[dict]) -> str:
     """Markdown: one line per (model, method), seeds averaged (± sample std over seeds)."""
     head = ("| model | method | seeds | layers | trainable params | val loss | acc (loglik) | acc_norm "
-            "| acc (generate) | ppl before → after | erank / r | max ‖AAᵀ−I‖ | KL(base‖tuned) | train s |")
+            "| acc (generate) | acc (fill-in LM) | ppl before → after | erank / r | max ‖AAᵀ−I‖ | KL(base‖tuned) | train s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for model, b in base.items():
         lines.append(f"| {slug(model)} | base (zero-shot) | - | - | 0 | - | {b['acc_loglik']:.3f} | "
-                     f"{b['acc_norm']:.3f} | {_cell([b], 'acc_generate', '.3f')} | {b['perplexity']:.2f} | "
+                     f"{b['acc_norm']:.3f} | {_cell([b], 'acc_generate', '.3f')} | {_cell([b], 'acc_fill_in', '.3f')} | "
+                     f"{b['perplexity']:.2f} | "
                      "- | - | 0 | - |")
         for method in ARMS:
             group = [r for r in rows if r["model"] == model and r["method"] == method]
@@ -223,7 +227,8 @@ def table(base: dict[str, dict], rows: list[dict]) -> str:
                 f"| {slug(model)} | {method} | {len(group)} | {len(group[0]['layers'])} | "
                 f"{group[0]['trainable_params']:,} | {_cell(group, 'val_loss', '.3f')} | "
                 f"{_cell(group, 'acc_loglik', '.3f')} | {_cell(group, 'acc_norm', '.3f')} | "
-                f"{_cell(group, 'acc_generate', '.3f')} | {b['perplexity']:.2f} → {_cell(group, 'perplexity', '.2f')} | "
+                f"{_cell(group, 'acc_generate', '.3f')} | {_cell(group, 'acc_fill_in', '.3f')} | "
+                f"{b['perplexity']:.2f} → {_cell(group, 'perplexity', '.2f')} | "
                 f"{_cell(group, 'erank_ratio', '.3f')} | {max(r['stiefel_error'] for r in group):.1e} | "
                 f"{_cell(group, 'kl', '.4f')} | {_cell(group, 'train_seconds', '.0f')} |")
     return "\n".join(lines)

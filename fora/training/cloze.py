@@ -6,11 +6,18 @@ skipped); in each sentence one content word is blanked and offered against a dis
 of the same coarse kind (same inflection suffix: -ed, -ing, -ly, -s, or none) drawn from an
 occurrence in *another* paragraph of the same split, so both options have corpus frequencies and the
 right morphology but usually only one fits the sentence. The record is LLM-Adapters' WinoGrande
-format:
+layout with the two words as the answer choices (style="word", the default):
 
     Please choose the correct answer to fill in the blank to complete the given sentence: The _
     statement is used for conditional execution.\\n\\nOption1: while\\n\\nOption2: if\\n\\n
-    Answer format: option1/option2   ->   output "the correct answer is option2"
+    Answer format: while/if   ->   output "the correct answer is if"
+
+style="option" keeps WinoGrande's labels (``Answer format: option1/option2`` -> "the correct
+answer is option2"). Why words by default (measured with SmolLM2-135M, README "Reproduction"):
+the base model puts the right word first in 91 % of the test sentences when it scores the two
+filled-in sentences as plain text, yet answers at chance in either instruction format. Trained,
+the labelled format stayed at chance (every arm at 160 steps x 4; FoRA's train loss still at the
+coin-flip level after 175 steps x 8), while the word format rose clearly above it in 150 steps.
 
 Splits are by paragraph (a hash of its text puts about one in five into test), so no sentence
 or paragraph of the test split occurs in training; `prose_paragraphs("test")` is held-out English for perplexity.

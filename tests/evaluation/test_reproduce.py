@@ -19,7 +19,8 @@ def _records(n: int, offset: int = 0) -> list[dict]:
     for i in range(offset, offset + n):
         a, b = ("cat", "dog") if i % 2 else ("dog", "cat")
         answer = "option1" if i % 2 else "option2"
-        out.append({"instruction": f"A {i} _ barks.\n\nOption1: {a}\n\nOption2: {b}\n\nAnswer format: option1/option2",
+        out.append({"instruction": f"Fill the sentence: A {i} _ barks.\n\nOption1: {a}\n\nOption2: {b}\n\n"
+                                   "Answer format: option1/option2",
                     "input": "", "output": f"the correct answer is {answer}", "answer": answer})
     return out
 
@@ -52,7 +53,7 @@ def test_reproduce_all_arms_then_skip(reproduce, tmp_path):
     # same budget rule as the paper: FoRA at K = L/2 has lora-half-rank's parameter count
     assert by["fora"]["trainable_params"] == by["lora-half-rank"]["trainable_params"] == by["lora"]["trainable_params"] // 2
     for r in report["runs"]:
-        assert 0 <= r["acc_loglik"] <= 1 and r["n_loglik"] == 6 and r["n_generate"] == 2
+        assert 0 <= r["acc_loglik"] <= 1 and r["n_loglik"] == 6 and r["n_generate"] == 2 and 0 <= r["acc_fill_in"] <= 1
         assert r["kl"] > 0 and r["perplexity"] > 1 and r["perplexity_base"] == report["base"][str(tiny)]["perplexity"]
     assert by["fora"]["stiefel_error"] < 1e-4 and by["lora"]["stiefel_error"] > 1e-2
     md = (tmp_path / "rep" / "results.md").read_text()

@@ -129,3 +129,9 @@ def test_make_task_cloze(tmp_path, monkeypatch):
     assert test_path.name == "test.jsonl"
     assert load_records(train_path) == cloze_task("train")
     assert load_records(test_path) == cloze_task("test", 30)
+    cfg = module.parse_args(["--task", "cloze", "--out", str(tmp_path / "c4"), "--blanks", "4", "--style", "option"])
+    train_path, test_path = module.main(cfg)
+    assert load_records(train_path) == cloze_task("train", style="option", blanks=4)
+    assert load_records(test_path) == cloze_task("test", style="option")
+    with pytest.raises(SystemExit):
+        module.parse_args(["--task", "cloze", "--out", str(tmp_path), "--blanks", "0"])
