@@ -96,6 +96,7 @@ _EXPORTS: dict[str, str] = {
     "TrainingInterrupted": "fora.training.interrupt",
     "CAYLEY_BETAS": "fora.cayley_adam",
     "cayley_adam_update": "fora.cayley_adam",
+    "CausalLMLoss": "fora.models.decoder",
     # fora.evaluation: accuracy (generate / loglik protocols), perplexity; the decoder's KV cache
     "load_eval_tasks": "fora.evaluation.tasks_io",
     "evaluate_tasks": "fora.evaluation.accuracy",

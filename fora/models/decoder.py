@@ -192,3 +192,17 @@ class CausalLM(nn.Module):
         out: list[Tensor] = []
         self.model(input_ids, attention_mask, position_ids, collect=out)
         return out
+
+
+class CausalLMLoss(nn.Module):
+    """`CausalLM.loss` as a module's forward, for wrappers that call only `forward`: under
+    `DistributedDataParallel(CausalLMLoss(model))` the step keeps the loss at supervised positions
+    (no [B, T, V] logits) and DDP still sees one forward per backward."""
+
+    def __init__(self, lm: CausalLM) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None, *,
+                grad_from_layer: int = 0) -> tuple[Tensor, Tensor]:
+        return self.lm.loss(input_ids, labels, attention_mask, grad_from_layer=grad_from_layer)

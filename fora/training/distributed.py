@@ -10,7 +10,8 @@ token losses over the whole accumulated global batch divided by its supervised-t
 (DDP's own rule, which stays right under gradient accumulation without `no_sync`), so every rank
 holds the one-process gradient and takes the same optimizer step.
 
-- `ddp`: `DistributedDataParallel`; the base is replicated on every device.
+- `ddp`: `DistributedDataParallel(CausalLMLoss(model))`, so the step's forward is the loss at
+  supervised positions (as in one process); the base is replicated on every device.
 - `fsdp`: `fully_shard` per decoder block plus the root: the frozen base is sharded, the LoRA
   A and B are `ignored_params` (replicated, never sharded) because Cayley-Adam needs whole A's;
   their gradients are averaged with one flat `all_reduce` per optimizer step.
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fora.models.decoder import CausalLMLoss
 from fora.models.loss import IGNORE_INDEX
 from fora.models.paths import decoder_layers
 from fora.training.batching import LazyBatches, collate
@@ -267,8 +269,8 @@ def load_device(ctx: DistContext, device: torch.device) -> torch.device:
 
 
 def wrap_model(ctx: DistContext, model: nn.Module, device: torch.device) -> nn.Module:
-    """The module the training step calls: `model` itself, `DDP(model)`, or `model` sharded in
-    place by `fully_shard` (per decoder block, then the root) with the adapters kept whole.
+    """The module the training step calls: `model` itself, `DDP(CausalLMLoss(model))`, or `model`
+    sharded in place by `fully_shard` (per decoder block, then the root) with the adapters kept whole.
 
     Call after `inject_lora` + `freeze_base` and before building the optimizers. `model` keeps
     its module names (adapter export and checkpoints read it directly).
@@ -279,7 +281,9 @@ def wrap_model(ctx: DistContext, model: nn.Module, device: torch.device) -> nn.M
     if ctx.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # forward = CausalLM.loss; device_ids=None: the step already puts the ids on the device, and
+        # the labels stay on the host, where the loss reads its supervised positions without a sync
+        return DistributedDataParallel(CausalLMLoss(model), device_ids=None)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fora.formats.atomic import atomic_write_text
-from fora.models.decoder import CausalLM, _key_mask
+from fora.models.decoder import CausalLM, CausalLMLoss, _key_mask
 from fora.models.loss import IGNORE_INDEX, causal_lm_loss
 
 Batch = Mapping[str, torch.Tensor]
@@ -78,12 +78,15 @@ def forward_loss(model: nn.Module, batch: Batch, device: torch.device, *, grad_f
     """
     ids = batch["input_ids"].to(device, non_blocking=True)
     mask, labels = batch.get("attention_mask"), batch["labels"]
-    if isinstance(model, CausalLM):
+    # a CausalLM, or DDP(CausalLMLoss(lm)) whose forward is the same loss
+    loss = model.loss if isinstance(model, CausalLM) else (
+        model if isinstance(getattr(model, "module", None), CausalLMLoss) else None)
+    if loss is not None:
         if mask is not None and mask.device.type == "cpu" and _key_mask(mask) is None:
             mask = None  # right padding only: causality hides the pads, and the decoder needs no check
         with autocast():
-            return model.loss(ids, labels, None if mask is None else mask.to(device, non_blocking=True),
-                              grad_from_layer=grad_from_layer)
+            return loss(ids, labels, None if mask is None else mask.to(device, non_blocking=True),
+                        grad_from_layer=grad_from_layer)
     with autocast():
         out = model(ids, attention_mask=None if mask is None else mask.to(device))
     return causal_lm_loss(getattr(out, "logits", out), labels.to(device))

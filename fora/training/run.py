@@ -229,7 +229,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
         checkpoint_blocks(model)
     if cfg.compile:
         compile_blocks(model, device)
-    engine = wrap_model(ctx, model, device)  # what the step calls: model, DDP(model) or model sharded
+    engine = wrap_model(ctx, model, device)  # the step calls model, DDP(CausalLMLoss(model)) or model sharded
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %d (%d LoRA modules)", sum(p.numel() for p in params), len(lora_modules(model)))
     optimizers = build_optimizers(model, cfg.lr, stiefel_lr=cfg.stiefel_lr, weight_decay=cfg.weight_decay,

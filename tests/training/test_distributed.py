@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from fora.fisher import fisher_scores
 from fora.inject import freeze_base, inject_lora
 from fora.formats.loading import load_model
+from fora.models.decoder import CausalLM
 from fora.models.loss import IGNORE_INDEX, causal_lm_loss
 from fora.training.batching import epoch_batches
 from fora.training.checkpoint import load_checkpoint
@@ -31,7 +32,7 @@ from fora.training.config import TrainConfig
 from fora.training.distributed import (RankBatches, distributed_fisher_scores, init_distributed, share,
                                        rank_prefix, shutdown, sync_adapter_grads, torchrun_hint,
                                        wrap_model)
-from fora.training.loop import MetricsLog
+from fora.training.loop import MetricsLog, forward_loss
 from fora.training.run import main
 
 WORLD = 2
@@ -100,6 +101,18 @@ def _worker(rank: int, port: int, jobs: list[tuple]) -> None:
                 params = [p for p in model.parameters() if p.requires_grad]
                 sync_adapter_grads(ctx, params)
                 torch.save([p.grad for p in params], f"{out}.grads{rank}")
+            elif job[0] == "ddp_step":
+                _, folder, out = job
+                ctx = init_distributed("ddp", "cpu")
+                model = _adapted(folder)
+                engine = wrap_model(ctx, model, torch.device("cpu"))
+                # the step must take the loss at supervised positions, never the full logits
+                CausalLM.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("full logits"))
+                total, n = forward_loss(engine, _calibration(WORLD)[rank], torch.device("cpu"),
+                                        grad_from_layer=ADAPTED)
+                (total / n).backward()
+                torch.save({"loss": (total.detach(), n), "grads": [p.grad for p in model.parameters()
+                                                                   if p.requires_grad]}, f"{out}.rank{rank}")
             else:
                 _, cfg, crash_rank, crash_step = job
 
@@ -158,10 +171,11 @@ def runs(base_cfg, tmp_path_factory) -> dict[str, Path]:
     main(replace(base_cfg, out=str(out["one"])))
     per_rank = replace(base_cfg, batch_size=base_cfg.batch_size // WORLD)
     _spawn(("fisher", base_cfg.model, 3, str(root / "fisher.pt")), ("shard", base_cfg.model, str(root / "shard")),
+           ("ddp_step", base_cfg.model, str(root / "ddp_step")),
            ("train", replace(per_rank, distributed="ddp", out=str(out["ddp"])), -1, -1),
            ("train", replace(per_rank, distributed="fsdp", out=str(out["fsdp"])), -1, -1),
            ("train", replace(per_rank, distributed="ddp", lora_dropout=0.1, out=str(out["dropout"])), -1, -1))
-    out["fisher"], out["shard"] = root / "fisher.pt", root / "shard"
+    out["fisher"], out["shard"], out["ddp_step"] = root / "fisher.pt", root / "shard", root / "ddp_step"
     return out
 
 
@@ -215,6 +229,25 @@ def test_fsdp_step_gradient_equals_the_unsharded_model_on_the_whole_batch(runs, 
         assert len(got) == len(expected) == 10
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+@multiprocess
+def test_ddp_step_takes_the_supervised_position_loss_and_averages_gradients(runs, tiny):
+    # each rank: DDP(CausalLMLoss(model)) on its own batch, CausalLM.forward (full logits) disabled
+    losses, grads = [], []
+    for rank in range(WORLD):
+        model = _adapted(tiny)
+        batch = _calibration(WORLD)[rank]
+        total, n = causal_lm_loss(model(batch["input_ids"]), batch["labels"])
+        (total / n).backward()
+        losses.append((total.detach(), n))
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for rank in range(WORLD):
+        got = torch.load(f"{runs['ddp_step']}.rank{rank}", weights_only=True)
+        torch.testing.assert_close(got["loss"][0], losses[rank][0], rtol=1e-5, atol=0)
+        assert int(got["loss"][1]) == int(losses[rank][1])
+        for g, *per_rank in zip(got["grads"], *grads):  # DDP averages the ranks' gradients
+            torch.testing.assert_close(g, sum(per_rank) / WORLD, rtol=1e-5, atol=1e-7)
 
 
 @multiprocess
