@@ -104,6 +104,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate_loglik": "fora.evaluation.accuracy",
     "text_perplexity": "fora.evaluation.perplexity",
     "load_evaluated": "fora.evaluation.adapted",
+    "fill_in_accuracy": "fora.evaluation.fill_in",
     "KVCache": "fora.models.generation",
     # fora.evaluation: what an adapter did (spectra, effective rank, KL drift) and its figures
     "delta_singular_values": "fora.evaluation.diagnostics",
