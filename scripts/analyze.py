@@ -102,14 +102,9 @@ def main(cfg: AnalyzeConfig) -> dict:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    cfg = parse_args(argv)
-    try:
-        main(cfg)
-    except USER_ERRORS as err:
-        print(f"analyze.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    from fora.evaluation.cli import run_cli
+
+    return run_cli("analyze.py", parse_args, main, argv, errors=USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, ImportError)
 
 
 @dataclass(frozen=True)
@@ -140,14 +139,9 @@ def main(cfg: EvalConfig) -> dict:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    cfg = parse_args(argv)
-    try:
-        main(cfg)
-    except USER_ERRORS as err:
-        print(f"eval.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    from fora.evaluation.cli import run_cli
+
+    return run_cli("eval.py", parse_args, main, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Greedy decoding uses `CausalLM.generate` (KV cache); `greedy` below is the cache
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import time
@@ -29,7 +28,6 @@ DEFAULT_PARAGRAPH = (
     "to handle errors or other exceptional conditions. An exception is raised at the point where the "
     "error is detected; it may be handled by the surrounding code block or by any code block that "
     "directly or indirectly invoked the code block where the error occurred.")
-USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, ImportError)
 
 
 @dataclass(frozen=True)
@@ -114,14 +112,9 @@ def main(cfg: GenerateConfig) -> dict:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    cfg = parse_args(argv)
-    try:
-        main(cfg)
-    except USER_ERRORS as err:
-        print(f"generate.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    from fora.evaluation.cli import run_cli
+
+    return run_cli("generate.py", parse_args, main, argv)
 
 
 if __name__ == "__main__":
