@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fora.models.speed import compile_supported
-from fora.stiefel import (canonical_direction, cayley_fixed_point, cayley_step_from_grams, qr_retract,
+from fora.stiefel import (cayley_coefficients, cayley_fixed_point, qr_retract,
                           skew_norm_from_grams, stiefel_error)
 
 SOLVERS = ("closed_form", "fixed_point")
@@ -63,19 +63,23 @@ def cayley_adam_update(X: Tensor, G: Tensor, M: Tensor, v: Tensor, bc1: float | 
         (Y, M, v): the new points (before any QR retraction), the moment re-projected onto the
         tangent space at X, and the second moment.
     """
-    M = torch.add(M * beta1, G, alpha=1 - beta1)
-    v = v * beta2 + (1 - beta2) * G.pow(2).sum(dim=(-2, -1))
-    D = canonical_direction(X, M / bc1)          # W = D Xᵀ − X Dᵀ has W X = P_X(M̂)
-    # The r x r Gram blocks, once: W X (= skew_apply(D, X, X)), ‖W‖_F and Eq. 6 all read them.
-    XtD, XtX, DtD = X.mT @ D, X.mT @ X, D.mT @ D
-    M = bc1 * (D @ XtX - X @ XtD.mT)             # (1 − β1^k) W X: moment on the tangent space
+    M = torch.lerp(M, G, 1 - beta1)                                       # β1 M + (1 − β1) G
+    v = v * beta2 + (1 - beta2) * torch.linalg.vector_norm(G, dim=(-2, -1)).square()
+    # D0 = bc1 · canonical_direction(X, M̂), M̂ = M / bc1: the bias correction is applied to r x r
+    # blocks instead of (P, n, r) tensors, and every n-sized operation is one (b)addbmm.
+    D0 = torch.baddbmm(M, X, X.mT @ M, alpha=-0.5)                        # M − ½ X (Xᵀ M)
+    XtX, XtD0, D0tD0 = X.mT @ X, X.mT @ D0, D0.mT @ D0                    # the r x r Gram blocks
+    M = torch.baddbmm(D0 @ XtX, X, XtD0.mT, alpha=-1)    # (1 − β1^k) W X: moment on the tangent space
+    XtD, DtD = XtD0 / bc1, D0tD0 / (bc1 * bc1)          # Gram blocks of D = D0 / bc1 (Eq. 5's W)
     tau = lr / ((v / bc2).sqrt() + eps)
     if step_cap is not None:
         tau = torch.minimum(tau, 2 * step_cap / (skew_norm_from_grams(XtD, XtX, DtD) + eps))
     tau = tau[:, None, None]
-    if solver == "closed_form":
-        return cayley_step_from_grams(X, D, tau, XtD, XtX, DtD), M, v
-    return cayley_fixed_point(X, D, tau, iters), M, v
+    if solver == "fixed_point":
+        return cayley_fixed_point(X, D0, tau / bc1, iters), M, v          # W is linear in D
+    Z1, Z2 = cayley_coefficients(XtD, XtX, DtD, tau)                      # Eq. 6: Y = X − τ (D Z1 + X Z2)
+    return torch.baddbmm(X @ (torch.eye(X.shape[-1], dtype=X.dtype, device=X.device) - tau * Z2),
+                         D0, -(tau / bc1) * Z1), M, v
 
 
 class CayleyAdam(torch.optim.Optimizer):

@@ -21,7 +21,8 @@ from torch import Tensor
 
 __all__ = [
     "random_stiefel", "project_tangent", "canonical_direction", "skew_apply", "skew_norm",
-    "cayley_step", "cayley_fixed_point", "qr_retract", "stiefel_error", "effective_rank",
+    "cayley_step", "cayley_coefficients", "skew_norm_from_grams", "cayley_fixed_point", "qr_retract",
+    "stiefel_error", "effective_rank",
 ]
 
 
@@ -143,21 +144,21 @@ def cayley_step(X: Tensor, G: Tensor, tau: float | Tensor) -> Tensor:
     Returns:
         Y: (n, r) on St(n, r).
     """
-    return cayley_step_from_grams(X, G, tau, X.mT @ G, X.mT @ X, G.mT @ G)
+    Z1, Z2 = cayley_coefficients(X.mT @ G, X.mT @ X, G.mT @ G, tau)
+    return X - tau * (G @ Z1 + X @ Z2)
 
 
-def cayley_step_from_grams(X: Tensor, G: Tensor, tau: float | Tensor, XtG: Tensor, XtX: Tensor,
-                           GtG: Tensor) -> Tensor:
-    """``cayley_step`` given its three r x r Gram blocks XᵀG, XᵀX, GᵀG (computed once by a caller
-    that needs them for other things too, e.g. CayleyAdam's step cap)."""
-    r = X.shape[-1]
+def cayley_coefficients(XtG: Tensor, XtX: Tensor, GtG: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor]:
+    """The r x r matrices (Z1, Z2) with ``Y(τ) = X − τ (G Z1 + X Z2)`` (Eq. 6 by SMW, see
+    ``cayley_step``), from the Gram blocks XᵀG, XᵀX, GᵀG: one 2r x 2r solve, no n-sized work."""
+    r = XtX.shape[-1]
     VtU = torch.cat([torch.cat([XtG, XtX], -1), torch.cat([-GtG, -XtG.mT], -1)], -2)   # (2r, 2r)
     VtX = torch.cat([XtX, -XtG.mT], -2)                                               # (2r, r)
-    lhs = torch.eye(2 * r, dtype=X.dtype, device=X.device) + (0.5 * tau) * VtU
+    lhs = torch.eye(2 * r, dtype=XtX.dtype, device=XtX.device) + (0.5 * tau) * VtU
     # solve_ex: no error check, hence no device sync inside the optimizer step; lhs is invertible
     # because det(I_2r + τ/2 VᵀU) = det(I_n + τ/2 W) != 0 for skew W.
     Z, _ = torch.linalg.solve_ex(lhs, VtX)
-    return X - tau * (G @ Z[..., :r, :] + X @ Z[..., r:, :])
+    return Z[..., :r, :], Z[..., r:, :]
 
 
 def cayley_fixed_point(X: Tensor, G: Tensor, tau: float | Tensor, iters: int) -> Tensor:
