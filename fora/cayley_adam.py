@@ -191,6 +191,8 @@ class CayleyAdam(torch.optim.Optimizer):
         Ms, vs = list(M.unbind(0)), list(v.unbind(0))
         for p, m, s in zip(ps, Ms, vs):
             self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"] = m, s
+        members = set(key)  # a bucket that changed (an A without a gradient) leaves no stale buffer behind
+        self._stacks = {k: c for k, c in self._stacks.items() if members.isdisjoint(k)}
         self._stacks[key] = (M, v, Ms, vs)
         return M, v
 
