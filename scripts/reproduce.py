@@ -47,6 +47,7 @@ class ReproduceConfig:
     warmup_steps: int = 8
     val_size: int = 32
     blanks: int = 4            # training records per sentence, each blanking another word (2532 in all)
+    style: str = "word"        # the cloze answers: the words, or WinoGrande's option1/option2
     eval_limit: int = 185      # loglik records of the test split (185 = all of it)
     gen_limit: int = 48        # generate records (greedy decoding is the slow protocol)
     max_new_tokens: int = 12   # "the correct answer is option1" is 8 tokens with SmolLM2's tokenizer
@@ -67,6 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
                  "gen_limit", "max_new_tokens", "ppl_tokens", "kl_windows"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--style", choices=("word", "option"), default=d.style,
+                   help="cloze answers: the two words, or WinoGrande's option1/option2 labels")
     p.add_argument("--base-first", action="store_true",
                    help="measure the base model before training (for a second invocation running in parallel)")
     a = vars(p.parse_args(argv))
@@ -81,13 +84,13 @@ def slug(model: str) -> str:
     return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
-def write_data(out: Path, blanks: int = 1) -> tuple[Path, list[dict]]:
+def write_data(out: Path, blanks: int = 1, style: str = "word") -> tuple[Path, list[dict]]:
     """The cloze task (fixed splits) into OUT/data; returns the train file and the test records."""
     from fora.training.cloze import cloze_task
     from fora.training.data import write_jsonl
 
-    train = write_jsonl(cloze_task("train", blanks=blanks), out / "data" / "train.jsonl")
-    test = cloze_task("test")
+    train = write_jsonl(cloze_task("train", style=style, blanks=blanks), out / "data" / "train.jsonl")
+    test = cloze_task("test", style=style)
     write_jsonl(test, out / "data" / "test.jsonl")
     return train, test
 
@@ -257,7 +260,7 @@ def main(cfg: ReproduceConfig) -> dict:
     from fora.formats.atomic import atomic_write_json, atomic_write_text
 
     t0 = time.perf_counter()
-    train_file, test = write_data(cfg.out, cfg.blanks)
+    train_file, test = write_data(cfg.out, cfg.blanks, cfg.style)
     base: dict[str, dict] = {}
     for model in cfg.models:
         folder = cfg.out / slug(model)

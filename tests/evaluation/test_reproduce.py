@@ -33,7 +33,7 @@ def reproduce(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "reproduce", module)
     spec.loader.exec_module(module)
 
-    def toy_data(out, blanks=1):
+    def toy_data(out, blanks=1, style="word"):
         return write_jsonl(_records(40), out / "data" / "train.jsonl"), _records(6, 1000)
 
     monkeypatch.setattr(module, "write_data", toy_data)
