@@ -178,9 +178,12 @@ def cloze_task(split: str, n: int | None = None, seed: int = 0, *, style: str = 
     for para, sent in pairs:
         tokens = sent.split()
         slots = _blankable(tokens)
+        if not slots:
+            continue
         lowered = set(re.findall(r"[a-z]+", sent.lower()))
-        # one slot is drawn exactly as before for blanks=1, so existing seeds keep their records
-        for i in ([rng.choice(slots)] if blanks == 1 else rng.sample(slots, min(blanks, len(slots)))) if slots else []:
+        # rng.choice for one blank draws as the task always did, so existing seeds keep their records
+        picks = [rng.choice(slots)] if blanks == 1 else rng.sample(slots, min(blanks, len(slots)))
+        for i in picks:
             word = tokens[i].rstrip(",;:.")
             candidates = [w for t, w in pool[_kind(word)] if t != para and w not in lowered]
             if not candidates:
