@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from script_loader import load_script
 
 from fora.evaluation.diagnostics import (adapter_diagnostics, adapters_disabled, analyze_adapter, delta_singular_values,
                                          diagnostics_table, output_drift, summarize, text_windows)
@@ -152,17 +152,8 @@ def test_bad_text_inputs(fora_run, tiny):
         adapter_diagnostics(load_model(tiny, dtype=torch.float32, device="cpu"))
 
 
-def _analyze_script(monkeypatch):
-    path = Path(__file__).resolve().parents[2] / "scripts" / "analyze.py"
-    spec = importlib.util.spec_from_file_location("analyze", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "analyze", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_analyze_script_writes_report_and_plots(fora_run, tmp_path, monkeypatch, capsys):
-    analyze = _analyze_script(monkeypatch)
+    analyze = load_script("analyze")
     text = tmp_path / "held_out.txt"
     text.write_text("Is 41 even? no. Is 12 even? yes. " * 4)
     plots = importlib.util.find_spec("matplotlib") is not None

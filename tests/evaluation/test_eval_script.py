@@ -5,13 +5,11 @@ script writes must equal those recomputed from the peft model's logits.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 from tiny_models import hf_reference, make_tiny_checkpoint
 
 from fora.training.data import build_prompt
@@ -22,13 +20,7 @@ RECORDS = [{"instruction": f"Is {w} a word?\n\nAnswer format: true/false", "inpu
 
 
 def _script():
-    if "fora_eval_script" not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "scripts" / "eval.py"
-        spec = importlib.util.spec_from_file_location("fora_eval_script", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["fora_eval_script"]
+    return load_script("eval")
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +118,7 @@ def test_generate_script_with_adapter_matches_peft(setup, capsys, one_thread):
     from fora.formats.loading import load_tokenizer
 
     root, ckpt, peft_model, _ = setup
-    path = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
-    spec = importlib.util.spec_from_file_location("fora_generate_script_eval", path)
-    gen = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gen
-    spec.loader.exec_module(gen)
+    gen = load_script("generate")
     out = gen.main(gen.parse_args(["--model", str(ckpt), "--adapter", str(root / "adapter"), "--prompt", "Hi there",
                                    "--paragraph", "Some text.", "--max-new-tokens", "6"]))
     tok = load_tokenizer(ckpt)

@@ -3,12 +3,11 @@ plotted; a second invocation skips finished arms and re-evaluates a trained but 
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from fora.training.data import write_jsonl
+from script_loader import load_script
 from tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -27,11 +26,7 @@ def _records(n: int, offset: int = 0) -> list[dict]:
 
 @pytest.fixture
 def reproduce(monkeypatch, tmp_path):
-    path = Path(__file__).resolve().parents[2] / "scripts" / "reproduce.py"
-    spec = importlib.util.spec_from_file_location("reproduce", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "reproduce", module)
-    spec.loader.exec_module(module)
+    module = load_script("reproduce")
 
     def toy_data(out, blanks=1, style="word"):
         return write_jsonl(_records(40), out / "data" / "train.jsonl"), _records(6, 1000)

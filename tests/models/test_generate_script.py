@@ -1,25 +1,16 @@
 """scripts/generate.py on a tiny random checkpoint: --help documents every flag, messages print once."""
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 from tiny_models import make_tiny_checkpoint
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
 
 
 @pytest.fixture(scope="module")
 def gen():
-    spec = importlib.util.spec_from_file_location("fora_generate_script_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_script("generate")
 
 
 def test_help_documents_every_flag(gen, capsys):

@@ -11,10 +11,10 @@ Per model, on one paragraph of ordinary English prose:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script
 
 from fora.formats import gguf as fg
 
@@ -98,16 +98,7 @@ def test_english_is_far_more_likely_than_shuffled_tokens(loaded):
 
 
 def _generate_script():
-    import importlib.util
-    import sys
-
-    if "fora_generate_script" not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
-        spec = importlib.util.spec_from_file_location("fora_generate_script", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["fora_generate_script"]
+    return load_script("generate")
 
 
 def test_generate_script_matches_the_model(loaded, monkeypatch):

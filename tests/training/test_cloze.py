@@ -5,13 +5,11 @@ word must give back a sentence of CPython's documentation, filling it with the d
 """
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from fora.training.cloze import SPLITS, cloze_task, corpus_sha256, prose_paragraphs, sentences
 from fora.training.data import load_records, validate_records
@@ -118,11 +116,7 @@ def test_bad_arguments():
 
 
 def test_make_task_cloze(tmp_path, monkeypatch):
-    path = Path(__file__).resolve().parents[2] / "scripts" / "make_task.py"
-    spec = importlib.util.spec_from_file_location("make_task", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "make_task", module)
-    spec.loader.exec_module(module)
+    module = load_script("make_task")
     cfg = module.parse_args(["--task", "cloze", "--out", str(tmp_path / "cloze"), "--n-val", "30"])
     assert cfg.n_train is None and cfg.n_val == 30
     train_path, test_path = module.main(cfg)

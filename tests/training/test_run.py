@@ -5,7 +5,6 @@ one bit for bit; the truncated backward equals the full one bit for bit.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from script_loader import load_script
 from tiny_models import hf_reference
 
 import fora.training.run
@@ -259,9 +259,7 @@ def test_cli(tiny, data_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "x", "--method", "vera"])
     assert "invalid choice: 'vera'" in capsys.readouterr().err
-    spec = importlib.util.spec_from_file_location("train_script", Path(__file__).parents[2] / "scripts" / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train")
     argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(tmp_path / "cli"), "--k", "9"]
     assert script.cli(argv) == 1
     assert "--k 9 exceeds" in capsys.readouterr().err

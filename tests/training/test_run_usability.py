@@ -5,7 +5,6 @@ Tiny random checkpoint (char tokenizer), CPU, float32, as in test_run.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from script_loader import load_script
 
 import fora.training.progress
 import fora.training.run
@@ -35,13 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 def _adapter(out) -> dict[str, torch.Tensor]:
     return load_file(Path(out) / "adapter_model.safetensors")
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _state(out) -> dict:
@@ -98,7 +91,7 @@ def test_cli_ctrl_c_prints_the_resume_command_without_traceback(tiny, data_file,
     out = tmp_path / "cli"
     argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(out), "--k", "2", "--rank", "4",
             "--batch-size", "4", "--max-steps", "3", "--val-size", "8", "--fisher-batches", "2", "--device", "cpu"]
-    assert _script("train").cli(argv) == 130
+    assert load_script("train").cli(argv) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"Resume with:\n  python scripts/train.py --resume {out}" in err
     assert err.count("--resume") == 1

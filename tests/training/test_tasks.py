@@ -4,13 +4,11 @@ Correctness is recomputed from the question text with an independent parser.
 """
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from fora.training.data import load_records, validate_records
 from fora.training.tasks import answer_accuracy, arithmetic_task, choices_from_instruction, extract_answer
@@ -95,17 +93,8 @@ def test_extract_answer_and_accuracy():
         answer_accuracy(gens[:3], records)
 
 
-def _script(monkeypatch):
-    path = Path(__file__).resolve().parents[2] / "scripts" / "make_task.py"
-    spec = importlib.util.spec_from_file_location("make_task", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "make_task", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_make_task_script(tmp_path, monkeypatch):
-    make_task = _script(monkeypatch)
+    make_task = load_script("make_task")
     cfg = make_task.parse_args(["--out", str(tmp_path / "arith"), "--n-train", "40",
                                 "--n-val", "10", "--seed", "7"])
     assert cfg.n_train == 40 and cfg.values == (10, 99) and cfg.kinds == ("sum", "compare")
