@@ -94,8 +94,11 @@ class LazyBatches(Sequence[Batch]):
     def __getitem__(self, k: int | slice) -> Batch | list[Batch]:
         if isinstance(k, slice):
             return [self[i] for i in range(*k.indices(len(self)))]
-        return collate([self.examples[i] for i in self.indices[k]], pad_id=self.pad_id,
-                       pad_to_multiple_of=self.pad_to_multiple_of)
+        return collate(self.batch_examples(k), pad_id=self.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def batch_examples(self, k: int) -> list[Example]:
+        """The examples batch `k` collates (a subclass may keep a share of them)."""
+        return [self.examples[i] for i in self.indices[k]]
 
 
 def make_batches(examples: Sequence[Example], batch_size: int, *, pad_id: int, shuffle: bool = True,

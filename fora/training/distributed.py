@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from torch import nn
 from fora.models.decoder import CausalLMLoss
 from fora.models.loss import IGNORE_INDEX
 from fora.models.paths import decoder_layers
-from fora.training.batching import LazyBatches, collate
+from fora.training.batching import Example, LazyBatches
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def share(rows: int, rank: int, world: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-class RankBatches(Sequence[Batch]):
+class RankBatches(LazyBatches):
     """This rank's share of every global batch of an epoch, collated on access.
 
     A rank whose share is empty (a last batch with fewer rows than ranks) gets a ghost row: the
@@ -183,26 +183,17 @@ class RankBatches(Sequence[Batch]):
     """
 
     def __init__(self, batches: LazyBatches, rank: int, world: int) -> None:
-        self.batches, self.rank, self.world = batches, rank, world
+        super().__init__(batches.examples, batches.indices, pad_id=batches.pad_id,
+                         pad_to_multiple_of=batches.pad_to_multiple_of)
+        self.rank, self.world = rank, world
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    @overload
-    def __getitem__(self, k: int) -> Batch: ...
-    @overload
-    def __getitem__(self, k: slice) -> list[Batch]: ...
-
-    def __getitem__(self, k: int | slice) -> Batch | list[Batch]:
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        g = self.batches
-        rows = g.indices[k]
-        mine = [g.examples[rows[i]] for i in share(len(rows), self.rank, self.world)]
+    def batch_examples(self, k: int) -> list[Example]:
+        rows = self.indices[k]
+        mine = [self.examples[rows[i]] for i in share(len(rows), self.rank, self.world)]
         if not mine:
-            ex = g.examples[rows[0]]
+            ex = self.examples[rows[0]]
             mine = [{"input_ids": ex["input_ids"], "labels": [IGNORE_INDEX] * len(ex["input_ids"])}]
-        return collate(mine, pad_id=g.pad_id, pad_to_multiple_of=g.pad_to_multiple_of)
+        return mine
 
 
 def split_batches(ctx: DistContext, batches_of: Callable[[int], LazyBatches]) -> Callable[[int], Sequence[Batch]]:
