@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: RMSNorm, gated MLP, attention, one transformer layer.
+"""Building blocks of the decoder: gated MLP, attention, one transformer layer (RMSNorm: rms_norm.py).
 
 Module and parameter names mirror the Hugging Face checkpoints (`q_proj`, `input_layernorm`, ...)
 so that a state dict loads with the identity key map.
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fora.models.config import SLIDING, ModelConfig
+from fora.models.rms_norm import RMSNorm
 from fora.models.rope import apply_rope
 
 
@@ -24,26 +25,6 @@ class KVCacheLike(Protocol):
 # `enable_gqa` arrived in torch 2.5; older versions get the kv heads repeated explicitly.
 _SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 _ACT = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * g, statistics in fp32.
-
-    offset=False (LLaMA, Qwen3): g = w; the normalised x is cast back to the input dtype first,
-    then multiplied by w. offset=True (Gemma): g = 1 + w, applied in fp32, cast once at the end.
-    """
-
-    def __init__(self, dim: int, eps: float, offset: bool = False):
-        super().__init__()
-        self.eps, self.offset = eps, offset
-        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (h * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * h.to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -101,8 +82,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         if self.q_norm is not None:  # per-head norm over D, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, D)
+        # RoPE in the (B, T, heads, D) layout, then a transposed view: SDPA writes its output in
+        # its query's layout, so o.transpose(1, 2) below is contiguous and o_proj reads it without
+        # a copy (one [B, T, H*D] tensor less per block, and none saved when o_proj trains).
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, D), strides of (B, T, H, D)
+        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, past + T, D)
         groups = self.n_heads // self.n_kv
@@ -113,7 +98,8 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                scale=self.scaling, **gqa)
         else:
-            o = self._eager(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask)
+            # transformers' memory layout, so that the matmuls round as its eager attention does
+            o = self._eager(q.contiguous(), k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H*D)
 
     def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
