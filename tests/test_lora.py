@@ -125,6 +125,49 @@ def test_matches_peft_lora(rslora, bias):
     torch.testing.assert_close(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 12)])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_gradients_equal_the_dense_formula(shape, rslora):
+    """The adapter term accumulated into the base output in place (addmm_) differentiates as
+    x (W + s B A)ᵀ + b: gradients of x, A and B against autograd of the dense float64 formula."""
+    base, lora = make(dtype=F64, rslora=rslora, init="stiefel")
+    lora.lora_A.data, lora.lora_B.data = lora.lora_A.data.double(), lora.lora_B.data.double()
+    randomise_B(lora)
+    g = torch.Generator().manual_seed(3)
+    x0, gy = torch.randn(shape, generator=g, dtype=F64), torch.randn(*shape[:-1], 7, generator=g, dtype=F64)
+    x = x0.clone().requires_grad_()
+    lora(x).backward(gy)
+    A, B = lora.lora_A.detach().clone().requires_grad_(), lora.lora_B.detach().clone().requires_grad_()
+    xr = x0.clone().requires_grad_()
+    (xr @ (base.weight + lora.scale * B @ A).T + base.bias).backward(gy)
+    for ours, ref in ((x.grad, xr.grad), (lora.lora_A.grad, A.grad), (lora.lora_B.grad, B.grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_under_cpu_autocast_equals_peft_and_keeps_fp32_adapter_grads():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 8))
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    ours = LoRALinear(base[0], 4, 8)
+    randomise_B(ours)
+    layer = ref.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora_A)
+        layer.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = ours(x), ref(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    y_ref.float().square().sum().backward()
+    assert ours.lora_A.grad.dtype == ours.lora_B.grad.dtype == torch.float32
+    for ours_g, ref_g in ((ours.lora_A.grad, layer.lora_A["default"].weight.grad),
+                          (ours.lora_B.grad, layer.lora_B["default"].weight.grad)):
+        assert (ours_g - ref_g).norm() <= 0.05 * ref_g.norm()
+
+
 def test_bf16_base_with_fp32_adapter():
     base, lora = make(dtype=torch.bfloat16, init="stiefel")
     randomise_B(lora)
