@@ -61,10 +61,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
             if softcap is not None:
                 t = torch.tanh(z / softcap)
                 z = t * softcap
-            lse = torch.logsumexp(z, dim=-1)
-            total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+            # log-sum-exp and softmax in place of the logits: one [rows, V] buffer, one exp pass
+            z_y = z.gather(1, yc[:, None]).squeeze(1)
+            m = z.amax(dim=-1, keepdim=True)
+            e = z.sub_(m).exp_()
+            s_sum = e.sum(dim=-1, keepdim=True)
+            total += (s_sum.log() + m - z_y[:, None]).sum()
             if need_h or need_w:
-                g = z.sub_(lse[:, None]).exp_()                  # softmax, in place of the logits
+                g = e.div_(s_sum)                                   # softmax
                 g[torch.arange(len(yc), device=g.device), yc] -= 1.0
                 if softcap is not None:
                     g *= 1.0 - t * t
