@@ -82,12 +82,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         if self.q_norm is not None:  # per-head norm over D, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        # RoPE in the (B, T, heads, D) layout, then a transposed view: SDPA writes its output in
-        # its query's layout, so o.transpose(1, 2) below is contiguous and o_proj reads it without
-        # a copy (one [B, T, H*D] tensor less per block, and none saved when o_proj trains).
-        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, D), strides of (B, T, H, D)
-        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, K, T, D)
+        # Elementwise RoPE keeps the (B, T, heads, D) memory order of these transposed views, SDPA
+        # writes its output in its query's order, so o_proj below reads that output without a copy.
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, past + T, D)
         groups = self.n_heads // self.n_kv
@@ -98,8 +96,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                scale=self.scaling, **gqa)
         else:
-            # transformers' memory layout, so that the matmuls round as its eager attention does
-            o = self._eager(q.contiguous(), k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask)
+            o = self._eager(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H*D)
 
     def _eager(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

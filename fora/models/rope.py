@@ -64,5 +64,5 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [..., D] rotated in its own dtype: x cos + rotate_half(x) sin (cos/sin broadcast to x)."""
+    """x [B, heads, T, D] rotated in its own dtype: x cos + rotate_half(x) sin."""
     return x * cos + rotate_half(x) * sin

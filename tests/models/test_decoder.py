@@ -172,6 +172,23 @@ def test_module_paths_mirror_checkpoint(pair):
     assert not ours.training and all(p.requires_grad for p in ours.parameters())
 
 
+@pytest.mark.parametrize("case", ["llama3_gqa", "qwen3_tied"])
+def test_o_proj_reads_attention_output_without_a_copy(pair, case, monkeypatch):
+    """SDPA writes its output in its query's (B, T, H, D) layout, so o_proj reads SDPA's own storage
+    (a copy would be one more [B, T, H*D] tensor per block, and one more saved when o_proj trains)."""
+    ours, _ = pair(case)
+    sdpa_out, o_proj_in = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa_out.append(sdpa(*a, **k)) or sdpa_out[-1])
+    hook = ours.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: o_proj_in.append(a[0]))
+    try:
+        ours(_ids())
+    finally:
+        hook.remove()
+    assert o_proj_in[0].untyped_storage().data_ptr() == sdpa_out[0].untyped_storage().data_ptr()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_bf16_parity(tiny, case):
