@@ -40,7 +40,7 @@ def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = 
     A = stiefel_parameters(model)
     B = euclidean_parameters(model)
     if not stiefel:
-        return [torch.optim.AdamW(A + B, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)]
+        return [adamw(A + B, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)]
     if stiefel_lr is not None:
         groups = [{"params": A, "lr": stiefel_lr}]
     else:
@@ -50,5 +50,13 @@ def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = 
         groups = [{"params": ps, "lr": lr * math.sqrt(numel)} for numel, ps in by_numel.items()]
     cayley = CayleyAdam(groups, lr=lr, betas=stiefel_betas, eps=eps, qr_every=qr_every, solver=solver,
                         iters=iters, step_cap=step_cap, compiled=compiled)
-    adamw = torch.optim.AdamW(B, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    return [cayley, adamw]
+    return [cayley, adamw(B, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)]
+
+
+def adamw(params: list[nn.Parameter], **hyper) -> torch.optim.AdamW:
+    """torch's AdamW, with its fused kernel where that kernel takes every parameter (plain fp tensors
+    on CPU or CUDA; not FSDP2's DTensors): one kernel over all tensors instead of torch's CPU default,
+    a Python loop of per-tensor ops (measured 3.7 vs 12.1 ms for the 300 A's and B's of SmolLM2-135M)."""
+    fused = bool(params) and all(type(p) in (torch.Tensor, nn.Parameter) and p.device.type in ("cpu", "cuda")
+                                 and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **hyper)

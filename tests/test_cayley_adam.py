@@ -287,7 +287,7 @@ def test_build_optimizers_splits_A_and_B():
     lrs = {p.shape: g["lr"] for g in cayley.param_groups for p in g["params"]}
     assert lrs == {(4, 8): pytest.approx(1e-3 * 32 ** 0.5), (4, 32): pytest.approx(1e-3 * 128 ** 0.5)}
     assert {id(p) for p in adamw.param_groups[0]["params"]} == {id(model.up.lora_B), id(model.down.lora_B)}
-    assert adamw.param_groups[0]["weight_decay"] == 0.1
+    assert adamw.param_groups[0]["weight_decay"] == 0.1 and adamw.defaults["fused"] is True
     (cayley2, _) = build_optimizers(model, lr=1e-3, stiefel_lr=0.3)
     assert [g["lr"] for g in cayley2.param_groups] == [0.3]
     assert not any(g["compiled"] for g in cayley.param_groups)
@@ -295,6 +295,30 @@ def test_build_optimizers_splits_A_and_B():
     assert all(g["compiled"] for g in cayley3.param_groups)
     (plain,) = build_optimizers(model, lr=1e-3, stiefel=False)
     assert len(plain.param_groups[0]["params"]) == 4
+
+
+def test_adamw_is_fused_where_the_kernel_applies_and_steps_as_torch_default():
+    """fora.optim.adamw: torch's fused kernel for plain fp32 CPU tensors, same iterates as torch's
+    default (for-loop) AdamW to rounding; float64 tensors keep torch's default path."""
+    from fora.optim import adamw
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(6, 4, generator=g), torch.randn(3, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in init] for _ in range(5)]
+    iterates = []
+    for make in (lambda ps: adamw(ps, lr=1e-2, weight_decay=0.1),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)):
+        ps = [nn.Parameter(t.clone()) for t in init]
+        opt = make(ps)
+        for gs in grads:
+            for p, gr in zip(ps, gs):
+                p.grad = gr.clone()
+            opt.step()
+        iterates.append((opt.defaults["fused"], [p.detach() for p in ps]))
+    (fused, ours), (_, ref) = iterates
+    assert fused is True
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not adamw([nn.Parameter(torch.zeros(2, dtype=torch.float64))], lr=1e-3).defaults["fused"]
 
 
 def test_build_optimizers_one_training_step_keeps_A_orthonormal():
