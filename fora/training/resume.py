@@ -1,4 +1,4 @@
-"""`--resume DIR` on the command line, and the guards on what an `--out` folder may hold.
+"""`--resume DIR` on the command line, and what an `--out` folder may hold (`prepare_out`).
 
 `--resume DIR` alone continues a run: every setting is read from the checkpoint's
 `train_config.json`. Flags given together with it must agree with that file, except the ones that
@@ -15,12 +15,24 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from fora.formats.peft_io import ADAPTER_WEIGHTS
-from fora.training.checkpoint import CONFIG_FILE, find_checkpoint
+from fora.training.checkpoint import CONFIG_FILE, Checkpoint, find_checkpoint, load_checkpoint
 
 
 class _Config(Protocol):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any: ...
+
+
+class _RunConfig(Protocol):
+    """What `default_out` / `prepare_out` read of a `TrainConfig`."""
+
+    model: str
+    method: str
+    k: int | None
+    out: str | None
+    resume: str | None
+
+    def trajectory_diff(self, other: Any) -> dict[str, tuple[Any, Any]]: ...
 
 
 # `fora.training.config.parse_args` calls in here; the config class comes in as an argument so
@@ -94,3 +106,44 @@ def refuse_finished(out: Path, resume: str) -> None:
     if (out / ADAPTER_WEIGHTS).is_file():
         raise ValueError(f"--resume {resume}: that run is finished (its adapter is in {out}); "
                          "nothing to resume. Start a new run with another --out")
+
+
+def default_out(cfg: _RunConfig) -> Path:
+    """`runs/<model>-<method>[-k<K>]`: where a run goes without `--out`."""
+    name = Path(cfg.model.rstrip("/")).name  # preset, hub id "owner/name", folder or file.gguf
+    name = name[:-len(".gguf")] if name.endswith(".gguf") else name
+    return Path("runs") / (f"{name}-{cfg.method}" + (f"-k{cfg.k}" if cfg.k else ""))
+
+
+def _differences(diff: dict) -> str:
+    return ", ".join(f"{k}: {a!r} here vs {b!r} there" for k, (a, b) in sorted(diff.items()))
+
+
+def prepare_out(cfg: _RunConfig) -> tuple[Path, Checkpoint | None]:
+    """Resolve `--out`; refuse to overwrite a run; load the checkpoint for `--resume`."""
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        diff = cfg.trajectory_diff(type(cfg).from_dict(ckpt.config))
+        if diff:
+            raise ValueError(f"--resume {cfg.resume}: the checkpoint belongs to a run with other settings "
+                             f"({_differences(diff)}); resume with the same flags, or start a new run "
+                             "with another --out")
+        out = Path(cfg.out) if cfg.out else ckpt.path.parent
+        refuse_finished(out, cfg.resume)
+        return out, ckpt
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    refuse_foreign_out(out)
+    if (out / CONFIG_FILE).is_file():
+        diff = cfg.trajectory_diff(type(cfg).from_dict(json.loads((out / CONFIG_FILE).read_text())))
+        if diff:
+            raise ValueError(f"--out {out} already holds a different run ({_differences(diff)}); "
+                             "choose another --out or delete that folder")
+        if (out / ADAPTER_WEIGHTS).is_file():
+            raise ValueError(f"--out {out} already holds this run, finished; choose another --out "
+                             "(or delete that folder to train it again)")
+        if (out / "checkpoint").is_dir():
+            raise ValueError(f"--out {out} already holds this run; pass --resume {out} to continue it "
+                             "from its last checkpoint, or choose another --out")
+        raise ValueError(f"--out {out} already holds an attempt of this run that saved no checkpoint "
+                         "(nothing to resume); delete that folder or choose another --out")
+    return out, None

@@ -29,38 +29,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fora.training.batching import calibration_batches, epoch_batches, make_batches
-from fora.training.checkpoint import Checkpoint, DataPosition, load_checkpoint, restore_training_state, save_checkpoint
-from fora.training.data import encode_records, load_records, split_records
-from fora.formats.hub import resolve_checkpoint
-from fora.inject import freeze_base, inject_lora, lora_modules
 from fora.formats.atomic import atomic_write_json, atomic_write_text
-from fora.formats.loading import load_model
-from fora.training.methods import (CALIBRATED_SELECTORS, METHODS, SelectArgs, Selection, method_rank,
-                          selection_json)
+from fora.formats.hub import resolve_checkpoint
+from fora.formats.loading import load_model, load_tokenizer
+from fora.formats.peft_io import save_adapter, save_merged
+from fora.inject import freeze_base, inject_lora, lora_modules
+from fora.models.config import ModelConfig
+from fora.models.speed import checkpoint_blocks, compile_blocks
 from fora.optim import build_optimizers
-from fora.formats.peft_io import ADAPTER_WEIGHTS, save_adapter, save_merged
 from fora.stiefel import stiefel_error
-from fora.training.tasks import arithmetic_task
-from fora.formats.loading import load_tokenizer
+from fora.training.batching import calibration_batches, epoch_batches, make_batches
+from fora.training.checkpoint import CONFIG_FILE, DataPosition, restore_training_state, save_checkpoint
 from fora.training.config import TrainConfig, warmup_steps
+from fora.training.data import encode_records, load_records, split_records
+from fora.training.distributed import (distributed_select, init_distributed, load_device, metrics_log, split_batches,
+                                       sync_adapter_grads, wrap_model)
+from fora.training.health import StepHealth
 from fora.training.init_norm import unit_row_norms
 from fora.training.interrupt import LiveRun, checkpoint_on_interrupt
+from fora.training.loop import Throughput, autocast_context, evaluate, forward_loss, lr_lambda, supervised_tokens
+from fora.training.methods import CALIBRATED_SELECTORS, METHODS, SelectArgs, Selection, method_rank, selection_json
 from fora.training.model_card import README_FILE, gguf_source, model_card
 from fora.training.model_card import base_model_id as _hub_base_model_id
 from fora.training.progress import Progress
-from fora.training.resume import refuse_finished, refuse_foreign_out
-from fora.models.config import ModelConfig
-from fora.training.distributed import (distributed_select, init_distributed, load_device, metrics_log, split_batches,
-                                       sync_adapter_grads, wrap_model)
-from fora.models.speed import checkpoint_blocks, compile_blocks
-from fora.training.health import StepHealth
-from fora.training.loop import (Throughput, autocast_context, evaluate,
-                             forward_loss, lr_lambda, supervised_tokens)
+from fora.training.resume import prepare_out
+from fora.training.tasks import arithmetic_task
 
 log = logging.getLogger("fora.train")
 
-CONFIG_FILE = "train_config.json"
 SELECTION_FILE = "selection.json"
 METRICS_FILE = "metrics.jsonl"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,46 +90,6 @@ def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.dtype == "auto" \
         else _DTYPES[cfg.dtype]
     return device, dtype
-
-
-def default_out(cfg: TrainConfig) -> Path:
-    name = Path(cfg.model.rstrip("/")).name  # preset, hub id "owner/name", folder or file.gguf
-    name = name[:-len(".gguf")] if name.endswith(".gguf") else name
-    return Path("runs") / (f"{name}-{cfg.method}" + (f"-k{cfg.k}" if cfg.k else ""))
-
-
-def _differences(diff: dict) -> str:
-    return ", ".join(f"{k}: {a!r} here vs {b!r} there" for k, (a, b) in sorted(diff.items()))
-
-
-def prepare_out(cfg: TrainConfig) -> tuple[Path, Checkpoint | None]:
-    """Resolve `--out`; refuse to overwrite a run; load the checkpoint for `--resume`."""
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
-        diff = cfg.trajectory_diff(TrainConfig.from_dict(ckpt.config))
-        if diff:
-            raise ValueError(f"--resume {cfg.resume}: the checkpoint belongs to a run with other settings "
-                             f"({_differences(diff)}); resume with the same flags, or start a new run "
-                             "with another --out")
-        out = Path(cfg.out) if cfg.out else ckpt.path.parent
-        refuse_finished(out, cfg.resume)
-        return out, ckpt
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    refuse_foreign_out(out)
-    if (out / CONFIG_FILE).is_file():
-        diff = cfg.trajectory_diff(TrainConfig.from_dict(json.loads((out / CONFIG_FILE).read_text())))
-        if diff:
-            raise ValueError(f"--out {out} already holds a different run ({_differences(diff)}); "
-                             "choose another --out or delete that folder")
-        if (out / ADAPTER_WEIGHTS).is_file():
-            raise ValueError(f"--out {out} already holds this run, finished; choose another --out "
-                             "(or delete that folder to train it again)")
-        if (out / "checkpoint").is_dir():
-            raise ValueError(f"--out {out} already holds this run; pass --resume {out} to continue it "
-                             "from its last checkpoint, or choose another --out")
-        raise ValueError(f"--out {out} already holds an attempt of this run that saved no checkpoint "
-                         "(nothing to resume); delete that folder or choose another --out")
-    return out, None
 
 
 def data_sha256(records: list[dict]) -> str:

@@ -23,7 +23,8 @@ from fora.training.methods import METHODS
 from fora.formats.peft_io import load_adapter
 from fora.training.config import TrainConfig, parse_args
 from fora.training.loop import MetricsLog, TrainingDiverged, causal_lm_loss
-from fora.training.run import default_out, main
+from fora.training.resume import default_out
+from fora.training.run import main
 
 L = 4
 
