@@ -54,6 +54,7 @@ class ReproduceConfig:
     ppl_tokens: int = 4096     # held-out text tokens for perplexity
     kl_windows: int = 8        # 256-token windows for the KL drift
     base_first: bool = False   # measure the base model before training (else before the first evaluation)
+    match_init_norm: bool = False  # plain-A arms: Kaiming rows scaled to unit norm, as a Stiefel A's (drift control)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
@@ -72,6 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
                    help="cloze answers: the two words, or WinoGrande's option1/option2 labels")
     p.add_argument("--base-first", action="store_true",
                    help="measure the base model before training (for a second invocation running in parallel)")
+    p.add_argument("--match-init-norm", action="store_true",
+                   help="plain-A arms start with unit-norm rows of A, as the Stiefel arms do (train.py's "
+                        "--match-init-norm): the control for the Stiefel arms' larger output drift")
     a = vars(p.parse_args(argv))
     for name, value in a.items():
         if isinstance(value, int) and not isinstance(value, bool) and value < 1 and name not in ("gen_limit", "warmup_steps", "val_size"):
@@ -171,7 +175,7 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Re
                      rank=cfg.rank, lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
                      cutoff_len=cfg.cutoff_len, warmup_steps=cfg.warmup_steps, val_size=cfg.val_size,
                      fisher_batches=4, eval_every=max(1, cfg.steps // 4), log_every=10,
-                     save_every=max(1, cfg.steps // 4), resume=resume))
+                     save_every=max(1, cfg.steps // 4), match_init_norm=cfg.match_init_norm, resume=resume))
 
 
 def arm_row(model_name: str, method: str, seed: int, test: list[dict], cfg: ReproduceConfig, run: Path,

@@ -61,3 +61,13 @@ def test_reproduce_all_arms_then_skip(reproduce, tmp_path):
     reproduce.main(reproduce.parse_args(argv))
     assert (tmp_path / "rep" / "tiny" / "fora-s0" / "result.json").read_text() == first  # skipped
     assert (tmp_path / "rep" / "tiny" / "lora-s0" / "result.json").is_file()  # re-evaluated, not retrained
+
+
+def test_match_init_norm_reaches_every_arm_trainer(reproduce, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("fora.training.run.main", seen.append)
+    assert reproduce.parse_args([]).match_init_norm is False
+    cfg = reproduce.parse_args(["--match-init-norm"])
+    for method in ("lora", "fora"):
+        reproduce.train_arm("m", method, 0, tmp_path / "train.jsonl", cfg, tmp_path / method)
+    assert [c.match_init_norm for c in seen] == [True, True] and [c.method for c in seen] == ["lora", "fora"]
