@@ -137,29 +137,30 @@ class LoRALinear(nn.Module):
         """x: (..., d_in) -> (..., d_out) in x's dtype; adapter math in the adapter dtype."""
         if self.quantized:  # the 4-bit layer's output is left as it is (Fisher's hooks may see it)
             y = self.base_layer(x)
-            return y if self.merged else y + self._scaled_update(self._adapter_input(x)).to(y.dtype)
+            return y if self.merged else y + self._scaled_up(self._down(x)).to(y.dtype)
         x2 = x.reshape(-1, self.in_features)  # (N, d_in)
         y = F.linear(x2, self.weight, self.bias)  # (N, d_out), a fresh tensor that only we hold
         if not self.merged:
-            h = self._adapter_input(x2)
-            u = F.linear(h, self.lora_A)  # (N, r)
+            u = self._down(x2)  # (N, r)
             if u.dtype == y.dtype:
                 # y += s · u Bᵀ inside the GEMM (beta = 1, alpha = s): no (N, d_out) temporary for
                 # the product, its scaling or the sum, and in backward s scales (N, r)-sized
                 # gradients only. In place is safe: linear's backward never reads its output.
                 y.addmm_(u, self.lora_B.mT.to(u.dtype), alpha=self.scale)
             else:  # a bf16 base with fp32 adapters and no autocast
-                y = y + self._scaled_update(h).to(y.dtype)
+                y = y + self._scaled_up(u).to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _adapter_input(self, x: Tensor) -> Tensor:
+    def _down(self, x: Tensor) -> Tensor:
+        """u = dropout(x) Aᵀ, in the adapter dtype unless autocast casts both operands itself."""
         h = self.lora_dropout(x)
-        # in the adapter dtype, unless autocast casts both operands of each product itself
-        return h if torch.is_autocast_enabled(h.device.type) else h.to(self.lora_A.dtype)
+        if not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.lora_A.dtype)
+        return F.linear(h, self.lora_A)
 
-    def _scaled_update(self, h: Tensor) -> Tensor:
-        """s · h Aᵀ Bᵀ (Eq. 1's adapter term) for an adapter input h."""
-        return F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale
+    def _scaled_up(self, u: Tensor) -> Tensor:
+        """s · u Bᵀ: Eq. 1's adapter term from the down-projection u."""
+        return F.linear(u, self.lora_B) * self.scale
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -23,8 +23,8 @@ class _Config(Protocol):
     def from_dict(cls, d: dict[str, Any]) -> Any: ...
 
 
-class _RunConfig(Protocol):
-    """What `default_out` / `prepare_out` read of a `TrainConfig`."""
+class _RunConfig(_Config, Protocol):
+    """What `default_out` / `prepare_out` read of a `TrainConfig` (and `type(cfg).from_dict`)."""
 
     model: str
     method: str
