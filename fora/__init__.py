@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "stiefel_error": "fora.stiefel",
     "effective_rank": "fora.stiefel",
     "lora_modules": "fora.inject",
+    "adapters_disabled": "fora.inject",
     "stiefel_parameters": "fora.inject",
     "euclidean_parameters": "fora.inject",
     "freeze_base": "fora.inject",

@@ -53,9 +53,10 @@ class DoRALinear(LoRALinear):
             self.lora_magnitude_vector.copy_(self.weight_norm())
 
     def merged_weight(self, w0: Tensor) -> Tensor:
-        """W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_c for a given W0 (float32)."""
-        v = w0.float() + self.delta_weight().detach().float().to(w0.device)
-        m = self.lora_magnitude_vector.detach().float().to(w0.device)
+        """W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖_c for a given W0 (float64 for a float64 W0, else float32)."""
+        dt = torch.float64 if w0.dtype == torch.float64 else torch.float32
+        v = w0.to(dt) + self.delta_weight().detach().to(dt).to(w0.device)
+        m = self.lora_magnitude_vector.detach().to(dt).to(w0.device)
         return (m / torch.linalg.norm(v, dim=1))[:, None] * v
 
     @torch.no_grad()
@@ -81,7 +82,7 @@ class DoRALinear(LoRALinear):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_in) -> (..., d_out) in x's dtype; adapter math in the adapter dtype."""
         y = self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:  # disabled: the base alone, not (m / ‖W0‖_c) ⊙ x W0ᵀ
             return y
         w0 = self.base_weight()
         g = self.lora_magnitude_vector / self.weight_norm()

@@ -12,11 +12,13 @@ so the adapter exports as ``LoraConfig(r=rank, lora_alpha=alpha, rank_pattern=..
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from fora.adalora import AdaLoRALinear
 from fora.dora import DoRALinear
 from fora.lora import LoRALinear
 from fora.models.nf4 import NF4Linear
@@ -29,7 +31,8 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 def inject_lora(model: nn.Module, layers: Sequence[int],
                 targets: Sequence[str] = DEFAULT_TARGETS, rank: int = 32, alpha: float | None = None,
                 stiefel: bool = True, rank_pattern: dict[str, int] | None = None, dropout: float = 0.0,
-                rslora: bool = False, seed: int | None = None, dora: bool = False) -> dict[str, LoRALinear]:
+                rslora: bool = False, seed: int | None = None, dora: bool = False,
+                adalora: bool = False) -> dict[str, LoRALinear]:
     """Replace ``targets`` of blocks ``layers`` by LoRALinear (in place).
 
     Args:
@@ -43,6 +46,7 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
         dropout, rslora: as in LoRALinear.
         seed: seeds the CPU generator that draws every A, in sorted layer order then target order.
         dora: DoRALinear adapters (LoRA plus a trained magnitude per output row, ``fora.dora``).
+        adalora: AdaLoRALinear adapters (triplets P Λ Q, ``fora.adalora``; ``rank`` is init_r, no rslora).
     Returns:
         {full module path: LoRALinear} in injection order.
     """
@@ -74,8 +78,11 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
         if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"{path} is a {type(base).__name__}, not an nn.Linear; LoRA targets must "
                             "be linear projections (e.g. q_proj, up_proj)")
-        lora = (DoRALinear if dora else LoRALinear)(base, rank_pattern.get(path, rank), alpha, dropout=dropout,
-                                                    rslora=rslora, init=init, generator=generator)
+        if adalora:
+            lora = AdaLoRALinear(base, rank_pattern.get(path, rank), alpha, dropout=dropout, generator=generator)
+        else:
+            lora = (DoRALinear if dora else LoRALinear)(base, rank_pattern.get(path, rank), alpha, dropout=dropout,
+                                                        rslora=rslora, init=init, generator=generator)
         parent_path, leaf = path.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), leaf, lora)
         out[path] = lora
@@ -87,8 +94,30 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block every adapter computes its wrapped layer alone, so the model is the base exactly.
+
+    Acts on every module with a ``disabled`` flag (LoRALinear, DoRALinear and any adapter type that
+    honours it). Zeroing the scale would not do: DoRA would still compute (m / ‖W0‖_c) ⊙ x W0ᵀ.
+    """
+    modules = [m for m in model.modules() if isinstance(getattr(m, "disabled", None), bool)]
+    if any(getattr(m, "merged", False) for m in modules):
+        raise ValueError("cannot disable merged adapters; unmerge() them first")
+    before = [m.disabled for m in modules]
+    try:
+        for m in modules:
+            m.disabled = True
+        yield model
+    finally:
+        for m, flag in zip(modules, before):
+            m.disabled = flag
+
+
 def _euclidean(m: LoRALinear) -> list[nn.Parameter]:
-    """B, and DoRA's magnitude m: the adapter parameters trained by AdamW."""
+    """B, DoRA's magnitude m and AdaLoRA's E: the adapter parameters trained by AdamW."""
+    if isinstance(m, AdaLoRALinear):
+        return [m.lora_E, m.lora_B]
     return [m.lora_B, m.lora_magnitude_vector] if isinstance(m, DoRALinear) else [m.lora_B]
 
 

@@ -8,6 +8,8 @@ The dense ``W0 + s B A`` is never formed in ``forward``; it only exists after ``
 the base model's state_dict keys are unchanged and the adapter adds ``lora_A`` / ``lora_B``.
 A 4-bit ``NF4Linear`` base (QLoRA / QFoRA) is kept whole as the child ``base_layer`` and called in
 ``forward``; it cannot be merged in place (``save_merged`` writes the dequantized merge instead).
+``disabled = True`` (see ``fora.inject.adapters_disabled``) skips the adapter path entirely, so the
+module computes exactly the wrapped layer: the one "adapters off" switch every adapter type honours.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.rslora, self.init = rank, float(alpha), rslora, init
         self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
         self.merged = False
+        self.disabled = False  # True: forward is the base layer alone (adapters_disabled)
         self.quantized = isinstance(base, NF4Linear)
         if self.quantized:
             self.base_layer = base
@@ -137,10 +140,10 @@ class LoRALinear(nn.Module):
         """x: (..., d_in) -> (..., d_out) in x's dtype; adapter math in the adapter dtype."""
         if self.quantized:  # the 4-bit layer's output is left as it is (Fisher's hooks may see it)
             y = self.base_layer(x)
-            return y if self.merged else y + self._scaled_up(self._down(x)).to(y.dtype)
+            return y if self.merged or self.disabled else y + self._scaled_up(self._down(x)).to(y.dtype)
         x2 = x.reshape(-1, self.in_features)  # (N, d_in)
         y = F.linear(x2, self.weight, self.bias)  # (N, d_out), a fresh tensor that only we hold
-        if not self.merged:
+        if not (self.merged or self.disabled):
             u = self._down(x2)  # (N, r)
             if u.dtype == y.dtype:
                 # y += s · u Bᵀ inside the GEMM (beta = 1, alpha = s): no (N, d_out) temporary for
@@ -164,4 +167,5 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"alpha={self.alpha:g}, scale={self.scale:g}, init={self.init}, merged={self.merged}")
+                f"alpha={self.alpha:g}, scale={self.scale:g}, init={self.init}, merged={self.merged}"
+                + (", disabled=True" if self.disabled else ""))

@@ -6,21 +6,25 @@ d_out x r matrix B Rᵀ); the entropy effective rank (Roy & Vetterli 2007) and i
 max |A Aᵀ − I|. By Lemma 1, when A has orthonormal rows the singular values of ΔW / s are those
 of B, so the Stiefel methods spend their rank exactly as B does.
 
+A DoRA module's update W′ − W0 = (g − 1) ⊙ W0 + g ⊙ s B A (g = m / ‖W0 + s B A‖_c, per output row)
+is not of rank r, so its singular values come from the dense update (min(d_out, d_in) of them; its
+erank / r may exceed 1).
+
 Output drift: KL(base ‖ tuned) of the next-token distributions on held-out text, base = the same
-model with every adapter's scale set to zero (ΔW = 0 exactly), averaged over tokens.
+model under ``adapters_disabled`` (every adapter computes its frozen layer alone), averaged over tokens.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fora.inject import lora_modules
+from fora.dora import DoRALinear
+from fora.inject import adapters_disabled, lora_modules
 from fora.lora import LoRALinear
 from fora.models.paths import layer_index
 from fora.stiefel import effective_rank, stiefel_error
@@ -42,9 +46,20 @@ def delta_singular_values(A: Tensor, B: Tensor, scale: float = 1.0) -> Tensor:
     return abs(scale) * torch.linalg.svdvals(B.detach().to(torch.float64) @ R.mT)
 
 
+def dora_update_singular_values(module: DoRALinear) -> Tensor:
+    """Singular values of DoRA's update W′ − W0 (descending, float64), from the dense difference."""
+    with torch.no_grad():
+        w0 = module.base_weight().to(torch.float64)
+        return torch.linalg.svdvals(module.merged_weight(w0) - w0)
+
+
 def module_diagnostics(name: str, module: LoRALinear) -> dict[str, Any]:
-    """One row: singular values of ΔW, erank, erank / r, ‖ΔW‖_F, max |A Aᵀ − I|."""
-    sigma = delta_singular_values(module.lora_A, module.lora_B, module.scale)
+    """One row: singular values of the update (ΔW = s B A, or DoRA's W′ − W0), erank, erank / r,
+    its Frobenius norm, max |A Aᵀ − I|."""
+    if isinstance(module, DoRALinear):
+        sigma = dora_update_singular_values(module)
+    else:
+        sigma = delta_singular_values(module.lora_A, module.lora_B, module.scale)
     erank = effective_rank(torch.diag(sigma)) if sigma.numel() else 0.0
     return {"module": name, "layer": layer_index(name), "rank": module.rank, "scale": module.scale,
             "singular_values": sigma.tolist(), "effective_rank": erank,
@@ -80,22 +95,6 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     layers = sorted({r["layer"] for r in rows})
     return {"layers": {str(i): combine([r for r in rows if r["layer"] == i]) for i in layers},
             "overall": combine(rows)}
-
-
-@contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block every adapter's scale is 0, so the model computes the base exactly."""
-    modules = list(lora_modules(model).values())
-    if any(m.merged for m in modules):
-        raise ValueError("cannot disable merged adapters; unmerge() them first")
-    scales = [m.scale for m in modules]
-    try:
-        for m in modules:
-            m.scale = 0.0
-        yield model
-    finally:
-        for m, s in zip(modules, scales):
-            m.scale = s
 
 
 def text_windows(token_ids: Sequence[int], window: int, max_windows: int | None = None) -> list[Tensor]:

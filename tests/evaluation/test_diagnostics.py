@@ -173,3 +173,24 @@ def test_analyze_script_writes_report_and_plots(fora_run, tmp_path, monkeypatch,
     assert "held-out text is empty" in capsys.readouterr().err
     assert analyze.cli([str(tmp_path)]) == 1
     assert "train_config.json not found" in capsys.readouterr().err
+
+
+def test_dora_spectrum_is_that_of_its_update_not_of_sBA():
+    from torch import nn
+
+    from fora.dora import DoRALinear
+    from fora.evaluation.diagnostics import module_diagnostics
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    w0 = base.weight.detach().double().clone()
+    layer = DoRALinear(base, 2, 4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.5)
+        layer.lora_magnitude_vector.mul_(torch.rand(8) + 0.5)
+    v = w0 + layer.scale * layer.lora_B.double() @ layer.lora_A.double()
+    update = layer.lora_magnitude_vector.double()[:, None] * v / v.norm(dim=1, keepdim=True) - w0  # W' - W0
+    row = module_diagnostics("model.layers.0.self_attn.q_proj", layer)
+    torch.testing.assert_close(torch.tensor(row["singular_values"], dtype=torch.float64),
+                               torch.linalg.svdvals(update), rtol=1e-6, atol=1e-9)
+    assert len(row["singular_values"]) == 8  # the update is not of rank r = 2
+    assert row["fro_norm"] == pytest.approx(float(update.norm()), rel=1e-6)
