@@ -139,6 +139,49 @@ def epoch_batches(examples: Sequence[Example], batch_size: int, epoch: int, seed
     return LazyBatches(examples, indices, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
+class StepBatches(Sequence[list[Batch]]):
+    """An epoch's optimizer steps: step k is a list of micro-batches, collated on access.
+
+    `micro` holds every micro-batch of the epoch in order; `steps[k]` is the range of micro-batch
+    indices that step k accumulates.
+    """
+
+    def __init__(self, micro: Sequence[Batch], steps: list[range]) -> None:
+        self.micro, self.steps = micro, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, k: int) -> list[Batch]:  # type: ignore[override]
+        return [self.micro[i] for i in self.steps[k]]
+
+    def with_micro(self, micro: Sequence[Batch]) -> StepBatches:
+        """The same steps over other micro-batches (e.g. one rank's share of each, `RankBatches`)."""
+        return StepBatches(micro, self.steps)
+
+
+def epoch_steps(examples: Sequence[Example], micro_batch_size: int, grad_accum: int, epoch: int,
+                seed: int = 0, *, pad_id: int, **options) -> StepBatches:
+    """The optimizer steps of epoch `epoch`: each step's rows drawn at the step's full size, then split.
+
+    The rows of a step are one batch of `epoch_batches` at `micro_batch_size * grad_accum` rows
+    (pass the global micro-batch, micro x world, for several processes), cut into consecutive
+    micro-batches of `micro_batch_size` rows. So `--batch-size b --grad-accum a` sees exactly the
+    rows of `--batch-size a*b` in every step: length grouping picks the rows of a whole step, not
+    of each micro-batch. `options` go to `epoch_batches` (shuffle, group_by_length, ...).
+    """
+    if micro_batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"micro_batch_size and grad_accum must be >= 1, got {micro_batch_size}, {grad_accum}")
+    whole = epoch_batches(examples, micro_batch_size * grad_accum, epoch, seed, pad_id=pad_id, **options)
+    micro, steps = [], []
+    for rows in whole.indices:
+        first = len(micro)
+        micro += [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+        steps.append(range(first, len(micro)))
+    return StepBatches(LazyBatches(examples, micro, pad_id=pad_id, pad_to_multiple_of=whole.pad_to_multiple_of),
+                       steps)
+
+
 def calibration_batches(examples: Sequence[Example], n_batches: int, batch_size: int, *,
                         pad_id: int, seed: int = 0) -> list[Batch]:
     """`n_batches` random batches (no example twice) for Fisher / CKA / FIM-LoRA scoring.

@@ -5,7 +5,7 @@ A checkpoint is a directory (published atomically, see `fora.formats.atomic.stag
     adapter_config.json, adapter_model.safetensors   the LoRA A, B (PEFT layout, loadable as is)
     optim.pt        state dicts of every optimizer (CayleyAdam for A, AdamW for B) and scheduler
     rng.pt          torch CPU / CUDA, python `random` and numpy generator states
-    state.json      data position: epoch, micro-batch index within the epoch, global step; and the
+    state.json      data position: epoch, optimizer-step index within the epoch, global step; and the
                     seconds the run had taken (so timings continue across a resume)
     selection.json  the layer selection (so a resumed run does not recompute Fisher scores)
     train_config.json
@@ -35,14 +35,17 @@ OPTIM_FILE = "optim.pt"
 RNG_FILE = "rng.pt"
 SELECTION_FILE = "selection.json"
 CONFIG_FILE = "train_config.json"
+BATCH_UNIT = "step"  # state.json's `batch` counts optimizer steps (epoch_steps), not micro-batches
 
 
 @dataclass(frozen=True)
 class DataPosition:
     """Where the data stream stands after `step` optimizer steps.
 
-    `epoch` and `batch` index the next micro-batch to read (batch order within an epoch is a pure
-    function of the seed and the epoch, so this is enough to continue the same stream).
+    `epoch` and `batch` index the next optimizer step to read: `batch` counts the epoch's steps
+    (`fora.training.batching.epoch_steps`, each micro x accumulation x world rows), not its
+    micro-batches. Step order within an epoch is a pure function of the seed and the epoch, so this
+    is enough to continue the same stream.
     """
 
     epoch: int
@@ -102,7 +105,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, *, model: nn.Module,
         atomic_torch_save({"optimizers": [o.state_dict() for o in optimizers],
                            "schedulers": [s.state_dict() for s in schedulers]}, tmp / OPTIM_FILE)
         atomic_torch_save(capture_rng(), tmp / RNG_FILE)
-        atomic_write_json(tmp / STATE_FILE, {**asdict(position), "seconds": seconds})
+        atomic_write_json(tmp / STATE_FILE, {**asdict(position), "seconds": seconds, "batch_unit": BATCH_UNIT})
         atomic_write_json(tmp / SELECTION_FILE, selection)
         atomic_write_json(tmp / CONFIG_FILE, config)
     return Path(ckpt_dir)
@@ -133,6 +136,12 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     optim = torch.load(ckpt / OPTIM_FILE, map_location=map_location, weights_only=True)
     state = json.loads((ckpt / STATE_FILE).read_text())
     seconds = float(state.pop("seconds", 0.0))
+    config = json.loads((ckpt / CONFIG_FILE).read_text())
+    if state.pop("batch_unit", None) != BATCH_UNIT and int(config.get("grad_accum", 1)) > 1:
+        # such a checkpoint counted micro-batches drawn at the micro-batch size: no step of ours matches it
+        raise ValueError(f"checkpoint {ckpt} was written by an older fora whose --grad-accum steps took their rows "
+                         "micro-batch by micro-batch; its data position cannot be continued - start the run "
+                         "afresh (a new --out), or finish it with the fora version that wrote it")
     return Checkpoint(
         path=ckpt,
         position=DataPosition(**state),
@@ -141,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         schedulers=optim["schedulers"],
         rng=torch.load(ckpt / RNG_FILE, map_location="cpu", weights_only=True),
         selection=json.loads((ckpt / SELECTION_FILE).read_text()),
-        config=json.loads((ckpt / CONFIG_FILE).read_text()),
+        config=config,
         seconds=seconds,
     )
 

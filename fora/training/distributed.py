@@ -39,7 +39,7 @@ from torch import nn
 from fora.models.decoder import CausalLMLoss
 from fora.models.loss import IGNORE_INDEX
 from fora.models.paths import decoder_layers
-from fora.training.batching import Example, LazyBatches
+from fora.training.batching import Example, LazyBatches, StepBatches
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +196,15 @@ class RankBatches(LazyBatches):
         return mine
 
 
-def split_batches(ctx: DistContext, batches_of: Callable[[int], LazyBatches]) -> Callable[[int], Sequence[Batch]]:
-    """epoch -> this rank's share of that epoch's global batches (the identity in one process)."""
+def split_batches(ctx: DistContext, steps_of: Callable[[int], StepBatches]) -> Callable[[int], StepBatches]:
+    """epoch -> its steps with this rank's share of every global micro-batch (the identity in one process)."""
     if ctx.world == 1:
-        return batches_of
-    return lambda epoch: RankBatches(batches_of(epoch), ctx.rank, ctx.world)
+        return steps_of
+
+    def mine(epoch: int) -> StepBatches:
+        steps = steps_of(epoch)
+        return steps.with_micro(RankBatches(steps.micro, ctx.rank, ctx.world))
+    return mine
 
 
 def _all_reduce(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:

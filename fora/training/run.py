@@ -38,7 +38,7 @@ from fora.models.config import ModelConfig
 from fora.models.speed import checkpoint_blocks, compile_blocks
 from fora.optim import build_optimizers
 from fora.stiefel import stiefel_error
-from fora.training.batching import calibration_batches, epoch_batches, make_batches
+from fora.training.batching import calibration_batches, epoch_steps, make_batches
 from fora.training.checkpoint import CONFIG_FILE, DataPosition, restore_training_state, save_checkpoint
 from fora.training.config import TrainConfig, warmup_steps
 from fora.training.data import encode_records, load_records, split_records
@@ -190,7 +190,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
     log.info("trainable parameters: %d (%d LoRA modules)", sum(p.numel() for p in params), len(lora_modules(model)))
     optimizers = build_optimizers(model, cfg.lr, stiefel_lr=cfg.stiefel_lr, weight_decay=cfg.weight_decay,
                                   stiefel=spec.stiefel, qr_every=cfg.qr_every, compiled=cfg.compile)
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / (cfg.batch_size * ctx.world)) / cfg.grad_accum)
+    steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * ctx.world * cfg.grad_accum))
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     schedule = lr_lambda(cfg.schedule, warmup_steps(cfg, total), total)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
@@ -207,8 +207,9 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
     autocast = partial(autocast_context, device, dtype)
     grad_from = min(sel.layers)
     ckpt_dir = ckpt.path if ckpt is not None else None
-    batches_of = split_batches(ctx, partial(epoch_batches, data.train, cfg.batch_size * ctx.world, seed=cfg.seed,
-                                            pad_id=tok.pad_id))
+    # a step's rows are drawn at the global batch size (micro x accumulation x world), then split
+    batches_of = split_batches(ctx, partial(epoch_steps, data.train, cfg.batch_size * ctx.world, cfg.grad_accum,
+                                            seed=cfg.seed, pad_id=tok.pad_id))
     epoch, b, step = position.epoch, position.batch, position.step
     batches = batches_of(epoch)
     save = partial(save_checkpoint, out / "checkpoint", model=model, optimizers=optimizers, schedulers=schedulers,
@@ -233,7 +234,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
         ctx.seed_step(cfg.seed, step)  # several processes: dropout streams per (rank, step)
         if live.stop.requested:  # Ctrl-C, deferred to this step boundary
             raise KeyboardInterrupt
-        group = batches[b:b + cfg.grad_accum]
+        group = batches[b]  # this step's micro-batches
         n_tokens = ctx.all_sum(supervised_tokens(group))  # of the whole global batch
         step_loss = torch.zeros((), device=device)
         for batch in group:
@@ -251,7 +252,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
             sched.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        b, step = b + len(group), step + 1
+        b, step = b + 1, step + 1
         if b >= len(batches):  # epoch done: the position always names the next batch to read
             epoch, b = epoch + 1, 0
             batches = batches_of(epoch)

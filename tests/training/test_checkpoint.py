@@ -171,3 +171,20 @@ def test_checkpoint_errors(ckpt_folder, tmp_path):
     (tmp_path / "checkpoint" / "rng.pt").unlink()
     with pytest.raises(FileNotFoundError, match="incomplete"):
         load_checkpoint(tmp_path / "checkpoint")
+
+
+def test_checkpoint_counting_micro_batches_is_refused_with_accumulation(ckpt_folder, tmp_path):
+    model, opts, scheds = _run(ckpt_folder, True)
+    for accum in (1, 2):
+        ckpt = tmp_path / f"accum{accum}"
+        save_checkpoint(ckpt, model=model, optimizers=opts, schedulers=scheds, position=DataPosition(0, 4, 2),
+                        selection={}, config={"grad_accum": accum}, base_model_name_or_path="x")
+        assert load_checkpoint(ckpt).position == DataPosition(0, 4, 2)
+        state = json.loads((ckpt / "state.json").read_text())
+        del state["batch_unit"]  # as written before steps were drawn at the global batch size
+        (ckpt / "state.json").write_text(json.dumps(state))
+        if accum == 1:  # one micro-batch a step: both counts agree
+            assert load_checkpoint(ckpt).position == DataPosition(0, 4, 2)
+        else:
+            with pytest.raises(ValueError, match="start the run afresh"):
+                load_checkpoint(ckpt)

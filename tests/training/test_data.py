@@ -15,7 +15,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from fora.training.batching import (batch_indices, calibration_batches, collate, count_tokens,
-                           epoch_batches, epoch_seed, make_batches)
+                           epoch_batches, epoch_seed, epoch_steps, make_batches)
 from fora.training.data import (IGNORE_INDEX, build_prompt, encode_record, encode_records, load_records,
                        split_records, write_jsonl)
 from fora.formats.loading import load_tokenizer
@@ -418,3 +418,20 @@ def test_end_to_end_records_to_batches():
             sup = [t for t, y in zip(ids, labels) if y != IGNORE_INDEX]
             assert sup[-1] == tok.eos_id
             assert tok.decode(list(sup[:-1])) in {r["output"] for r in RECORDS}
+
+
+def test_epoch_steps_split_the_rows_of_full_size_batches():
+    # lengths all different, so length grouping at the micro size would pick other rows
+    examples = [{"input_ids": list(range(3 + (5 * i) % 17)), "labels": list(range(3 + (5 * i) % 17))}
+                for i in range(23)]
+    for micro, accum in ((2, 2), (3, 3), (1, 4), (5, 1)):
+        whole = epoch_batches(examples, micro * accum, 1, 7, pad_id=0)
+        steps = epoch_steps(examples, micro, accum, 1, 7, pad_id=0)
+        assert len(steps) == len(whole) == -(-23 // (micro * accum))
+        for k, rows in enumerate(whole.indices):
+            parts = [steps.micro.indices[i] for i in steps.steps[k]]
+            assert [r for p in parts for r in p] == rows  # the step's rows, in order, each once
+            assert all(len(p) == micro for p in parts[:-1]) and 0 < len(parts[-1]) <= micro
+            assert [b["input_ids"].shape[0] for b in steps[k]] == [len(p) for p in parts]
+    with pytest.raises(ValueError, match="grad_accum must be >= 1"):
+        epoch_steps(examples, 2, 0, 0, pad_id=0)

@@ -137,3 +137,27 @@ def test_kaiming_rows_are_a_sqrt3_shorter_and_match_init_norm_fixes_it(tiny, cfg
         main(replace(cfg, method=method, match_init_norm=flag, lr=1e-9, max_steps=1, out=str(out)))
         norms = torch.cat([v.norm(dim=1) for k, v in _adapter(out).items() if k.endswith("lora_A.weight")])
         assert norms.mean().item() == pytest.approx(expected, rel=0.15 if not flag else 1e-4), (method, flag)
+
+
+def test_accumulated_steps_see_the_rows_of_the_large_batch(tiny, tmp_path):
+    # Rows of many lengths over several steps and an epoch boundary: length grouping must pick each
+    # step's rows at the step's size (micro x accumulation), so both runs read the same rows.
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "Is it" + " very" * ((7 * i) % 11) + " even?", "input": "",
+                                 "output": "yes" if i % 2 else "no"} for i in range(22)]))
+    base = TrainConfig(model=str(tiny), data=str(data), method="fora", k=2, rank=4, device="cpu", val_size=4,
+                       max_steps=6, warmup_steps=0, lr=1e-2, log_every=1, eval_every=0, save_every=0,
+                       lora_dropout=0.0, fisher_batches=2)
+    runs = {}
+    for name, bs, accum in (("big", 4, 1), ("accum", 2, 2), ("accum4", 1, 4)):
+        main(replace(base, batch_size=bs, grad_accum=accum, out=str(tmp_path / name)))
+        losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)]
+        runs[name] = (losses, _adapter(tmp_path / name))
+    big_losses, big = runs["big"]
+    assert len(big_losses) == 6  # 18 training rows: 5 steps an epoch, so step 6 is in epoch 2
+    for name in ("accum", "accum4"):
+        losses, adapter = runs[name]
+        assert losses == pytest.approx(big_losses, rel=1e-5)
+        for k in big:
+            torch.testing.assert_close(adapter[k], big[k], rtol=1e-5, atol=1e-6)
