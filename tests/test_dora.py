@@ -179,3 +179,41 @@ def test_errors(tiny, tmp_path):
     q = _trained_dora(tiny, "nf4")
     with pytest.raises(ValueError, match="cannot merge an adapter into a 4-bit NF4 base"):
         lora_modules(q)["model.layers.0.self_attn.q_proj"].merge()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_train_mode_with_dropout_equals_peft(bias):
+    """The dropout branch (x̃ = dropout(x) feeds both W0 and the adapter) against peft under one seed."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    holder = nn.Sequential()
+    holder.add_module("lin", nn.Linear(24, 12, bias=bias))
+    base = nn.Linear(24, 12, bias=bias)
+    base.load_state_dict(holder.lin.state_dict())
+    ours = DoRALinear(base, 4, 8.0, dropout=0.3)
+    theirs = get_peft_model(holder, LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], use_dora=True,
+                                               lora_dropout=0.3))
+    with torch.no_grad():
+        ours.lora_B.normal_(std=0.3)
+        ours.lora_magnitude_vector.mul_(torch.rand(12) + 0.5)
+        peft_lin = theirs.base_model.model.lin
+        peft_lin.lora_A["default"].weight.copy_(ours.lora_A)
+        peft_lin.lora_B["default"].weight.copy_(ours.lora_B)
+        peft_lin.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector)
+    ours.train()
+    theirs.train()
+    x = torch.randn(3, 5, 24)
+    torch.manual_seed(11)
+    y_ours = ours(x)
+    torch.manual_seed(11)
+    y_theirs = theirs(x)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-6)
+    ours.eval()
+    assert (ours(x) - y_ours).abs().max() > 1e-3  # dropout really acted in train mode
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for mine, peft_param in ((ours.lora_A, peft_lin.lora_A["default"].weight),
+                             (ours.lora_B, peft_lin.lora_B["default"].weight),
+                             (ours.lora_magnitude_vector, peft_lin.lora_magnitude_vector["default"].weight)):
+        torch.testing.assert_close(mine.grad, peft_param.grad, rtol=1e-5, atol=1e-6)
