@@ -161,3 +161,38 @@ def test_accumulated_steps_see_the_rows_of_the_large_batch(tiny, tmp_path):
         assert losses == pytest.approx(big_losses, rel=1e-5)
         for k in big:
             torch.testing.assert_close(adapter[k], big[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fora", "random-k", "lora"])
+def test_every_selected_layer_receives_gradient(tiny, tmp_path, data_file, monkeypatch, method):
+    # The backward is cut below the lowest adapted layer (grad_from_layer); starting it one layer
+    # too high would leave that layer's adapters without gradient. At step 1 B = 0, so every B has a
+    # gradient s·G (x Aᵀ) and, from step 2 on, every A too.
+    grads: list[dict[str, torch.Tensor | None]] = []
+    modules: dict[int, str] = {}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, *args, **kwargs):
+        params = list(params)
+        grads.append({modules[id(p)]: p.grad for p in params})
+        return real_clip(params, *args, **kwargs)
+
+    real_build = fora.training.run.build_optimizers
+
+    def build(model, *args, **kwargs):
+        for name, m in lora_modules(model).items():
+            modules[id(m.lora_A)], modules[id(m.lora_B)] = f"{name}.A", f"{name}.B"
+        return real_build(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(fora.training.run, "build_optimizers", build)
+    cfg = TrainConfig(model=str(tiny), data=str(data_file), method=method, k=2, rank=4, device="cpu", val_size=8,
+                      batch_size=4, max_steps=2, warmup_steps=0, lr=1e-2, log_every=1, eval_every=0, save_every=0,
+                      lora_dropout=0.0, fisher_batches=2, seed=0, out=str(tmp_path / "run"))
+    result = main(cfg)
+    expected_layers = result.selected if method != "lora" else list(range(L))
+    assert sorted({int(name.split(".")[2]) for name in modules.values()}) == expected_layers
+    for step, seen in enumerate(grads, start=1):
+        for name, g in seen.items():
+            if name.endswith(".B") or step > 1:
+                assert g is not None and float(g.abs().sum()) > 0, f"{name} got no gradient at step {step}"
