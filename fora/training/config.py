@@ -15,12 +15,15 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from fora.evaluation.accuracy import PROTOCOLS
 from fora.formats.loading import QUANTIZE
 from fora.inject import DEFAULT_TARGETS
 from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
+from fora.training.final_eval import BUILTIN_TASKS, DEFAULT_TASK, trains_on_builtin_cloze
 from fora.training.methods import METHODS
 
 WARMUP_FRACTION = 0.03
@@ -29,7 +32,7 @@ DTYPES = ("auto", "float32", "bfloat16")  # no float16: autocast without loss sc
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.
 RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device",
-                              "distributed", "activation_checkpointing"})
+                              "distributed", "activation_checkpointing", "eval_data", "eval_limit", "protocol"})
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class TrainConfig:
     method: str = "fora"
     data: str | None = None
     task_size: int = 2000
+    eval_data: str | None = None  # None: "builtin" when training on the built-in cloze task, else "none"
+    eval_limit: int | None = None
+    protocol: str = "loglik"
     out: str | None = None
     rank: int = 32
     alpha: float | None = None
@@ -125,12 +131,26 @@ class TrainConfig:
         if needs is not None and self.quantize != needs:
             raise ValueError(f"--method {self.method} trains on a quantized base: pass --quantize {needs} "
                              "(or use the full-precision variant, e.g. --method dora)")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown --protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"--eval-limit must be >= 1, got {self.eval_limit}; omit it to score every record")
+        if self.final_eval_data not in ("none", "builtin") and not Path(self.final_eval_data).expanduser().exists():
+            raise ValueError(f"--eval-data {self.final_eval_data!r} does not exist; pass a test .json/.jsonl file "
+                             "or folder, 'builtin' (the cloze task's test split) or 'none'")
         if self.fim_statistic not in FIM_STATISTICS:
             raise ValueError(f"unknown --fim-statistic {self.fim_statistic!r}; "
                              f"choose one of {', '.join(FIM_STATISTICS)}")
         if self.fim_r_min < 1 or (self.fim_r_max is not None and self.fim_r_max < self.fim_r_min):
             raise ValueError(f"--fim-r-min must be >= 1 and --fim-r-max >= --fim-r-min, got "
                              f"{self.fim_r_min} and {self.fim_r_max}")
+
+    @property
+    def final_eval_data(self) -> str:
+        """What the end-of-run evaluation scores: "builtin", "none" or a test file / folder."""
+        if self.eval_data is not None:
+            return self.eval_data
+        return "builtin" if trains_on_builtin_cloze(self.data) else "none"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -180,8 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--k", type=int, default=d.k, help="number of layers to adapt for the top-K methods; default L/2")
     a("--method", choices=list(METHODS), default=d.method, help=_method_help())
     a("--data", default=d.data, help="training records: .json/.jsonl file (Alpaca / LLM-Adapters "
-      "format) or hub dataset 'owner/name[:file]'; default: the generated arithmetic task")
-    a("--task-size", type=int, default=d.task_size, help="records generated for the built-in task (no --data)")
+      f"format), hub dataset 'owner/name[:file]' or a built-in task ({', '.join(BUILTIN_TASKS)}); "
+      f"default: {DEFAULT_TASK} (fill-in-the-blank sentences of CPython's documentation, train split)")
+    a("--task-size", type=int, default=d.task_size, help="records generated for --data arithmetic")
+    a("--eval-data", default=d.eval_data, help="scored after training, adapters off (the base) and on: "
+      "'builtin' (the cloze task's held-out test split), a test .json/.jsonl file or folder "
+      "(LLM-Adapters layout), or 'none'; default builtin when training on the cloze task, else none. "
+      "Written to OUT/eval.json")
+    a("--eval-limit", type=int, default=d.eval_limit, help="score only the first N records of each "
+      "evaluation task; default all")
+    a("--protocol", choices=PROTOCOLS, default=d.protocol, help="accuracy protocol of the end-of-run "
+      "evaluation: loglik (rank the choices by log-likelihood) or generate (greedy decoding)")
     a("--out", default=d.out, help="output folder; default runs/<model>-<method>-k<K>")
     a("--rank", type=int, default=d.rank, help="LoRA rank r (lora-half-rank uses r/2)")
     a("--alpha", type=float, default=d.alpha, help="LoRA alpha; default 2 * rank (scale s = alpha / r = 2)")

@@ -44,9 +44,10 @@ def gguf_source(folder: Path) -> str | None:
     return source if source.lower().endswith(".gguf") else None
 
 
-def model_card(base: str, *, method: str, layers: list[int], gguf: str | None) -> str:
-    """The adapter's README.md: hub front matter (`base_model`, `library_name: peft`) and a note
-    on where the base weights came from."""
+def model_card(base: str, *, method: str, layers: list[int], gguf: str | None,
+               evaluation: str | None = None) -> str:
+    """The adapter's README.md: hub front matter (`base_model`, `library_name: peft`), a note
+    on where the base weights came from, and the end-of-run evaluation table if there is one."""
     lines = ["---", f"base_model: {base}", "library_name: peft", "tags:", "- fora", "- lora"]
     if gguf is not None:
         lines.append(f"base_model_weights: dequantized from the quantized GGUF file {gguf}")
@@ -57,4 +58,7 @@ def model_card(base: str, *, method: str, layers: list[int], gguf: str | None) -
         lines += [f"The base weights during training were dequantized from the quantized GGUF file "
                   f"`{gguf}`, not the original `{base}` weights; on the original weights the "
                   "adapter sees slightly different activations.", ""]
+    if evaluation is not None:
+        lines += ["## Held-out accuracy", "", "Measured at the end of training (`eval.json`): before = the "
+                  "base model (adapters off), after = with this adapter.", "", evaluation, ""]
     return "\n".join(lines)

@@ -42,6 +42,8 @@ from fora.training.batching import calibration_batches, epoch_steps, make_batche
 from fora.training.checkpoint import CONFIG_FILE, DataPosition, restore_training_state, save_checkpoint
 from fora.training.config import TrainConfig, warmup_steps
 from fora.training.data import encode_records, load_records, split_records
+from fora.training.final_eval import (BUILTIN_TASKS, DEFAULT_TASK, EVAL_FILE, builtin_records, eval_table,
+                                     final_evaluation)
 from fora.training.distributed import (distributed_select, init_distributed, load_device, metrics_log, split_batches,
                                        sync_adapter_grads, wrap_model)
 from fora.training.health import StepHealth
@@ -53,7 +55,6 @@ from fora.training.model_card import README_FILE, gguf_source, model_card
 from fora.training.model_card import base_model_id as _hub_base_model_id
 from fora.training.progress import Progress
 from fora.training.resume import prepare_out
-from fora.training.tasks import arithmetic_task
 
 log = logging.getLogger("fora.train")
 
@@ -72,6 +73,7 @@ class TrainResult:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     train_losses: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    eval: dict | None = None  # the end-of-run evaluation (OUT/eval.json), when there is one
 
 
 @dataclass
@@ -98,7 +100,9 @@ def data_sha256(records: list[dict]) -> str:
 
 def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool) -> RunData:
     """Records -> held-out split -> tokenized examples -> validation and calibration batches."""
-    records = load_records(cfg.data) if cfg.data else arithmetic_task(cfg.task_size, seed=cfg.seed)
+    records = (builtin_records(cfg.data or DEFAULT_TASK, task_size=cfg.task_size, seed=cfg.seed)
+               if cfg.data is None or (cfg.data in BUILTIN_TASKS and not Path(cfg.data).exists())
+               else load_records(cfg.data))
     train_recs, val_recs = split_records(records, val_size=cfg.val_size, seed=cfg.seed)
     encode = partial(encode_records, tok, cutoff_len=cfg.cutoff_len, template=cfg.template)
     train = encode(train_recs)
@@ -292,8 +296,13 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
     live.save = None
     ctx.main_only(save_adapter, model, out, base_model_name_or_path=base_model_id(cfg, folder), r=rank,
                   extra_files={SELECTION_FILE: record})
+    if cfg.final_eval_data != "none":  # every rank scores (a sharded forward is a collective); rank 0 writes
+        result.eval = final_evaluation(model, tok, cfg, autocast)
+        ctx.main_only(atomic_write_json, out / EVAL_FILE, {"eval_data": cfg.final_eval_data, **result.eval})
+        log.info("held-out accuracy before and after training:\n%s", eval_table(result.eval))
     ctx.main_only(atomic_write_text, out / README_FILE, model_card(base_model_id(cfg, folder), method=cfg.method,
-                  layers=sorted(sel.layers), gguf=gguf_source(folder)))
+                  layers=sorted(sel.layers), gguf=gguf_source(folder),
+                  evaluation=eval_table(result.eval) if result.eval else None))
     if cfg.merge:
         ctx.main_only(save_merged, model, out / "merged", source_dir=folder)
     result.seconds = time.perf_counter() - t_start

@@ -1,0 +1,103 @@
+"""The built-in training tasks, and the end-of-run evaluation: held-out accuracy before and after.
+
+`--data` names a file, a hub dataset or one of `BUILTIN_TASKS`; without it the run trains on the
+cloze task (`fora.training.cloze`, the train split, four blanks per sentence, word answers), the
+built-in task a small model measurably learns. The arithmetic task stays available
+(`--data arithmetic`): its validation loss falls, but it shows the answer format being learnt,
+not accuracy.
+
+After training, `--eval-data` (default: `builtin` when the run trained on the cloze task, else no
+evaluation) is scored twice by one protocol (`fora.evaluation.accuracy`): with every adapter off
+(`fora.inject.adapters_disabled`, the base model exactly) and on. The report, with each item's
+correctness before and after (for paired statistics), is written to `OUT/eval.json`.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from fora.training.cloze import cloze_task
+from fora.training.tasks import arithmetic_task
+
+BUILTIN_TASKS = ("cloze", "arithmetic")
+DEFAULT_TASK = "cloze"
+CLOZE_BLANKS = 4  # training records per sentence, each blanking another word (2,532 records)
+EVAL_FILE = "eval.json"
+
+
+def builtin_records(name: str, *, task_size: int, seed: int) -> list[dict[str, str]]:
+    """The training records of a built-in task (`--data cloze` or `--data arithmetic`)."""
+    if name == "cloze":  # a fixed task: `seed` orders the run, it does not redraw the blanks
+        return cloze_task("train", blanks=CLOZE_BLANKS)
+    if name == "arithmetic":
+        return arithmetic_task(task_size, seed=seed)
+    raise ValueError(f"unknown built-in task {name!r}; choose one of {', '.join(BUILTIN_TASKS)} "
+                     "or pass a data file")
+
+
+def trains_on_builtin_cloze(data: str | None) -> bool:
+    return data is None or data == "cloze"
+
+
+def eval_tasks(eval_data: str) -> dict[str, list[dict]]:
+    """`--eval-data`: "builtin" (the cloze task's held-out test split) or a test file / folder."""
+    if eval_data == "builtin":
+        return {"cloze": cloze_task("test")}
+    from fora.evaluation.tasks_io import load_eval_tasks
+
+    return load_eval_tasks(eval_data)
+
+
+def before_after(model: nn.Module, tokenizer: Any, tasks: Mapping[str, Sequence[dict]], *, protocol: str,
+                 limit: int | None, template: str, batch_size: int = 8, max_new_tokens: int = 16,
+                 progress: bool = True) -> dict[str, Any]:
+    """Accuracy with the adapters off (the base model) and on, on the same items.
+
+    Returns:
+        {"protocol", "limit", "before": report, "after": report, "items": [{"task", "index", "answer",
+        "before", "after" (correct or not), "prediction_before", "prediction_after"[, "scores_before",
+        "scores_after" (loglik: summed log-prob per choice)]}]}, each report as `evaluate_tasks`
+        returns it without its predictions.
+    """
+    from fora.evaluation.accuracy import evaluate_tasks
+    from fora.inject import adapters_disabled
+
+    was_training = model.training
+    model.eval()
+    run = dict(protocol=protocol, template=template, batch_size=batch_size, limit=limit, progress=progress,
+               max_new_tokens=max_new_tokens)
+    try:
+        with adapters_disabled(model):
+            before = evaluate_tasks(model, tokenizer, tasks, **run)
+        after = evaluate_tasks(model, tokenizer, tasks, **run)
+    finally:
+        model.train(was_training)
+    items = [{"task": b["task"], "index": b["index"], "answer": b["answer"], "before": bool(b["correct"]),
+              "after": bool(a["correct"]), "prediction_before": b["prediction"], "prediction_after": a["prediction"],
+              **({"scores_before": b["scores"], "scores_after": a["scores"]} if "scores" in b else {})}
+             for b, a in zip(before.pop("predictions"), after.pop("predictions"))]
+    return {"protocol": protocol, "limit": limit, "before": before, "after": after, "items": items}
+
+
+def final_evaluation(model: nn.Module, tokenizer: Any, cfg: Any,
+                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                     ) -> dict[str, Any]:
+    """`before_after` on `cfg.final_eval_data` with the run's protocol, limit and template."""
+    tasks = eval_tasks(cfg.final_eval_data)
+    with autocast():
+        return before_after(model, tokenizer, tasks, protocol=cfg.protocol, limit=cfg.eval_limit,
+                            template=cfg.template, batch_size=min(cfg.batch_size, 8))
+
+
+def eval_table(report: Mapping[str, Any]) -> str:
+    """A small Markdown table: accuracy per task before and after training."""
+    lines = [f"| task ({report['protocol']}) | n | before | after |", "|---|---|---|---|"]
+    for name, b in report["before"]["tasks"].items():
+        a = report["after"]["tasks"][name]
+        lines.append(f"| {name} | {b['n']} | {b['accuracy']:.3f} | {a['accuracy']:.3f} |")
+    if len(report["before"]["tasks"]) > 1:
+        lines.append(f"| average | | {report['before']['average']:.3f} | {report['after']['average']:.3f} |")
+    return "\n".join(lines)
