@@ -3,8 +3,10 @@
 Convention (PAPER.md §2). Every function here works on a *column* matrix ``X`` of shape (n, r)
 with orthonormal columns. A LoRA down-projection ``A`` has shape (r, d_in) with orthonormal
 *rows*, so the point on the manifold is ``X = A.mT`` (n = d_in); gradients transpose the same way
-(``G = A.grad.mT``). Callers transpose at the boundary: ``stiefel_error(A.mT)`` is
-``max |A Aᵀ − I|``.
+(``G = A.grad.mT``). Callers transpose at the boundary; ``stiefel_error(A, rows=True)`` (the same
+as ``stiefel_error(A.mT)``) is ``max |A Aᵀ − I|`` for a LoRA A directly. A wide matrix (fewer rows
+than columns) has no orthonormal columns, so the functions taking a point X raise on one instead
+of silently computing with the wrong orientation: that is the un-transposed A.
 
 The step functions (projections, skew_apply, skew_norm, the Cayley steps, qr_retract) also take
 a batch of points (..., n, r) (the optimizer stacks the A's of one shape); ``tau`` then
@@ -26,6 +28,13 @@ __all__ = [
 ]
 
 
+def _check_point(name: str, X: Tensor, fix: str = "pass A.mT") -> None:
+    # A LoRA A passed without .mT is wide, and every formula here would quietly use A's columns.
+    if X.ndim < 2 or X.shape[-2] < X.shape[-1]:
+        raise ValueError(f"{name} takes a point X of shape (..., n, r) with n >= r (orthonormal columns), "
+                         f"got shape {tuple(X.shape)}; for a LoRA A of shape (r, d_in) {fix}")
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     # QR / solves are not implemented for half types; float64 stays float64.
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -40,7 +49,10 @@ def qr_retract(X: Tensor) -> Tensor:
         Q: (n, r), QᵀQ = I, from ``X = Q R`` with diag(R) >= 0. The sign fix makes the map
         unique, so a point already on the manifold is returned unchanged (up to rounding).
         Computed in fp32 (or fp64) and cast back to ``X.dtype``.
+    Raises:
+        ValueError for a wide X (a LoRA A: use ``qr_retract(A.mT).mT``).
     """
+    _check_point("qr_retract", X)
     Q, R = torch.linalg.qr(X.to(_work_dtype(X.dtype)), mode="reduced")
     sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
@@ -59,19 +71,30 @@ def random_stiefel(n: int, r: int, *, generator: torch.Generator | None = None,
         X: (n, r) with XᵀX = I_r. For a LoRA A use ``random_stiefel(d_in, r).mT``.
     """
     if r <= 0 or n <= 0 or r > n:
-        raise ValueError(f"random_stiefel needs 0 < r <= n, got n={n}, r={r}; "
-                         "an n x r matrix has at most n orthonormal columns, lower r")
+        raise ValueError(f"random_stiefel needs 0 < r <= n, got n={n}, r={r}; an n x r matrix has at "
+                         "most n orthonormal columns: lower r (for a LoRA A use random_stiefel(d_in, r).mT)")
     src = generator.device if generator is not None else torch.device("cpu")
     Z = torch.randn(n, r, generator=generator, dtype=_work_dtype(dtype), device=src)
     return qr_retract(Z).to(device=device, dtype=dtype)
 
 
-def stiefel_error(X: Tensor) -> float:
-    """Distance from the manifold: ``max_ij |(XᵀX − I)_ij|`` (max-abs norm), as a float.
+def stiefel_error(X: Tensor, *, rows: bool | None = None) -> float:
+    """Distance from the manifold (Eq. 4): ``max_ij |(XᵀX − I)_ij|`` (max-abs norm), as a float.
 
-    For a LoRA A (r x d_in, orthonormal rows) call ``stiefel_error(A.mT)`` = max |A Aᵀ − I|.
+    Args:
+        X: (..., n, r), a point with orthonormal columns; or, with ``rows=True``, a matrix with
+            orthonormal rows such as a LoRA A (r, d_in): then the error is ``max |X Xᵀ − I|``
+            (``stiefel_error(A, rows=True) == stiefel_error(A.mT)``).
+        rows: True: rows orthonormal; False: columns. None (default): columns, and a wide X
+            raises, since its columns cannot be orthonormal (it is an un-transposed LoRA A).
+    Raises:
+        ValueError for a wide X when ``rows`` is not given.
     """
+    if rows is None:
+        _check_point("stiefel_error", X, "call stiefel_error(A, rows=True)")
     Xw = X.detach().to(_work_dtype(X.dtype))
+    if rows:
+        Xw = Xw.mT
     gram = Xw.mT @ Xw
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return (gram - eye).abs().max().item()
@@ -85,6 +108,7 @@ def project_tangent(X: Tensor, V: Tensor) -> Tensor:
     Returns:
         (n, r) tangent vector T with XᵀT + TᵀX = 0. Idempotent.
     """
+    _check_point("project_tangent", X)
     XtV = X.mT @ V
     return V - X @ (0.5 * (XtV + XtV.mT))
 
@@ -96,6 +120,7 @@ def canonical_direction(X: Tensor, G: Tensor) -> Tensor:
     its own span); with this direction W X is exactly the tangent projection of G (the canonical
     metric of Wen & Yin 2013; Li et al. 2020, Alg. 2: Ŵ = M Xᵀ − ½ X (Xᵀ M Xᵀ), W = Ŵ − Ŵᵀ).
     """
+    _check_point("canonical_direction", X)
     return G - 0.5 * (X @ (X.mT @ G))
 
 
@@ -107,6 +132,7 @@ def skew_apply(G: Tensor, X: Tensor, Z: Tensor) -> Tensor:
     Returns:
         W Z = G (Xᵀ Z) − X (Gᵀ Z), shape (n, k), cost O(n r k).
     """
+    _check_point("skew_apply", X)
     return G @ (X.mT @ Z) - X @ (G.mT @ Z)
 
 
@@ -116,6 +142,7 @@ def skew_norm(G: Tensor, X: Tensor) -> Tensor:
     ‖W‖²_F = 2 ⟨GᵀG, XᵀX⟩ − 2 ⟨XᵀG, (XᵀG)ᵀ⟩ (r x r Gram blocks only). G, X: (..., n, r);
     returns shape (...) (batched over leading dims, 0-d for plain matrices).
     """
+    _check_point("skew_norm", X)
     return skew_norm_from_grams(X.mT @ G, X.mT @ X, G.mT @ G)
 
 
@@ -144,6 +171,7 @@ def cayley_step(X: Tensor, G: Tensor, tau: float | Tensor) -> Tensor:
     Returns:
         Y: (n, r) on St(n, r).
     """
+    _check_point("cayley_step", X)
     Z1, Z2 = cayley_coefficients(X.mT @ G, X.mT @ X, G.mT @ G, tau)
     return X - tau * (G @ Z1 + X @ Z2)
 
@@ -169,6 +197,7 @@ def cayley_fixed_point(X: Tensor, G: Tensor, tau: float | Tensor, iters: int) ->
     is only approximately on the manifold (error O((τ‖W‖/2)^iters)), hence the step cap in
     CayleyAdam and the periodic QR retraction.
     """
+    _check_point("cayley_fixed_point", X)
     if iters < 1:
         raise ValueError(f"cayley_fixed_point needs iters >= 1, got {iters}; use 2 (the paper) or more")
     Y = X - tau * skew_apply(G, X, X)
