@@ -196,14 +196,50 @@ def cloze_task(split: str, n: int | None = None, seed: int = 0, *, style: str = 
         raise ValueError(f"the {split} split has only {len(drafts)} cloze records, asked for n={n}; "
                          "lower n or pass None for all of them")
     drafts = drafts[:n] if n is not None else drafts
+    return _records(drafts, style, rng)
+
+
+def _records(drafts: Sequence[tuple], style: str, rng: random.Random) -> list[dict]:
+    """Records from (blanked, word, distractor[, cluster]) drafts: options alternate, then shuffle."""
     records = []
-    for j, (blanked, word, distractor) in enumerate(drafts):
+    for j, (blanked, word, distractor, *cluster) in enumerate(drafts):
         first = j % 2 == 0  # alternate, then shuffle: balanced answers, no order pattern
         option1, option2 = (word, distractor) if first else (distractor, word)
         answer = word if style == "word" else ("option1" if first else "option2")
         choices = f"{option1}/{option2}" if style == "word" else "option1/option2"
         records.append({"instruction": INSTRUCTION.format(sentence=blanked, option1=option1, option2=option2,
                                                           choices=choices),
-                        "input": "", "output": f"the correct answer is {answer}", "answer": answer})
+                        "input": "", "output": f"the correct answer is {answer}", "answer": answer,
+                        **({"cluster": cluster[0]} if cluster else {})})
     rng.shuffle(records)
     return records
+
+
+def cloze_all_blanks(split: str = "test", seed: int = 0, *, style: str = "word") -> list[dict]:
+    """Every eligible blank of every sentence of `split`: the larger test set for paired statistics.
+
+    One record per blankable word (the slots `cloze_task` draws from) whose kind has a distractor
+    in another paragraph; the distractor, option order and record order are drawn from `seed`.
+    Each record carries `"cluster"`: the index of its source sentence in `sentences(split)`, the
+    same for every record of one sentence, so a bootstrap can resample sentences
+    (`fora.evaluation.paired`). Records are `cloze_task`'s otherwise (the extra key is ignored by
+    training and evaluation). 1,242 test records from 185 sentences on CPython 3.11 (cloze_task: 185).
+    """
+    _check_split(split)
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose one of {', '.join(STYLES)}")
+    rng = random.Random(f"cloze-all-{split}-{seed}")
+    pairs = sentences(split)
+    pool = _occurrences(pairs)
+    drafts = []
+    for cluster, (para, sent) in enumerate(pairs):
+        tokens = sent.split()
+        lowered = set(re.findall(r"[a-z]+", sent.lower()))
+        for i in _blankable(tokens):
+            word = tokens[i].rstrip(",;:.")
+            candidates = [w for t, w in pool[_kind(word)] if t != para and w not in lowered]
+            if candidates:
+                blanked = " ".join(tokens[:i] + [tokens[i].replace(word, "_", 1)] + tokens[i + 1:])
+                drafts.append((blanked, word, rng.choice(candidates), cluster))
+    rng.shuffle(drafts)
+    return _records(drafts, style, rng)

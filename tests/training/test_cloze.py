@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from script_loader import load_script
 
-from fora.training.cloze import SPLITS, cloze_task, corpus_sha256, prose_paragraphs, sentences
+from fora.training.cloze import SPLITS, cloze_all_blanks, cloze_task, corpus_sha256, prose_paragraphs, sentences
 from fora.training.data import load_records, validate_records
 from fora.training.tasks import choices_from_instruction
 
@@ -113,6 +113,41 @@ def test_bad_arguments():
         cloze_task("test", style="labels")
     with pytest.raises(ValueError, match="blanks must be an int >= 1"):
         cloze_task("test", blanks=0)
+
+
+def test_all_blanks_test_split_every_blank_clustered_by_sentence(tasks):
+    records = cloze_all_blanks()
+    _check_against_the_text(records, "test", "word")
+    source = sentences("test")
+    by_cluster: dict[int, set[str]] = {}
+    for r in records:
+        sentence, _, _ = _parts(r)
+        full = sentence.replace("_", _right_wrong(r)[0])
+        assert full == source[r["cluster"]][1]  # the cluster id names the record's own source sentence
+        by_cluster.setdefault(r["cluster"], set()).add(sentence)
+    assert sum(map(len, by_cluster.values())) == len(records)  # one record per blanked word
+    assert len(by_cluster) == len(source) and len(records) > 5 * len(tasks["test"])
+    # every blank the default split drew is among them (the default's blank of a sentence is one of its slots)
+    blanked = {(_parts(r)[0], _right_wrong(r)[0]) for r in records}
+    assert all((_parts(r)[0], _right_wrong(r)[0]) in blanked for r in tasks["test"])
+    first = [r["answer"] == _parts(r)[1] for r in records]
+    assert abs(2 * sum(first) - len(first)) <= 1
+    # disjoint from training: each source sentence lies in its test paragraph, and no training record
+    # (any number of blanks) is a sentence of it (the docs repeat a few sentences; those are test only)
+    test_par = prose_paragraphs("test")
+    assert all(sent in test_par[para] for para, sent in source)
+    trained = {_parts(r)[0].replace("_", _right_wrong(r)[0]) for r in cloze_task("train", blanks=4)}
+    assert trained and not trained & {sent for _, sent in source}
+    assert cloze_all_blanks() == records and cloze_all_blanks(seed=1) != records
+    assert [_parts(r) for r in cloze_all_blanks(style="option")] == [_parts(r) for r in records]
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        cloze_all_blanks("dev")
+    with pytest.raises(ValueError, match="unknown style 'x'; choose one of word, option"):
+        cloze_all_blanks(style="x")
+
+
+def test_default_records_carry_no_cluster(tasks):
+    assert all("cluster" not in r for rs in tasks.values() for r in rs)
 
 
 def test_make_task_cloze(tmp_path, monkeypatch):
