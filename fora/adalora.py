@@ -40,15 +40,19 @@ class AdaLoRALinear(LoRALinear):
         rank: init_r, the number of triplets (fixed; pruned triplets have E_i = 0).
         alpha: α; the scale is α / (init_r + 1e-5) for the whole run.
         dropout, generator, dtype: as ``LoRALinear`` (the generator draws A, then B).
+        ranknum: the divisor of the scale (peft's ``ranknum``), default ``rank``; an adapter sliced
+            to its kept triplets keeps its init_r here, as peft does when it loads one.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0,
-                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+                 ranknum: int | None = None) -> None:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"AdaLoRALinear wraps a full-precision nn.Linear, got {type(base).__name__}; "
                             "load the base without --quantize for AdaLoRA")
         super().__init__(base, rank, alpha, dropout=dropout, generator=generator, dtype=dtype)
-        self.scale = self.alpha / (rank + RANK_EPS)
+        self.ranknum = rank if ranknum is None else int(ranknum)
+        self.scale = self.alpha / (self.ranknum + RANK_EPS)
         self.lora_E = nn.Parameter(torch.zeros(rank, 1, dtype=dtype, device=self.lora_A.device))
         # Which triplets the allocator keeps (the export slices to them); E is zeroed elsewhere.
         self.kept = torch.ones(rank, dtype=torch.bool)

@@ -227,3 +227,50 @@ def test_errors(tiny):
         a.update(1, {p: (m.lora_A, m.lora_E, m.lora_B) for p, m in mods.items()})
     with pytest.raises(ValueError, match="resume with the same --model, --targets and --method"):
         a.load_state_dict({"budget": 1, "ipt": {}, "unc": {}, "pattern": {"x": torch.ones(2, dtype=torch.bool)}})
+
+
+SCHEDULE = {"target_r": TARGET_R, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85, "beta2": 0.85,
+            "orth_reg_weight": 0.5, "total_step": 12}
+
+
+def _logits(model):
+    with torch.no_grad():
+        out = model(IDS)
+    return getattr(out, "logits", out)
+
+
+def test_exports_load_in_peft_and_fora_with_equal_logits(tiny, tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    from fora.formats.adalora_io import save_folded_lora
+    from fora.formats.peft_io import load_adapter, save_adapter
+
+    _, ours, mods = _twins(tiny)
+    g = torch.Generator().manual_seed(5)
+    paths = list(mods)
+    for i, path in enumerate(paths):  # a pattern per module; the first one keeps nothing
+        mods[path].apply_mask(torch.zeros(INIT_R, dtype=torch.bool) if i == 0 else torch.rand(INIT_R, generator=g) < 0.6)
+    ours.eval()
+    expected = _logits(ours)
+    assert not torch.allclose(expected, _logits(load_model(tiny, device="cpu")), atol=1e-3)
+    save_adapter(ours, tmp_path / "ada", base_model_name_or_path=str(tiny), adalora_schedule=SCHEDULE)
+    config = json.loads((tmp_path / "ada" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["init_r"] == INIT_R
+    assert config["rank_pattern"] == {f"{p}.lora_E": mods[p].kept.tolist() for p in paths}
+    for name, back in (("peft", PeftModel.from_pretrained(hf_reference(tiny), tmp_path / "ada")),
+                       ("fora", load_adapter(load_model(tiny, device="cpu"), tmp_path / "ada"))):
+        torch.testing.assert_close(_logits(back.eval()), expected, atol=1e-5, rtol=1e-5, msg=name)
+    # the checkpoint form (no schedule): whole tensors, no rank_pattern, the same function in peft
+    save_adapter(ours, tmp_path / "whole", base_model_name_or_path=str(tiny))
+    assert json.loads((tmp_path / "whole" / "adapter_config.json").read_text())["rank_pattern"] is None
+    whole = PeftModel.from_pretrained(hf_reference(tiny), tmp_path / "whole")
+    torch.testing.assert_close(_logits(whole.eval()), expected, atol=1e-5, rtol=1e-5)
+    # plain LoRA with the kept triplets folded in: (E * A)[kept], B[:, kept], exact scale
+    save_folded_lora(ours, tmp_path / "lora", base_model_name_or_path=str(tiny))
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and paths[0] in config["exclude_modules"]
+    for name, back in (("peft", PeftModel.from_pretrained(hf_reference(tiny), tmp_path / "lora")),
+                       ("fora", load_adapter(load_model(tiny, device="cpu"), tmp_path / "lora"))):
+        torch.testing.assert_close(_logits(back.eval()), expected, atol=1e-5, rtol=1e-5, msg=name)

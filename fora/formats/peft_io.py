@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fora.formats.adalora_io import adalora_modules, adalora_tensors, load_adalora, write_adalora
 from fora.formats.atomic import atomic_save_safetensors, atomic_write_json, staging_dir
 from fora.dora import DoRALinear
 from fora.inject import lora_modules
@@ -120,8 +121,10 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | N
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-named LoRA tensors: `base_model.model.<path>.lora_A.weight` [r, d_in] and `.lora_B.weight` [d_out, r]."""
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = adalora_tensors(adalora_modules(model), prune=False)  # peft's ADALORA names
     for path, m in lora_modules(model).items():
+        if f"{PEFT_PREFIX}{path}.lora_E" in out:
+            continue
         out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.detach()
         out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.detach()
         if isinstance(m, DoRALinear):  # peft's name for DoRA's magnitude m (d_out,)
@@ -130,16 +133,23 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
-                 r: int | None = None, extra_files: Mapping[str, Any] | None = None) -> Path:
+                 r: int | None = None, extra_files: Mapping[str, Any] | None = None,
+                 adalora_schedule: Mapping[str, Any] | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT 0.21 layout) into `out_dir`.
 
     Both files are written atomically; `extra_files` maps file names to JSON-serialisable objects
     written alongside (e.g. `selection.json`); `r` as in `adapter_config`. Returns `out_dir`.
+    AdaLoRA modules are written in peft's ADALORA format (`fora.formats.adalora_io`): sliced to the
+    kept triplets with the run's `adalora_schedule` (peft's AdaLoraConfig fields), whole without.
     """
     out_dir = Path(out_dir)
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, r=r)
-    atomic_save_safetensors(adapter_tensors(model), out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    atomic_write_json(out_dir / ADAPTER_CONFIG, config)
+    ada = adalora_modules(model)
+    if ada:
+        write_adalora(out_dir, config, ada, adalora_schedule)
+    else:
+        atomic_save_safetensors(adapter_tensors(model), out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        atomic_write_json(out_dir / ADAPTER_CONFIG, config)
     for name, obj in (extra_files or {}).items():
         atomic_write_json(out_dir / name, obj)
     return out_dir
@@ -168,9 +178,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             raise FileNotFoundError(f"{p} not found; point load_adapter at a folder written by "
                                     "fora.formats.peft_io.save_adapter or peft's save_pretrained")
     config = json.loads(cfg_path.read_text())
+    if config.get("peft_type") == "ADALORA":
+        paths = load_adalora(model, config, load_file(weights_path))
+        log.info("loaded %d AdaLoRA modules from %s", len(paths), adapter_dir)
+        return model
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path} has peft_type={config.get('peft_type')!r}; only LoRA "
-                         "adapters (peft_type 'LORA') can be loaded")
+                         "adapters (peft_type 'LORA' or 'ADALORA') can be loaded")
     tensors = load_file(weights_path)
     paths = sorted({k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors
                     if k.startswith(PEFT_PREFIX) and k.endswith(".lora_A.weight")})
@@ -233,6 +247,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     The model is not modified. The tied `lm_head.weight` is omitted (as in the checkpoint).
     """
     modules = lora_modules(model)
+    if adalora_modules(model):
+        raise ValueError("merged_state_dict folds B A, not AdaLoRA's B (A * E); use fora.formats.peft_io.save_merged")
     special = [p for p, m in modules.items() if isinstance(m, DoRALinear) or m.quantized]
     if special:
         raise ValueError(f"merged_state_dict handles plain LoRA on a full-precision base; {special[0]} is "
