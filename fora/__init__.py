@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "LoRALinear": "fora.lora",
     "inject_lora": "fora.inject",
     "CayleyAdam": "fora.cayley_adam",
+    "CayleyAdamReference": "fora.cayley_adam_reference",
     "build_optimizers": "fora.optim",
     "random_stiefel": "fora.stiefel",
     "project_tangent": "fora.stiefel",

@@ -1,4 +1,4 @@
-"""Cayley-Adam: Adam on the Stiefel manifold for LoRA down-projections A (PAPER.md §2).
+"""Cayley-Adam: Adam on the Stiefel manifold for LoRA down-projections A (docs/method.md).
 
 Each parameter is an (r, n) matrix with orthonormal rows (A Aᵀ = I). The optimizer works on
 the column point X = Aᵀ in St(n, r) and the transposed gradient G = (∂L/∂A)ᵀ, and writes Aᵀ of
@@ -14,13 +14,17 @@ count k. One step (Li, Li & Todorovic, ICLR 2020, Algorithm 2):
     τ = lr / (√v̂ + ε),  τ ← min(τ, 2q / (‖W‖_F + ε))  (cap, when step_cap = q is set)
     X ← Cayley(X, W, τ)                             (Eq. 6)
 
-and every ``qr_every`` steps the sign-fixed QR retraction X ← qf(X).
+and every ``qr_every`` steps the sign-fixed QR retraction X ← qf(X). The same algorithm one
+parameter at a time, line by line, is ``fora.cayley_adam_reference.CayleyAdamReference``; the
+tests hold this fused, stacked update equal to it.
 
-**Deviation from PAPER.md's literal text**: PAPER.md writes W = M̂ Xᵀ − X M̂ᵀ (no ½ term). Then
+**The generator erratum**: the method's text writes W = M̂ Xᵀ − X M̂ᵀ (no ½ term). Then
 W X = M̂ − X M̂ᵀ X, which *doubles* the skew part of Xᵀ M̂ instead of projecting it, so the
-re-projected moment grows by 2 β1 > 1 per step along the vertical directions and the method
-stalls far from the optimum (checked on ‖X − T‖² over St(64, 8)). With the ½ term of the cited
-Algorithm 2, W X is exactly ``project_tangent(X, M̂)`` and the re-projection is idempotent.
+re-projection multiplies the moment's span(X) part by 2 β1 = 1.8 per step: the moment grows
+geometrically, the capped steps wander at their starting distance from the optimum, and the
+iterate then turns NaN (nearest point on St(64, 8), fp32: NaN at step 87;
+tests/test_cayley_adam_reference.py). With the ½ term of the cited Algorithm 2, W X is exactly
+``project_tangent(X, M̂)`` and the re-projection is idempotent.
 
 All arithmetic is fp32 (fp64 for fp64 parameters) whatever the parameter dtype; no weight decay
 (it would leave the manifold).
