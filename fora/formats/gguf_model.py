@@ -70,6 +70,8 @@ def _gemma_metadata(cfg: ModelConfig, arch: str) -> dict[str, Any]:
                              "hard-codes (even layers sliding); this model cannot be served by llama.cpp")
         meta[f"{arch}.attn_logit_softcapping"] = float(cfg.attn_logit_softcapping or 50.0)
     else:
+        if not any(sliding):  # window 0: llama.cpp then builds no sliding-window cache (else it aborts)
+            meta[f"{arch}.attention.sliding_window"] = 0
         meta[f"{arch}.attention.sliding_window_pattern"] = sliding  # one bool per layer
         meta[f"{arch}.rope.freq_base_swa"] = float(cfg.rope_local.theta)
     return meta
