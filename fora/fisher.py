@@ -21,6 +21,7 @@ from torch import nn
 from fora.inject import DEFAULT_TARGETS
 from fora.models.decoder import CausalLM
 from fora.models.loss import causal_lm_loss
+from fora.models.nf4 import NF4Linear
 from fora.models.paths import decoder_layers, layer_index, target_modules
 from fora.models.weight_grad import quantized_linears, weight_grad_norms
 from fora.selection import validate_batches
@@ -53,8 +54,12 @@ def scoring_parameters(model: nn.Module, params: str = "block",
                 out.append((int(path.split(".")[2]), path, module.weight))
         return out
     for i, block in enumerate(decoder_layers(model)):
+        # a 4-bit weight's codes and constants (Parameters once sharded by FSDP) get no gradient:
+        # fisher_scores' hooks score that weight
+        codes = {id(t) for m in block.modules() if isinstance(m, NF4Linear)
+                 for t in (m.packed, m.absmax_code, m.absmax_scale)}
         for name, p in block.named_parameters():
-            if not _is_adapter_param(name):
+            if not _is_adapter_param(name) and id(p) not in codes:
                 module = name.rsplit(".", 1)[0] if "." in name else ""
                 out.append((i, f"model.layers.{i}" + (f".{module}" if module else ""), p))
     return out

@@ -14,11 +14,13 @@ holds the one-process gradient and takes the same optimizer step.
   supervised positions (as in one process); the base is replicated on every device.
 - `fsdp`: `fully_shard` per decoder block plus the root: the frozen base is sharded, the LoRA
   A and B are `ignored_params` (replicated, never sharded) because Cayley-Adam needs whole A's;
-  their gradients are averaged with one flat `all_reduce` per optimizer step.
+  their gradients are averaged with one flat `all_reduce` per optimizer step. A 4-bit base
+  (QFoRA) shards its packed codes and constants (`fora.training.fsdp_nf4`).
 
 Layer selection: Fisher scores (Eq. 2) are computed with each rank scoring its share of the
-calibration batches and the weighted sums all-reduced; CKA / FIM-LoRA run on rank 0 and the
-selection is broadcast. Rank 0 alone writes files; the others wait at a barrier.
+calibration batches and the weighted sums all-reduced; under FSDP a 4-bit base is sharded first
+and scored sharded, every rank stepping through the same number of batches. CKA / FIM-LoRA run on
+rank 0 and the selection is broadcast. Rank 0 alone writes files; the others wait at a barrier.
 """
 from __future__ import annotations
 
@@ -230,10 +232,21 @@ def distributed_fisher_scores(ctx: DistContext, model: nn.Module, batches: Seque
     Returns:
         Tensor[L] (float64, CPU), equal on every rank to the one-process scores.
     """
+    from torch.distributed.fsdp import FSDPModule
+
     from fora.fisher import fisher_scores
 
-    mine = list(batches)[ctx.rank::ctx.world]
-    if mine:
+    batches = list(batches)
+    mine = batches[ctx.rank::ctx.world]
+    if isinstance(model, FSDPModule):
+        # a sharded forward is a collective: every rank runs ceil(N / W) batches, one at a time
+        local = torch.zeros(len(decoder_layers(model)), dtype=torch.float64)
+        for i in range(-(-len(batches) // ctx.world)):
+            if i < len(mine):
+                local += fisher_scores(model, [mine[i]], **kwargs)
+            else:
+                fisher_scores(model, batches[:1], **kwargs)  # in step with the others, not counted
+    elif mine:
         local = fisher_scores(model, mine, **kwargs) * len(mine)
     else:  # fewer batches than ranks: this rank has nothing to score
         local = torch.zeros(len(decoder_layers(model)), dtype=torch.float64)
@@ -242,13 +255,19 @@ def distributed_fisher_scores(ctx: DistContext, model: nn.Module, batches: Seque
 
 def distributed_select(ctx: DistContext, method: str, args: Any) -> Any:
     """`fora.training.methods.select` across ranks: Fisher scored in shares and all-reduced; the
-    other selectors run on rank 0; the `Selection` is broadcast so every rank adapts the same layers."""
+    other selectors run on rank 0; the `Selection` is broadcast so every rank adapts the same layers.
+
+    Under FSDP a 4-bit base is sharded here, before the adapters exist, so Fisher runs on the
+    sharded model (on the GPUs, never whole on one); `wrap_model` then only places the adapters."""
     from fora.selection import select_layers
+    from fora.training.fsdp_nf4 import is_quantized, shard_base
     from fora.training.methods import METHODS, Selection, select
 
     if not ctx.active:
         return select(method, args)
     if METHODS[method].selector == "fisher":
+        if ctx.mode == "fsdp" and is_quantized(args.model):  # score the 4-bit base sharded (fsdp_nf4)
+            shard_base(args.model, ctx.world, ctx.collective_device())
         scores = distributed_fisher_scores(ctx, args.model, args.batches, params=args.fisher_params,
                                            targets=args.targets)
         sel = Selection(select_layers(scores, args.k, by="fisher"), scores.tolist())
@@ -279,18 +298,9 @@ def wrap_model(ctx: DistContext, model: nn.Module, device: torch.device) -> nn.M
         # forward = CausalLM.loss; device_ids=None: the step already puts the ids on the device, and
         # the labels stay on the host, where the loss reads its supervised positions without a sync
         return DistributedDataParallel(CausalLMLoss(model), device_ids=None)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from fora.training.fsdp_nf4 import shard_base
 
-    with torch.no_grad():  # fully_shard moves what it shards; the ignored adapters move here
-        for p in adapters:
-            p.data = p.data.to(device)
-    mesh = init_device_mesh(device.type, (ctx.world,))
-    for block in decoder_layers(model):
-        fully_shard(block, mesh=mesh, ignored_params=adapters & set(block.parameters()))
-    fully_shard(model, mesh=mesh, ignored_params=adapters)
-    register_fsdp_forward_method(model, "loss")  # the trainer's step calls CausalLM.loss, not forward
-    return model
+    return shard_base(model, ctx.world, device, keep=adapters)
 
 
 def sync_adapter_grads(ctx: DistContext, params: Sequence[torch.Tensor]) -> None:
