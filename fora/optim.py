@@ -6,7 +6,8 @@ AdamW moves each of the r · d_in entries of an unconstrained A by about ``lr``,
 ``lr · √(r · d_in)`` in Frobenius norm. With ``stiefel_lr=None`` each A gets
 ``lr · √(r · d_in)`` (one param group per A shape), so both arms of the ablation take
 comparable steps; at lr = 2e-4, r = 32 that is 0.051 for d_in = 2048 and 0.10 for d_in = 8192.
-An explicit ``stiefel_lr`` is used as is for every A.
+An explicit ``stiefel_lr`` is used as is for every A. ``stiefel_lr_scale`` multiplies either (the
+step-size study of scripts/reproduce.py ``--stiefel-scales``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fora.cayley_adam import CAYLEY_BETAS, CayleyAdam
 from fora.inject import euclidean_parameters, stiefel_parameters
 
 
-def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = None,
+def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = None, stiefel_lr_scale: float = 1.0,
                      weight_decay: float = 0.0, stiefel: bool = True,
                      betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                      stiefel_betas: tuple[float, float] = CAYLEY_BETAS,
@@ -42,12 +43,12 @@ def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = 
     if not stiefel:
         return [adamw(A + B, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)]
     if stiefel_lr is not None:
-        groups = [{"params": A, "lr": stiefel_lr}]
+        groups = [{"params": A, "lr": stiefel_lr * stiefel_lr_scale}]
     else:
         by_numel: dict[int, list[nn.Parameter]] = {}
         for p in A:
             by_numel.setdefault(p.numel(), []).append(p)
-        groups = [{"params": ps, "lr": lr * math.sqrt(numel)} for numel, ps in by_numel.items()]
+        groups = [{"params": ps, "lr": lr * math.sqrt(numel) * stiefel_lr_scale} for numel, ps in by_numel.items()]
     cayley = CayleyAdam(groups, lr=lr, betas=stiefel_betas, eps=eps, qr_every=qr_every, solver=solver,
                         iters=iters, step_cap=step_cap, compiled=compiled)
     return [cayley, adamw(B, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)]

@@ -10,13 +10,20 @@ run (`fora.training.run.main`) into OUT/<model>/<method>-s<seed>, evaluated on t
 cloze test split (loglik: acc and acc_norm; generate; the fill-in LM ranking of the two completed
 sentences, `fora.evaluation.fill_in`), perplexity on held-out CPython-docs
 paragraphs, effective-rank ratio, max |AAᵀ − I| and KL(base ‖ tuned) (`fora.evaluation.diagnostics`),
-wall time, trainable parameters, final validation loss. Writes OUT/results.md, OUT/results.json
-and per model val_loss.png, spectrum.png, fisher_profile.png. Resumable: finished arms
-(result.json) are skipped, a killed run resumes from its last checkpoint.
+wall time, trainable parameters, final validation loss. Writes OUT/results.md, OUT/results.json,
+OUT/claims.md (each claim of the paper with its 95 % interval and verdict, `fora.evaluation.report`)
+and per model val_loss.png, spectrum.png, fisher_profile.png. Every measured run keeps its per-item
+correctness in items.json, for paired statistics. Resumable: finished arms (result.json) are
+skipped, a killed run resumes from its last checkpoint.
+
+    --test-split all-blanks     every eligible blank of each test sentence (1,242 records, clustered)
+    --stiefel-scales 1 0.25 0.0625   Stiefel arms also at 1/4 and 1/16 of Cayley-Adam's default step
+    --report                    rebuild the tables, plots and claims from finished runs, no training
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -31,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 log = logging.getLogger("reproduce")
 ARMS = ("fora", "lora", "fg-lora", "stiefel-lora", "lora-half-rank", "random-k")
+TEST_SPLITS = ("one-blank", "all-blanks")
 
 
 @dataclass(frozen=True)
@@ -48,13 +56,17 @@ class ReproduceConfig:
     val_size: int = 32
     blanks: int = 4            # training records per sentence, each blanking another word (2532 in all)
     style: str = "word"        # the cloze answers: the words, or WinoGrande's option1/option2
-    eval_limit: int = 185      # loglik records of the test split (185 = all of it)
+    eval_limit: int | None = None  # loglik records of the test split (None: all, 185 / 1,242 by --test-split)
     gen_limit: int = 48        # generate records (greedy decoding is the slow protocol)
     max_new_tokens: int = 12   # "the correct answer is option1" is 8 tokens with SmolLM2's tokenizer
     ppl_tokens: int = 4096     # held-out text tokens for perplexity
     kl_windows: int = 8        # 256-token windows for the KL drift
     base_first: bool = False   # measure the base model before training (else before the first evaluation)
     match_init_norm: bool = False  # plain-A arms: Kaiming rows scaled to unit norm, as a Stiefel A's (drift control)
+    test_split: str = "one-blank"  # or "all-blanks": fora.training.cloze.cloze_all_blanks
+    stiefel_scales: tuple[float, ...] = (1.0,)  # Stiefel arms at these multiples of Cayley-Adam's default step
+    report: bool = False       # rebuild tables, plots and claims from finished runs only
+    n_boot: int = 4000         # bootstrap draws of the claims' intervals
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
@@ -66,7 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
     for name in ("steps", "batch_size", "cutoff_len", "rank", "warmup_steps", "val_size", "blanks", "eval_limit",
-                 "gen_limit", "max_new_tokens", "ppl_tokens", "kl_windows"):
+                 "gen_limit", "max_new_tokens", "ppl_tokens", "kl_windows", "n_boot"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--style", choices=("word", "option"), default=d.style,
@@ -76,7 +88,16 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
     p.add_argument("--match-init-norm", action="store_true",
                    help="plain-A arms start with unit-norm rows of A, as the Stiefel arms do (train.py's "
                         "--match-init-norm): the control for the Stiefel arms' larger output drift")
+    p.add_argument("--test-split", choices=TEST_SPLITS, default=d.test_split,
+                   help="one blank per test sentence (185 records), or every eligible blank (1,242, clustered)")
+    p.add_argument("--stiefel-scales", nargs="+", type=float, default=list(d.stiefel_scales),
+                   help="multiples of Cayley-Adam's default step lr*sqrt(r*d_in) to run the Stiefel arms at "
+                        "(e.g. 1 0.25 0.0625); other arms run once")
+    p.add_argument("--report", action="store_true",
+                   help="rebuild results.md/json, plots and claims.md from finished runs under --out; trains nothing")
     a = vars(p.parse_args(argv))
+    if any(not x > 0 for x in a["stiefel_scales"]):
+        p.error(f"--stiefel-scales must all be > 0, got {a['stiefel_scales']}")
     for name, value in a.items():
         if isinstance(value, int) and not isinstance(value, bool) and value < 1 and name not in ("gen_limit", "warmup_steps", "val_size"):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -88,39 +109,57 @@ def slug(model: str) -> str:
     return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
-def write_data(out: Path, blanks: int = 1, style: str = "word") -> tuple[Path, list[dict]]:
+def write_data(out: Path, blanks: int = 1, style: str = "word", test_split: str = "one-blank"
+               ) -> tuple[Path, list[dict]]:
     """The cloze task (fixed splits) into OUT/data; returns the train file and the test records."""
-    from fora.training.cloze import cloze_task
+    from fora.training.cloze import cloze_all_blanks, cloze_task
     from fora.training.data import write_jsonl
 
     train = write_jsonl(cloze_task("train", style=style, blanks=blanks), out / "data" / "train.jsonl")
-    test = cloze_task("test", style=style)
+    test = cloze_task("test", style=style) if test_split == "one-blank" else cloze_all_blanks("test", style=style)
     write_jsonl(test, out / "data" / "test.jsonl")
     return train, test
 
 
-def measure(model, tok, test: list[dict], cfg: ReproduceConfig) -> dict:
-    """Accuracy by both protocols on the test split and perplexity on held-out paragraphs."""
+def records_sha256(records: list[dict]) -> str:
+    """Fingerprint of the evaluated test records: paired statistics pair only runs with the same one."""
+    return hashlib.sha256(json.dumps([[r["instruction"], r["answer"]] for r in records]).encode()).hexdigest()
+
+
+def measure(model, tok, test: list[dict], cfg: ReproduceConfig) -> tuple[dict, dict]:
+    """Accuracy by both protocols on the test split and perplexity on held-out paragraphs.
+
+    Returns the row and the per-item record (`fora.evaluation.report.ITEMS_FILE`): 0/1 correctness
+    per protocol in test order, each record's cluster (its own index when it has none).
+    """
     from fora.evaluation.accuracy import evaluate_generate, evaluate_loglik
     from fora.evaluation.diagnostics import held_out_text
-    from fora.evaluation.fill_in import fill_in_accuracy
+    from fora.evaluation.fill_in import fill_in_accuracy, fill_in_options
     from fora.evaluation.perplexity import perplexity
 
     model.eval()
     t0 = time.perf_counter()
-    ll = evaluate_loglik(model, tok, test[:cfg.eval_limit], batch_size=8, progress=False)
+    records = test[:cfg.eval_limit]
+    ll = evaluate_loglik(model, tok, records, batch_size=8, progress=False)
+    fill = fill_in_accuracy(model, tok, records)
     row = {"acc_loglik": ll["accuracy"], "acc_norm": ll["acc_norm"], "n_loglik": ll["n"],
-           "acc_fill_in": fill_in_accuracy(model, tok, test[:cfg.eval_limit])["accuracy"]}
+           "acc_fill_in": fill["accuracy"], "test_sha256": records_sha256(records)}
+    right = [0 if r["answer"] in (fill_in_options(r)[1], "option1") else 1 for r in records]  # fill_in's rule
+    items = {"test_sha256": row["test_sha256"], "clusters": [r.get("cluster", i) for i, r in enumerate(records)],
+             "acc_loglik": [int(p["correct"]) for p in ll["predictions"]],
+             "acc_norm": [int(p["correct_norm"]) for p in ll["predictions"]],
+             "acc_fill_in": [int((0 if a >= b else 1) == k) for (a, b), k in zip(fill["scores"], right)]}
     if cfg.gen_limit:
         gen = evaluate_generate(model, tok, test[:cfg.gen_limit], batch_size=8,
                                 max_new_tokens=cfg.max_new_tokens, progress=False)
         row.update(acc_generate=gen["accuracy"], n_generate=gen["n"],
                    answered=sum(p["prediction"] is not None for p in gen["predictions"]) / gen["n"],
                    sample_generation=gen["predictions"][0]["text"])
+        items["acc_generate"] = [int(p["correct"]) for p in gen["predictions"]]
     ids = tok.encode(held_out_text(), bos=True)[:cfg.ppl_tokens]
     row["perplexity"] = perplexity(model, ids, window=256, stride=192)["perplexity"]
     row["eval_seconds"] = time.perf_counter() - t0
-    return row
+    return row, items
 
 
 def load(model_name: str):
@@ -139,9 +178,11 @@ def base_row(model_name: str, test: list[dict], cfg: ReproduceConfig, path: Path
     Another process of the same reproduction computing it (a `.running` marker younger than an
     hour) is waited for rather than duplicated.
     """
+    from fora.evaluation.report import ITEMS_FILE
     from fora.formats.atomic import atomic_write_json, atomic_write_text
 
-    sizes = {"n_loglik": min(cfg.eval_limit, len(test)), "n_generate": min(cfg.gen_limit, len(test)) or None}
+    sizes = {"n_loglik": len(test[:cfg.eval_limit]), "n_generate": min(cfg.gen_limit, len(test)) or None,
+             "test_sha256": records_sha256(test[:cfg.eval_limit])}
     marker = path.with_suffix(".running")
     while True:
         if path.is_file():
@@ -153,14 +194,17 @@ def base_row(model_name: str, test: list[dict], cfg: ReproduceConfig, path: Path
         time.sleep(10)
     atomic_write_text(marker, str(time.time()))
     model, tok = load(model_name)
-    row = {"model": model_name, "method": "base (zero-shot)", "seed": None, **measure(model, tok, test, cfg)}
+    row, items = measure(model, tok, test, cfg)
+    row = {"model": model_name, "method": "base (zero-shot)", "seed": None, **row}
+    atomic_write_json(path.with_name("base_" + ITEMS_FILE), items)
     atomic_write_json(path, row)
     marker.unlink(missing_ok=True)
     log.info("%s zero-shot: %s", model_name, {k: v for k, v in row.items() if k != "sample_generation"})
     return row
 
 
-def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path) -> None:
+def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path,
+              stiefel_scale: float = 1.0) -> None:
     """Train one arm into `run` unless its adapter exists; resume from a checkpoint when there is one."""
     from fora.formats.peft_io import ADAPTER_WEIGHTS
     from fora.training.config import TrainConfig
@@ -175,21 +219,26 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Re
                      rank=cfg.rank, lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
                      cutoff_len=cfg.cutoff_len, warmup_steps=cfg.warmup_steps, val_size=cfg.val_size,
                      fisher_batches=4, eval_every=max(1, cfg.steps // 4), log_every=10,
-                     save_every=max(1, cfg.steps // 4), match_init_norm=cfg.match_init_norm, resume=resume))
+                     save_every=max(1, cfg.steps // 4), match_init_norm=cfg.match_init_norm, resume=resume,
+                     stiefel_lr_scale=stiefel_scale))
 
 
 def arm_row(model_name: str, method: str, seed: int, test: list[dict], cfg: ReproduceConfig, run: Path,
-            base: dict) -> dict:
+            base: dict, stiefel_scale: float = 1.0) -> dict:
     from safetensors import safe_open
 
     from fora.evaluation.diagnostics import analyze_adapter, held_out_text
     from fora.evaluation.plots import read_metrics
+    from fora.evaluation.report import ITEMS_FILE
     from fora.formats.atomic import atomic_write_json
     from fora.formats.peft_io import ADAPTER_WEIGHTS, load_adapter
 
     model, tok = load(model_name)
     load_adapter(model, run)
-    row = {"model": model_name, "method": method, "seed": seed, **measure(model, tok, test, cfg)}
+    measured, items = measure(model, tok, test, cfg)
+    atomic_write_json(run / ITEMS_FILE, items)
+    row = {"model": model_name, "method": method, "arm": arm_name(method, stiefel_scale), "seed": seed,
+           "stiefel_lr_scale": stiefel_scale, **measured}
     diag = analyze_adapter(model, tok, held_out_text(), window=256, max_windows=cfg.kl_windows)
     atomic_write_json(run / "diagnostics.json", diag)
     with safe_open(run / ADAPTER_WEIGHTS, "pt") as f:
@@ -208,37 +257,14 @@ def arm_row(model_name: str, method: str, seed: int, test: list[dict], cfg: Repr
     return row
 
 
-def _cell(rows: list[dict], key: str, fmt: str) -> str:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    return format(mean, fmt) + (f" ± {format(statistics.stdev(values), fmt)}" if len(values) > 1 else "")
+def arm_name(method: str, stiefel_scale: float = 1.0) -> str:
+    """The arm's label: the method, with its Stiefel step multiple when not 1 ("fora ×0.25")."""
+    return method if stiefel_scale == 1 else f"{method} ×{stiefel_scale:g}"
 
 
-def table(base: dict[str, dict], rows: list[dict]) -> str:
-    """Markdown: one line per (model, method), seeds averaged (± sample std over seeds)."""
-    head = ("| model | method | seeds | layers | trainable params | val loss | acc (loglik) | acc_norm "
-            "| acc (generate) | acc (fill-in LM) | ppl before → after | erank / r | max ‖AAᵀ−I‖ | KL(base‖tuned) | train s |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for model, b in base.items():
-        lines.append(f"| {slug(model)} | base (zero-shot) | - | - | 0 | - | {b['acc_loglik']:.3f} | "
-                     f"{b['acc_norm']:.3f} | {_cell([b], 'acc_generate', '.3f')} | {_cell([b], 'acc_fill_in', '.3f')} | "
-                     f"{b['perplexity']:.2f} | "
-                     "- | - | 0 | - |")
-        for method in ARMS:
-            group = [r for r in rows if r["model"] == model and r["method"] == method]
-            if not group:
-                continue
-            lines.append(
-                f"| {slug(model)} | {method} | {len(group)} | {len(group[0]['layers'])} | "
-                f"{group[0]['trainable_params']:,} | {_cell(group, 'val_loss', '.3f')} | "
-                f"{_cell(group, 'acc_loglik', '.3f')} | {_cell(group, 'acc_norm', '.3f')} | "
-                f"{_cell(group, 'acc_generate', '.3f')} | {_cell(group, 'acc_fill_in', '.3f')} | "
-                f"{b['perplexity']:.2f} → {_cell(group, 'perplexity', '.2f')} | "
-                f"{_cell(group, 'erank_ratio', '.3f')} | {max(r['stiefel_error'] for r in group):.1e} | "
-                f"{_cell(group, 'kl', '.4f')} | {_cell(group, 'train_seconds', '.0f')} |")
-    return "\n".join(lines)
+def run_dir(cfg: ReproduceConfig, model: str, method: str, seed: int, stiefel_scale: float = 1.0) -> Path:
+    tag = "" if stiefel_scale == 1 else f"-x{stiefel_scale:g}"
+    return cfg.out / slug(model) / f"{method}{tag}-s{seed}"
 
 
 def plots(cfg: ReproduceConfig, model: str, rows: list[dict]) -> None:
@@ -260,11 +286,40 @@ def plots(cfg: ReproduceConfig, model: str, rows: list[dict]) -> None:
                             title=f"{slug(model)}: Fisher scores (Eq. 2), FoRA's K layers in red")
 
 
-def main(cfg: ReproduceConfig) -> dict:
+def finish(cfg: ReproduceConfig) -> dict:
+    """Tables, plots and claims from every finished arm under OUT (earlier invocations included).
+
+    Without run folders (a docs copy holding only results.json) the rows come from OUT/results.json;
+    such runs have no per-item results, so their accuracy claims stay undecided.
+    """
+    from fora.evaluation.report import claims_markdown, claims_rows, finished_runs, load_items, results_table
     from fora.formats.atomic import atomic_write_json, atomic_write_text
 
+    rows, base, stored = finished_runs(cfg.out)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    config = stored if cfg.report and stored else config  # --report keeps the runs' own config
+    for model in base:
+        plots(cfg, model, rows)
+    items = {(r["model"], r["method"], r["seed"]): load_items(run_dir(cfg, r["model"], r["method"], r["seed"]))
+             for r in rows}
+    claims = claims_rows(rows, items, n_boot=cfg.n_boot)
+    report = {"config": config, "base": base, "runs": rows}
+    atomic_write_json(cfg.out / "results.json", report)
+    md = results_table(base, rows, ARMS, slug)  # one line per (model, arm), seeds averaged (± std over seeds)
+    atomic_write_text(cfg.out / "results.md", md + "\n")
+    atomic_write_json(cfg.out / "claims.json", claims)
+    atomic_write_text(cfg.out / "claims.md", claims_markdown(claims, slug) + "\n")
+    print(md)
+    return {**report, "claims": claims}
+
+
+def main(cfg: ReproduceConfig) -> dict:
+    from fora.training.methods import METHODS
+
+    if cfg.report:
+        return finish(cfg)
     t0 = time.perf_counter()
-    train_file, test = write_data(cfg.out, cfg.blanks, cfg.style)
+    train_file, test = write_data(cfg.out, cfg.blanks, cfg.style, cfg.test_split)
     base: dict[str, dict] = {}
     for model in cfg.models:
         folder = cfg.out / slug(model)
@@ -272,28 +327,18 @@ def main(cfg: ReproduceConfig) -> dict:
         if cfg.base_first:
             base[model] = base_row(model, test, cfg, folder / "base.json")
         for seed in cfg.seeds:
-            for method in cfg.methods:
-                run = folder / f"{method}-s{seed}"
+            for method, scale in [(m, x) for m in cfg.methods
+                                  for x in (cfg.stiefel_scales if METHODS[m].stiefel else (1.0,))]:
+                run = run_dir(cfg, model, method, seed, scale)
                 if (run / "result.json").is_file():
                     log.info("%s: done, skipped", run)
                     continue
                 log.info("%s: training (%.0f s into this invocation)", run, time.perf_counter() - t0)
-                train_arm(model, method, seed, train_file, cfg, run)
+                train_arm(model, method, seed, train_file, cfg, run, scale)
                 if model not in base:  # after training: a parallel invocation may have measured it meanwhile
                     base[model] = base_row(model, test, cfg, folder / "base.json")
-                arm_row(model, method, seed, test, cfg, run, base[model])
-    # the table covers every finished arm under OUT (earlier invocations with other models included)
-    rows = [json.loads(p.read_text()) for p in sorted(cfg.out.glob("*/*-s*/result.json"))]
-    base = {json.loads(p.read_text())["model"]: json.loads(p.read_text()) for p in sorted(cfg.out.glob("*/base.json"))}
-    for model in base:
-        plots(cfg, model, rows)
-    report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-              "base": base, "runs": rows}
-    atomic_write_json(cfg.out / "results.json", report)
-    md = table(base, rows)
-    atomic_write_text(cfg.out / "results.md", md + "\n")
-    print(md)
-    return report
+                arm_row(model, method, seed, test, cfg, run, base[model], scale)
+    return finish(cfg)
 
 
 if __name__ == "__main__":

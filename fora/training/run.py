@@ -192,8 +192,9 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
     engine = wrap_model(ctx, model, device)  # the step calls model, DDP(CausalLMLoss(model)) or model sharded
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %d (%d LoRA modules)", sum(p.numel() for p in params), len(lora_modules(model)))
-    optimizers = build_optimizers(model, cfg.lr, stiefel_lr=cfg.stiefel_lr, weight_decay=cfg.weight_decay,
-                                  stiefel=spec.stiefel, qr_every=cfg.qr_every, compiled=cfg.compile)
+    optimizers = build_optimizers(model, cfg.lr, stiefel_lr=cfg.stiefel_lr, stiefel_lr_scale=cfg.stiefel_lr_scale,
+                                  weight_decay=cfg.weight_decay, stiefel=spec.stiefel, qr_every=cfg.qr_every,
+                                  compiled=cfg.compile)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * ctx.world * cfg.grad_accum))
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     schedule = lr_lambda(cfg.schedule, warmup_steps(cfg, total), total)

@@ -3,8 +3,17 @@ plotted; a second invocation skips finished arms and re-evaluates a trained but 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 
+import numpy as np
 import pytest
+from torch import nn
+
+from fora.evaluation.paired import contrast_interval, mcnemar_exact, t_interval
+from fora.evaluation.report import AGREES, CLAIMS, DISAGREES, UNDECIDED, decide
+from fora.lora import LoRALinear
+from fora.optim import build_optimizers
 
 from fora.training.data import write_jsonl
 from script_loader import load_script
@@ -28,7 +37,7 @@ def _records(n: int, offset: int = 0) -> list[dict]:
 def reproduce(monkeypatch, tmp_path):
     module = load_script("reproduce")
 
-    def toy_data(out, blanks=1, style="word"):
+    def toy_data(out, blanks=1, style="word", test_split="one-blank"):
         return write_jsonl(_records(40), out / "data" / "train.jsonl"), _records(6, 1000)
 
     monkeypatch.setattr(module, "write_data", toy_data)
@@ -51,6 +60,12 @@ def test_reproduce_all_arms_then_skip(reproduce, tmp_path):
         assert 0 <= r["acc_loglik"] <= 1 and r["n_loglik"] == 6 and r["n_generate"] == 2 and 0 <= r["acc_fill_in"] <= 1
         assert r["kl"] > 0 and r["perplexity"] > 1 and r["perplexity_base"] == report["base"][str(tiny)]["perplexity"]
     assert by["fora"]["stiefel_error"] < 1e-4 and by["lora"]["stiefel_error"] > 1e-2
+    for r in report["runs"]:  # the per-item file holds the row's accuracies item by item
+        items = json.loads((tmp_path / "rep" / "tiny" / f"{r['method']}-s0" / "items.json").read_text())
+        assert items["clusters"] == list(range(6)) and items["test_sha256"] == r["test_sha256"]
+        for key in ("acc_loglik", "acc_norm", "acc_fill_in", "acc_generate"):
+            assert set(items[key]) <= {0, 1} and sum(items[key]) / len(items[key]) == pytest.approx(r[key])
+    assert "| tiny | FoRA ≥ LoRA-all at half the parameters |" in (tmp_path / "rep" / "claims.md").read_text()
     md = (tmp_path / "rep" / "results.md").read_text()
     assert md.count("\n") == 2 + 1 + len(reproduce.ARMS) and "| tiny | fora | 1 | 2 |" in md
     if importlib.util.find_spec("matplotlib"):
@@ -71,3 +86,148 @@ def test_match_init_norm_reaches_every_arm_trainer(reproduce, tmp_path, monkeypa
     for method in ("lora", "fora"):
         reproduce.train_arm("m", method, 0, tmp_path / "train.jsonl", cfg, tmp_path / method)
     assert [c.match_init_norm for c in seen] == [True, True] and [c.method for c in seen] == ["lora", "fora"]
+
+
+def _write_run(folder, method, seed, row, items=None):
+    run = folder / f"{method}-s{seed}"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"model": "m", "method": method, "seed": seed, **row}))
+    if items is not None:
+        (run / "items.json").write_text(json.dumps(items))
+
+
+def _row(acc, erank, kl, params):
+    return {"layers": [0, 1], "trainable_params": params, "val_loss": 0.5, "acc_loglik": acc, "acc_norm": acc,
+            "perplexity": 9.0, "erank_ratio": erank, "stiefel_error": 0.1, "kl": kl, "train_seconds": 1.0}
+
+
+def test_report_from_finished_runs_equals_a_direct_computation(reproduce, tmp_path, monkeypatch):
+    """A fixture of finished runs (2 seeds, 120 items in 40 sentences): every claim recomputed directly."""
+    rng = np.random.default_rng(0)
+    clusters = [i // 3 for i in range(120)]
+    # the three records of a sentence agree (as blanks of one sentence tend to): clustering matters
+    lora = np.repeat((rng.random((2, 40)) < 0.55).astype(int), 3, axis=1)
+    better = np.maximum(lora, np.repeat((rng.random((2, 40)) < 0.5).astype(int), 3, axis=1))  # right wherever lora is
+    tables = {"lora": lora, "fora": better, "stiefel-lora": better, "fg-lora": lora, "lora-half-rank": lora,
+              "random-k": lora}
+    erank = {"fora": (0.85, 0.86), "stiefel-lora": (0.88, 0.90), "fg-lora": (0.60, 0.62), "lora": (0.65, 0.66),
+             "lora-half-rank": (0.7, 0.7), "random-k": (0.8, 0.8)}
+    kl = {"fora": (0.5, 0.55), "stiefel-lora": (0.4, 0.42), "fg-lora": (0.2, 0.19), "lora": (0.15, 0.16),
+          "lora-half-rank": (0.1, 0.1), "random-k": (0.3, 0.3)}
+    out = tmp_path / "out"
+    for method, y in tables.items():
+        for s in (0, 1):
+            row = _row(float(y[s].mean()), erank[method][s], kl[method][s], 100 if method == "lora" else 50)
+            _write_run(out / "m", method, s, row, {"test_sha256": "x", "clusters": clusters, "acc_loglik": y[s].tolist()})
+    (out / "m" / "base.json").write_text(json.dumps({"model": "m", "acc_loglik": 0.5, "acc_norm": 0.5, "perplexity": 9.0}))
+    monkeypatch.setattr(reproduce, "plots", lambda *a: None)
+    report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report", "--n-boot", "500"]))
+    got = {c["claim"]: c for c in report["claims"]}
+    assert [c["claim"] for c in report["claims"]] == [c.name for c in CLAIMS]
+    for claim in CLAIMS:
+        c = got[claim.name]
+        if "dora" in claim.weights or "adalora" in claim.weights:
+            assert c["verdict"] == UNDECIDED and c["why"].startswith("not run: ") and c["estimate"] is None
+            continue
+        if claim.metric == "acc_loglik":  # direct: the accuracy contrast per seed, averaged; same bootstrap
+            direct = np.mean([sum(w * tables[a][s].mean() for a, w in claim.weights.items()) for s in (0, 1)])
+            iv = contrast_interval(tables, claim.weights, clusters=clusters, n_boot=500, seed=0)
+        else:
+            values = {"erank_ratio": erank, "kl": kl}[claim.metric]
+            per_seed = [sum(w * values[a][s] for a, w in claim.weights.items()) for s in (0, 1)]
+            direct = float(np.mean(per_seed))
+            half = 12.7062 * np.std(per_seed, ddof=1) / math.sqrt(2)  # t(0.975, 1 df) from the printed table
+            iv = t_interval(per_seed)
+            assert (c["low"], c["high"]) == pytest.approx((direct - half, direct + half), rel=1e-4)
+        assert c["estimate"] == pytest.approx(direct) and (c["low"], c["high"]) == pytest.approx((iv.low, iv.high))
+        assert c["verdict"] == decide(iv, claim.rule, claim.margin) and c["seeds"] == 2
+    assert got[CLAIMS[0].name]["verdict"] == AGREES  # fora right wherever lora is, on ~1/4 more items
+    assert "40 clusters" in got[CLAIMS[0].name]["why"]
+    assert got[CLAIMS[0].name]["mcnemar_p"] == [mcnemar_exact(better[s], lora[s])["p"] for s in (0, 1)]
+    assert got[CLAIMS[6].name]["verdict"] == AGREES and got[CLAIMS[6].name]["low"] == 0  # identical arms
+    assert got[CLAIMS[4].name]["verdict"] == UNDECIDED  # additive by construction: interaction exactly 0
+    assert got[CLAIMS[3].name]["verdict"] == AGREES and got[CLAIMS[7].name]["verdict"] == DISAGREES
+    claims_md = (out / "claims.md").read_text()
+    assert claims_md.count("\n") == 2 + len(CLAIMS) and "| m | FoRA ≥ DoRA |" in claims_md
+    md = (out / "results.md").read_text()
+    assert md.count("\n") == 2 + 1 + len(tables) and "| m | lora | 2 | 2 | 100 |" in md
+
+
+def test_report_on_runs_without_per_item_results(reproduce, tmp_path, monkeypatch):
+    """A docs copy (only results.json, runs measured before items.json): accuracy claims undecided, saying why."""
+    runs = [{"model": "m", "method": m, "seed": s, **_row(0.6 + 0.01 * s, 0.7, 0.2, 50)}
+            for m in ("fora", "lora", "fg-lora", "stiefel-lora") for s in (0, 1)]
+    out = tmp_path / "docs"
+    out.mkdir()
+    stored = {"config": {"steps": 200}, "base": {"m": {"acc_loglik": 0.5, "acc_norm": 0.5, "perplexity": 9.0}},
+              "runs": runs}
+    (out / "results.json").write_text(json.dumps(stored))
+    report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report"]))
+    got = {c["claim"]: c for c in report["claims"]}
+    first = got[CLAIMS[0].name]
+    assert first["verdict"] == UNDECIDED and first["low"] is None and first["estimate"] == pytest.approx(0.0)
+    assert first["why"] == "no per-item results (items.json) for fora, lora: point estimate only"
+    assert got[CLAIMS[5].name]["why"] == "not run: random-k"
+    assert got[CLAIMS[3].name]["low"] == pytest.approx(0.0) and got[CLAIMS[3].name]["verdict"] == UNDECIDED
+    assert json.loads((out / "results.json").read_text())["config"] == {"steps": 200}  # the runs' own config kept
+    with pytest.raises(SystemExit, match="no finished runs under"):
+        reproduce.main(reproduce.parse_args(["--out", str(tmp_path / "empty"), "--report"]))
+
+
+@pytest.mark.parametrize("rule, margin, bounds, verdict", [
+    ("greater", 0, (0.01, 0.05), AGREES), ("greater", 0, (-0.05, -0.01), DISAGREES), ("greater", 0, (-0.01, 0.02), UNDECIDED),
+    ("less", 0, (-0.05, -0.01), AGREES), ("less", 0, (0.01, 0.05), DISAGREES),
+    ("not-below", 0.008, (-0.007, 0.03), AGREES), ("not-below", 0.008, (-0.05, -0.009), DISAGREES),
+    ("not-below", 0.008, (-0.02, 0.01), UNDECIDED),
+    ("within", 0.02, (-0.015, 0.019), AGREES), ("within", 0.02, (0.021, 0.05), DISAGREES),
+    ("within", 0.02, (-0.01, 0.03), UNDECIDED)])
+def test_decision_rule(rule, margin, bounds, verdict):
+    from fora.evaluation.paired import Interval
+
+    assert decide(Interval(sum(bounds) / 2, *bounds), rule, margin) == verdict
+    assert decide(Interval(0.5, None, None), rule, margin) == UNDECIDED
+    with pytest.raises(ValueError, match="unknown rule 'more'; choose one of greater, less, not-below, within"):
+        decide(Interval(0, 0, 1), "more")
+
+
+def test_stiefel_scales_run_only_the_stiefel_arms_at_each_scale(reproduce, tmp_path, monkeypatch, capsys):
+    trained, measured, seen = [], [], []
+    real_train_arm = reproduce.train_arm
+    monkeypatch.setattr(reproduce, "train_arm", lambda m, meth, s, f, cfg, run, scale: trained.append((meth, scale, run.name)))
+    monkeypatch.setattr(reproduce, "base_row", lambda *a: {})
+    monkeypatch.setattr(reproduce, "arm_row", lambda *a: measured.append(a[-1]))
+    monkeypatch.setattr(reproduce, "finish", lambda cfg: None)
+    cfg = reproduce.parse_args(["--out", str(tmp_path), "--models", "m", "--methods", "fora", "lora",
+                                "--stiefel-scales", "1", "0.25", "0.0625"])
+    reproduce.main(cfg)
+    assert trained == [("fora", 1.0, "fora-s0"), ("fora", 0.25, "fora-x0.25-s0"), ("fora", 0.0625, "fora-x0.0625-s0"),
+                       ("lora", 1.0, "lora-s0")] and measured == [1.0, 0.25, 0.0625, 1.0]
+    assert reproduce.arm_name("fora", 0.25) == "fora ×0.25" and reproduce.arm_name("fora") == "fora"
+    monkeypatch.setattr("fora.training.run.main", seen.append)  # the real train_arm: the scale reaches TrainConfig
+    real_train_arm("m", "fora", 0, tmp_path / "train.jsonl", cfg, tmp_path / "f", 0.25)
+    real_train_arm("m", "fora", 0, tmp_path / "train.jsonl", cfg, tmp_path / "g")
+    assert [c.stiefel_lr_scale for c in seen] == [0.25, 1.0]
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--stiefel-scales", "1", "0"])
+    assert "--stiefel-scales must all be > 0, got [1.0, 0.0]" in capsys.readouterr().err
+
+
+def test_stiefel_lr_scale_multiplies_cayley_adams_default_step():
+    """The optimizer's A groups get lr * sqrt(r * d_in) * scale (the default step of fora.optim, scaled)."""
+    model = nn.ModuleDict({"q": LoRALinear(nn.Linear(8, 8), rank=2, alpha=4, init="stiefel"),
+                           "d": LoRALinear(nn.Linear(32, 8), rank=2, alpha=4, init="stiefel")})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.values():
+        m.lora_A.requires_grad_(True)
+        m.lora_B.requires_grad_(True)
+    for scale in (1.0, 0.25):
+        cayley, _ = build_optimizers(model, lr=1e-3, stiefel_lr_scale=scale)
+        assert sorted(g["lr"] for g in cayley.param_groups) == pytest.approx(
+            sorted(1e-3 * math.sqrt(2 * d) * scale for d in (8, 32)))
+    cayley, _ = build_optimizers(model, lr=1e-3, stiefel_lr=0.3, stiefel_lr_scale=0.25)
+    assert [g["lr"] for g in cayley.param_groups] == pytest.approx([0.075])
+    from fora.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--stiefel-lr-scale must be > 0, got 0; 1 keeps the default step"):
+        TrainConfig(model="m", stiefel_lr_scale=0)
