@@ -11,7 +11,8 @@ so codes and constants are interchangeable with it):
   lets a block straddle two rows, and a trailing partial block gets its own absmax: every shape
   is accepted, no padding of the weight is needed;
 * each value is scaled by ``1 / c_b`` (a multiply, clamped to [-1, 1]) and rounded to the nearest
-  level (ties to the lower level);
+  level: the decision boundaries are the float32 midpoints ``(q_k + q_{k+1}) / 2`` and a value
+  equal to one goes to the lower level, as in bitsandbytes;
 * two codes per byte, the even-indexed value in the high nibble; an odd element count is padded
   with the code of 0.0;
 * double quantization: μ = mean(c) is subtracted, then the centred constants are absmax-quantized
@@ -53,7 +54,8 @@ def dynamic_map(device: torch.device | str | None = None) -> Tensor:
     """The signed 8-bit dynamic quantization map (256 ascending float32 values in [-1, 1]).
 
     For exponent i = 0..6 the decade 10^(i-6) holds 2^i fractions (midpoints of an even split of
-    [0.1, 1]), with both signs; plus 0 and 1 (and one spare 0 to fill 256 entries).
+    [0.1, 1]), with both signs: 2 · 127 = 254 values; plus 0 and 1, exactly 256 entries (one 0,
+    128 positive, 127 negative: 1 is in the map, −1 is not), as bitsandbytes' create_dynamic_map.
     """
     data: list[float] = []
     for i in range(7):

@@ -55,6 +55,56 @@ def test_levels_are_normal_quantiles():
     assert torch.allclose(nf4_levels().double(), v / v.abs().max(), atol=1e-6)
 
 
+def test_dynamic_map_has_one_zero_and_no_minus_one():
+    # 2 · (1 + 2 + ... + 64) = 254 signed fractions, plus 0 and 1: 256 entries, nothing spare.
+    d = dynamic_map()
+    assert d.numel() == 256 and torch.equal(d, d.sort().values) and len(set(d.tolist())) == 256
+    assert (d == 0).sum() == 1 and (d > 0).sum() == 128 and (d < 0).sum() == 127
+    assert d.max() == 1.0 and d.min() > -1.0
+
+
+def _nf4_codes(q: NF4Weight) -> torch.Tensor:
+    return torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1).long()
+
+
+def _tie_weight():
+    """Two blocks whose absmax (1 and 2) makes the scaled values exact: the 15 float32 midpoints
+    of adjacent levels, and the floats one ulp above and below each."""
+    levels = nf4_levels()
+    mid = (levels[:-1] + levels[1:]) / 2
+    up, down = torch.nextafter(mid, torch.ones(15)), torch.nextafter(mid, -torch.ones(15))
+    w = torch.zeros(2 * BLOCK)
+    for start, c in ((0, 1.0), (BLOCK, 2.0)):
+        w[start] = c
+        w[start + 1:start + 46] = c * torch.cat([mid, up, down])
+    return w, mid
+
+
+def test_rounding_ties_go_to_the_lower_level():
+    w, mid = _tie_weight()
+    codes = _nf4_codes(quantize_nf4(w))
+    k = torch.arange(15)
+    for start in (0, BLOCK):
+        assert codes[start] == 15                                  # the absmax itself is level 1.0
+        tie, above, below = codes[start + 1:start + 46].view(3, 15)
+        assert torch.equal(tie, k) and torch.equal(below, k) and torch.equal(above, k + 1)
+    # The rule computed directly: the number of boundaries strictly below the value ...
+    x = torch.cat([mid, torch.nextafter(mid, torch.ones(15)), torch.nextafter(mid, -torch.ones(15))])
+    assert torch.equal(codes[1:46], (x[:, None] > mid[None, :]).sum(1))
+    # ... and, where the float32 midpoint is exact, the nearest level in float64, ties to the lower.
+    lv = nf4_levels().double()
+    exact = (mid.double() == (lv[:-1] + lv[1:]) / 2).nonzero().flatten()
+    assert exact.numel() >= 3                                      # true ties are exercised
+    dist = (mid.double()[exact, None] - lv[None, :]).abs()
+    assert torch.equal(codes[1 + exact], dist.argmin(1))           # argmin: the first of equal minima
+
+
+def test_rounding_ties_equal_bitsandbytes(BF):
+    w, _ = _tie_weight()
+    packed, _ = BF.quantize_4bit(w.view(2, BLOCK), quant_type="nf4", compress_statistics=True, blocksize=BLOCK)
+    assert torch.equal(quantize_nf4(w).packed, packed.view(-1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_quantize_equals_bitsandbytes(BF, shape, dtype):
