@@ -1,6 +1,6 @@
 """One decoder for LLaMA-2/3.x, Qwen3, Gemma-2 and Gemma-3 text models.
 
-Families differ only through `ModelConfig` fields (see fora/config.py); nothing here looks at a
+Families differ only through `ModelConfig` fields (see fora/models/config.py); nothing here looks at a
 model's name. Module paths equal the checkpoint tensor names: `model.embed_tokens`,
 `model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.up_proj`, `model.norm`, `lm_head`.
 """
@@ -28,7 +28,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-        # Plain attributes, not buffers: recomputed from the config, never loaded (fora/rope.py).
+        # Plain attributes, not buffers: recomputed from the config, never loaded (fora/models/rope.py).
         self.rotary_emb = RotaryEmbedding(cfg.rope, cfg.head_dim)
         self.rotary_emb_local = (self.rotary_emb if cfg.rope_local == cfg.rope
                                  else RotaryEmbedding(cfg.rope_local, cfg.head_dim))
