@@ -30,6 +30,9 @@ _EXPORTS: dict[str, str] = {
     "convert_gguf": "fora.formats.gguf",
     "ensure_converted": "fora.formats.gguf",
     "packaged_gguf": "fora.formats.gguf",
+    "export_gguf": "fora.formats.gguf_export",
+    "export_adapter_gguf": "fora.formats.gguf_writer",
+    "export_model_gguf": "fora.formats.gguf_model",
     "PRESETS": "fora.formats.hub",
     "resolve_checkpoint": "fora.formats.hub",
     # the method: LoRA (Eq. 1), Stiefel geometry (Eq. 4-6), Cayley-Adam
