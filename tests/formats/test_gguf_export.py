@@ -204,3 +204,14 @@ def test_export_script_prints_size_count_and_how_to_run(bases, tmp_path, capsys)
     assert err.startswith("export.py: error:") and "holds no adapter" in err and "\n" not in err
     assert math.isclose((run / "adapter-f16.gguf").stat().st_size / 1e6, float(lines[0].split("(")[1].split()[0]),
                         abs_tol=0.05)
+
+
+def test_gemma3_without_sliding_layers_has_window_zero(tmp_path):
+    # llama.cpp aborts on a sliding window with no sliding layer; fora's reader reads it back as all-full
+    base = make_tiny_checkpoint(tmp_path / "g3", "gemma3", layer_types=["full_attention"] * 6)
+    out = export_gguf(base, to="gguf", dtype="f32", out=tmp_path / "g3.gguf").path
+    meta = read_gguf(out).metadata
+    assert meta["gemma3.attention.sliding_window"] == 0
+    assert meta["gemma3.attention.sliding_window_pattern"] == [False] * 6
+    back = json.loads((convert_gguf(out, tmp_path / "back") / "config.json").read_text())
+    assert back["layer_types"] == ["full_attention"] * 6
