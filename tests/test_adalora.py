@@ -244,8 +244,7 @@ def test_exports_load_in_peft_and_fora_with_equal_logits(tiny, tmp_path):
 
     from peft import PeftModel
 
-    from fora.formats.adalora_io import save_folded_lora
-    from fora.formats.peft_io import load_adapter, save_adapter
+    from fora.formats.peft_io import load_adapter, save_adapter, save_folded_lora
 
     _, ours, mods = _twins(tiny)
     g = torch.Generator().manual_seed(5)

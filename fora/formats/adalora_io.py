@@ -12,16 +12,14 @@
 """
 from __future__ import annotations
 
-import os
+from collections import Counter
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from fora.adalora import AdaLoRALinear
-from fora.formats.atomic import atomic_save_safetensors, atomic_write_json
 
 PEFT_PREFIX = "base_model.model."
 # AdaLoraConfig's schedule fields (peft names) and the values a checkpoint without a schedule records.
@@ -52,6 +50,9 @@ def adalora_config(lora_config: dict[str, Any], modules: Mapping[str, AdaLoRALin
         raise ValueError(f"AdaLoRA modules of several init ranks {sorted(init)} cannot share one "
                          "adapter_config.json; inject every module with the same init_r")
     init_r = init.pop()
+    missing = sorted(set(SCHEDULE_KEYS) - set(schedule or SCHEDULE_KEYS))
+    if missing:
+        raise ValueError(f"AdaLoRA schedule lacks {missing}; pass every peft AdaLoraConfig field of {SCHEDULE_KEYS}")
     config = {k: v for k, v in lora_config.items() if k not in ("r", "rank_pattern", "alpha_pattern", "use_dora")}
     config.update(peft_type="ADALORA", init_r=init_r, alpha_pattern={})
     # peft needs a valid schedule even for inference; a checkpoint's real one is in train_config.json
@@ -62,26 +63,12 @@ def adalora_config(lora_config: dict[str, Any], modules: Mapping[str, AdaLoRALin
     return config
 
 
-def write_adalora(out_dir: Path, lora_config: dict[str, Any], modules: Mapping[str, AdaLoRALinear],
-                  schedule: Mapping[str, Any] | None) -> None:
-    """Write the ADALORA adapter (pruned with a ``schedule``, whole without) into ``out_dir``."""
-    from fora.formats.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
-    missing = sorted(set(SCHEDULE_KEYS) - set(schedule or SCHEDULE_KEYS))
-    if missing:
-        raise ValueError(f"AdaLoRA schedule lacks {missing}; pass every peft AdaLoraConfig field of {SCHEDULE_KEYS}")
-    tensors = adalora_tensors(modules, prune=schedule is not None)
-    atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    atomic_write_json(out_dir / ADAPTER_CONFIG, adalora_config(lora_config, modules, schedule))
-
-
 def load_adalora(model: nn.Module, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Inject AdaLoRALinear modules with the saved (possibly sliced) A, E, B; returns the paths read.
 
-    The scale keeps peft's divisor init_r + 1e-5 however many triplets were kept.
+    The scale keeps peft's divisor init_r + 1e-5 however many triplets were kept; α is `lora_alpha`
+    (peft's AdaLoraModel reads no alpha_pattern).
     """
-    from fora.formats.peft_io import _pattern_value
-
     suffix = ".lora_A"
     paths = sorted(k[len(PEFT_PREFIX):-len(suffix)] for k in tensors if k.startswith(PEFT_PREFIX) and k.endswith(suffix))
     if not paths:
@@ -97,8 +84,7 @@ def load_adalora(model: nn.Module, config: Mapping[str, Any], tensors: Mapping[s
                              f"{tuple(A.shape)}); load the adapter into the base it was trained on")
         if A.shape[0] == 0:  # every triplet pruned: the layer stays the base layer
             continue
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"]))
-        m = AdaLoRALinear(base, int(A.shape[0]), alpha, dropout=float(config.get("lora_dropout", 0.0)),
+        m = AdaLoRALinear(base, int(A.shape[0]), float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
                           ranknum=int(config["init_r"]))
         with torch.no_grad():
             for p, v in ((m.lora_A, A), (m.lora_E, E), (m.lora_B, B)):
@@ -108,11 +94,12 @@ def load_adalora(model: nn.Module, config: Mapping[str, Any], tensors: Mapping[s
     return paths
 
 
-def save_folded_lora(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str) -> Path:
-    """A plain LoRA adapter computing the same function as the AdaLoRA modules (see the module docstring)."""
-    from fora.formats.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _mode, adapter_config
+def folded_lora(modules: Mapping[str, AdaLoRALinear], lora_config: dict[str, Any]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and `adapter_config.json` of the plain LoRA twin (see the module docstring).
 
-    modules = adalora_modules(model)
+    ``lora_config`` is what ``peft_io.adapter_config`` built for the same modules.
+    """
     if not modules:
         raise ValueError("the model has no AdaLoRA modules to fold; train with --method adalora")
     kept = {p: int(m.kept.sum()) for p, m in modules.items()}
@@ -125,13 +112,15 @@ def save_folded_lora(model: nn.Module, out_dir: str | os.PathLike, *, base_model
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (m.lora_A * m.lora_E).detach()[keep].contiguous()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.detach()[:, keep].contiguous()
         alphas[path] = m.scale * kept[path]  # α_m / k_m = s exactly (the LoRA scale of this module)
-    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path)
-    r, alpha = _mode([kept[p] for p in live]), _mode(list(alphas.values()))
+    r, alpha = _most_common([kept[p] for p in live]), _most_common(list(alphas.values()))
     pruned = sorted(set(modules) - set(live))
-    config.update(r=r, lora_alpha=alpha, rank_pattern={p: kept[p] for p in sorted(live) if kept[p] != r},
-                  alpha_pattern={p: a for p, a in sorted(alphas.items()) if a != alpha},
-                  exclude_modules=sorted((config["exclude_modules"] or []) + pruned) or None)
-    out_dir = Path(out_dir)
-    atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    atomic_write_json(out_dir / ADAPTER_CONFIG, config)
-    return out_dir
+    config = {**lora_config, "r": r, "lora_alpha": alpha,
+              "rank_pattern": {p: kept[p] for p in sorted(live) if kept[p] != r},
+              "alpha_pattern": {p: a for p, a in sorted(alphas.items()) if a != alpha},
+              "exclude_modules": sorted((lora_config["exclude_modules"] or []) + pruned) or None}
+    return tensors, config
+
+
+def _most_common(values: list[Any]) -> Any:
+    counts = Counter(values)  # ties to the largest, as peft_io's rank patterns
+    return max(counts, key=lambda v: (counts[v], v))

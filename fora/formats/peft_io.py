@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fora.formats.adalora_io import adalora_modules, adalora_tensors, load_adalora, write_adalora
+from fora.formats.adalora_io import adalora_config, adalora_modules, adalora_tensors, folded_lora, load_adalora
 from fora.formats.atomic import atomic_save_safetensors, atomic_write_json, staging_dir
 from fora.dora import DoRALinear
 from fora.inject import lora_modules
@@ -146,13 +146,22 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, r=r)
     ada = adalora_modules(model)
     if ada:
-        write_adalora(out_dir, config, ada, adalora_schedule)
-    else:
-        atomic_save_safetensors(adapter_tensors(model), out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        atomic_write_json(out_dir / ADAPTER_CONFIG, config)
+        config = adalora_config(config, ada, adalora_schedule)
+    tensors = adalora_tensors(ada, prune=adalora_schedule is not None) if ada else adapter_tensors(model)
+    atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    atomic_write_json(out_dir / ADAPTER_CONFIG, config)
     for name, obj in (extra_files or {}).items():
         atomic_write_json(out_dir / name, obj)
     return out_dir
+
+
+def save_folded_lora(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str) -> Path:
+    """A plain LoRA adapter equal in output to the model's AdaLoRA modules (`adalora_io.folded_lora`)."""
+    config = adapter_config(model, base_model_name_or_path=base_model_name_or_path)
+    tensors, config = folded_lora(adalora_modules(model), config)
+    atomic_save_safetensors(tensors, Path(out_dir) / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    atomic_write_json(Path(out_dir) / ADAPTER_CONFIG, config)
+    return Path(out_dir)
 
 
 def _pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:

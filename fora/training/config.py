@@ -24,6 +24,7 @@ from fora.inject import DEFAULT_TARGETS
 from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
 from fora.training.final_eval import BUILTIN_TASKS, DEFAULT_TASK, trains_on_builtin_cloze
+from fora.training.adalora_hooks import check_config, parse_betas
 from fora.training.methods import METHODS
 
 WARMUP_FRACTION = 0.03
@@ -84,6 +85,13 @@ class TrainConfig:
     fim_statistic: str = "second_moment"
     fim_r_min: int = 1
     fim_r_max: int | None = None
+    init_r: int | None = None       # adalora (fora.training.adalora_hooks: defaults from --rank and the run)
+    target_r: int | None = None
+    tinit: int | None = None
+    tfinal: int | None = None
+    delta_t: int = 1
+    orth_reg: float = 0.5
+    adalora_betas: tuple[float, float] = (0.85, 0.85)
     match_init_norm: bool = False
     compile: bool = False
     activation_checkpointing: bool = False
@@ -147,6 +155,7 @@ class TrainConfig:
         if self.fim_r_min < 1 or (self.fim_r_max is not None and self.fim_r_max < self.fim_r_min):
             raise ValueError(f"--fim-r-min must be >= 1 and --fim-r-max >= --fim-r-min, got "
                              f"{self.fim_r_min} and {self.fim_r_max}")
+        check_config(self)  # the adalora flags
 
     @property
     def final_eval_data(self) -> str:
@@ -159,6 +168,7 @@ class TrainConfig:
         """JSON-ready dict (tuples become lists)."""
         d = dataclasses.asdict(self)
         d["targets"] = list(self.targets)
+        d["adalora_betas"] = list(self.adalora_betas)
         return d
 
     @classmethod
@@ -172,6 +182,8 @@ class TrainConfig:
         d = dict(d)
         if "targets" in d:
             d["targets"] = tuple(d["targets"])
+        if "adalora_betas" in d:
+            d["adalora_betas"] = tuple(d["adalora_betas"])
         return cls(**d)
 
     def trajectory_diff(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
@@ -263,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fim-r-min", type=int, default=d.fim_r_min, help="fim-lora: smallest rank of a module")
     a("--fim-r-max", type=int, default=d.fim_r_max, help="fim-lora: largest rank of a module; default "
       "min(4 r, d_in, d_out) (the reference code caps at 2 r)")
+    a("--init-r", type=int, default=d.init_r, help="adalora: triplets per module at the start; default round(1.5 * rank)")
+    a("--target-r", type=int, default=d.target_r, help="adalora: average rank after budgeting; default --rank")
+    a("--tinit", type=int, default=d.tinit, help="adalora: steps before pruning starts; default 10%% of the run")
+    a("--tfinal", type=int, default=d.tfinal, help="adalora: last steps with the final rank pattern fixed; "
+      "default 20%% of the run")
+    a("--delta-t", type=int, default=d.delta_t, help="adalora: mask to the budget every N steps while budgeting")
+    a("--orth-reg", type=float, default=d.orth_reg, help="adalora: weight of the orthogonality regulariser")
+    a("--adalora-betas", type=parse_betas, default=",".join(map(str, d.adalora_betas)),
+      help="adalora: EMA betas of the sensitivity and uncertainty, 'b1,b2'")
     a("--match-init-norm", action="store_true", help="plain-A methods: scale each Kaiming row of A to "
       "unit norm, the row norm of a Stiefel A (Kaiming rows have norm ~1/sqrt(3)), so the 2x2 "
       "ablation starts both arms at the same ||dW|| scale")

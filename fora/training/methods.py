@@ -12,6 +12,7 @@
 | fim-lora       | all L                          | plain, AdamW       | FIM pattern (budget L*|targets|*r) |
 | dora           | all L                          | plain, AdamW (+ DoRA magnitude m) | r       |
 | qdora          | all L, 4-bit NF4 base          | plain, AdamW (+ DoRA magnitude m) | r       |
+| adalora        | all L                          | plain, AdamW (+ AdaLoRA E)        | init_r pruned to target_r·M |
 
 `random-k` keeps FoRA's Stiefel A, so fora vs random-k isolates the *selection* (Fisher vs
 chance) with everything else equal. `cka` follows seed 003 (plain LoRA on the layers that
@@ -136,6 +137,7 @@ class MethodSpec:
     description: str
     dora: bool = False           # DoRALinear adapters (trained magnitude per output row)
     quantize: str | None = None  # the --quantize the method requires (qdora: "nf4")
+    adalora: bool = False        # AdaLoRALinear triplets, budget-pruned by fora.training.adalora_hooks
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -150,6 +152,8 @@ METHODS: dict[str, MethodSpec] = {
     "dora": MethodSpec("all", False, "r", "all layers, DoRA (LoRA direction + trained magnitude)", dora=True),
     "qdora": MethodSpec("all", False, "r", "all layers, DoRA on a 4-bit NF4 base (with --quantize nf4)",
                         dora=True, quantize="nf4"),
+    "adalora": MethodSpec("all", False, "r", "all layers, AdaLoRA (SVD triplets, pruned from --init-r to "
+                          "--target-r by importance)", adalora=True),
 }
 
 

@@ -38,6 +38,7 @@ from fora.models.config import ModelConfig
 from fora.models.speed import checkpoint_blocks, compile_blocks
 from fora.optim import build_optimizers
 from fora.stiefel import stiefel_error
+from fora.training.adalora_hooks import AdaLoRAStep, init_rank, schedule_of
 from fora.training.batching import calibration_batches, epoch_steps, make_batches
 from fora.training.checkpoint import CONFIG_FILE, DataPosition, restore_training_state, save_checkpoint
 from fora.training.config import TrainConfig, warmup_steps
@@ -165,7 +166,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
         atomic_write_json(out / CONFIG_FILE, cfg.to_dict())
 
     # 3. layer selection (computed once on the base model; a resumed run reuses the saved one)
-    rank = method_rank(cfg.method, cfg.rank)
+    rank = init_rank(cfg) if spec.adalora else method_rank(cfg.method, cfg.rank)
     if ckpt is not None:
         record = ckpt.selection
         sel = Selection(record["selected"], record["scores"], record["rank_pattern"])
@@ -180,7 +181,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
     # 4. adapters, optimizers, schedules
     inject_lora(model, sel.layers, targets=cfg.targets, rank=rank, alpha=cfg.alpha, stiefel=spec.stiefel,
                 rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed,
-                dora=spec.dora)
+                dora=spec.dora, adalora=spec.adalora)
     if cfg.match_init_norm and not spec.stiefel and ckpt is None:
         unit_row_norms(model)  # plain A rows at the Stiefel A's unit norm (fora.training.init_norm)
     freeze_base(model)
@@ -199,6 +200,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     schedule = lr_lambda(cfg.schedule, warmup_steps(cfg, total), total)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
+    adalora = AdaLoRAStep(model, schedule_of(cfg, total)) if spec.adalora else None
+    schedulers += [adalora] if adalora else []  # it steps where they do: after the optimizers, before zero_grad
     position = DataPosition(0, 0, 0)
     if ckpt is not None:
         restore_training_state(ckpt, model, optimizers, schedulers)
@@ -248,6 +251,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
             (loss * ctx.world).backward()  # DDP / FSDP average the gradients over ranks
             step_loss += loss.detach()  # checked for NaN / inf on the device, synced by `health`
             speed.tokens += int(batch["attention_mask"].sum())
+        if adalora is not None:
+            adalora.backward_regularizer()  # + orth_reg * R, once per step
         sync_adapter_grads(ctx, params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         health.record(step + 1, ctx.all_sum_(step_loss), grad_norm)  # the global batch's loss
@@ -275,7 +280,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
             tok_s, eta = speed.report(step)
             errs = [stiefel_error(m.lora_A.mT) for m in lora_modules(model).values()]
             row = {"step": step, "loss": sum(window) / len(window), "lr": optimizers[-1].param_groups[0]["lr"],
-                   "tok_s": tok_s, "grad_norm": float(grad_norm), "stiefel_error": max(errs)}
+                   "tok_s": tok_s, "grad_norm": float(grad_norm), "stiefel_error": max(errs),
+                   **(adalora.metrics() if adalora else {})}
             result.train_losses.append((step, row["loss"]))
             window = []
         progress.step(step, row or None, eta)
@@ -296,7 +302,9 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
     live.save(live.position)
     live.save = None
     ctx.main_only(save_adapter, model, out, base_model_name_or_path=base_model_id(cfg, folder), r=rank,
-                  extra_files={SELECTION_FILE: record})
+                  extra_files={SELECTION_FILE: record}, adalora_schedule=adalora.schedule if adalora else None)
+    if adalora is not None:  # and its plain-LoRA twin for serving stacks without AdaLoRA
+        adalora.save_folded(model, out / "lora", base_model_name_or_path=base_model_id(cfg, folder))
     if cfg.final_eval_data != "none":  # every rank scores (a sharded forward is a collective); rank 0 writes
         result.eval = final_evaluation(model, tok, cfg, autocast)
         ctx.main_only(atomic_write_json, out / EVAL_FILE, {"eval_data": cfg.final_eval_data, **result.eval})
