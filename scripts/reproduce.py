@@ -292,7 +292,8 @@ def finish(cfg: ReproduceConfig) -> dict:
     Without run folders (a docs copy holding only results.json) the rows come from OUT/results.json;
     such runs have no per-item results, so their accuracy claims stay undecided.
     """
-    from fora.evaluation.report import claims_markdown, claims_rows, finished_runs, load_items, results_table
+    from fora.evaluation.report import (arm_label, claims_markdown, claims_rows, finished_runs, load_items,
+                                        results_table)
     from fora.formats.atomic import atomic_write_json, atomic_write_text
 
     rows, base, stored = finished_runs(cfg.out)
@@ -301,7 +302,7 @@ def finish(cfg: ReproduceConfig) -> dict:
     for model in base:
         plots(cfg, model, rows)
     items = {(r["model"], r["method"], r["seed"]): load_items(run_dir(cfg, r["model"], r["method"], r["seed"]))
-             for r in rows}
+             for r in rows if arm_label(r) == r["method"]}  # the claims compare default-step arms
     claims = claims_rows(rows, items, n_boot=cfg.n_boot)
     report = {"config": config, "base": base, "runs": rows}
     atomic_write_json(cfg.out / "results.json", report)

@@ -119,6 +119,10 @@ def test_report_from_finished_runs_equals_a_direct_computation(reproduce, tmp_pa
         for s in (0, 1):
             row = _row(float(y[s].mean()), erank[method][s], kl[method][s], 100 if method == "lora" else 50)
             _write_run(out / "m", method, s, row, {"test_sha256": "x", "clusters": clusters, "acc_loglik": y[s].tolist()})
+    scaled = {**_row(0.1, 0.9, 0.01, 50), "arm": "fora ×0.25", "stiefel_lr_scale": 0.25}  # must not enter the claims
+    _write_run(out / "m", "fora-x0.25", 0, scaled, {"test_sha256": "x", "clusters": clusters, "acc_loglik": [0] * 120})
+    json_path = out / "m" / "fora-x0.25-s0" / "result.json"
+    json_path.write_text(json_path.read_text().replace('"method": "fora-x0.25"', '"method": "fora"'))
     (out / "m" / "base.json").write_text(json.dumps({"model": "m", "acc_loglik": 0.5, "acc_norm": 0.5, "perplexity": 9.0}))
     monkeypatch.setattr(reproduce, "plots", lambda *a: None)
     report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report", "--n-boot", "500"]))
@@ -150,7 +154,8 @@ def test_report_from_finished_runs_equals_a_direct_computation(reproduce, tmp_pa
     claims_md = (out / "claims.md").read_text()
     assert claims_md.count("\n") == 2 + len(CLAIMS) and "| m | FoRA ≥ DoRA |" in claims_md
     md = (out / "results.md").read_text()
-    assert md.count("\n") == 2 + 1 + len(tables) and "| m | lora | 2 | 2 | 100 |" in md
+    assert md.count("\n") == 2 + 1 + len(tables) + 1 and "| m | lora | 2 | 2 | 100 |" in md
+    assert "| m | fora | 2 |" in md and "| m | fora ×0.25 | 1 | 2 | 50 | 0.500 | 0.100 |" in md
 
 
 def test_report_on_runs_without_per_item_results(reproduce, tmp_path, monkeypatch):
