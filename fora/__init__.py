@@ -98,6 +98,11 @@ _EXPORTS: dict[str, str] = {
     "quantize_nf4": "fora.models.nf4",
     "dequantize_nf4": "fora.models.nf4",
     "DoRALinear": "fora.dora",
+    # the AdaLoRA baseline (Table 1): triplet adapters, the orthogonality term, the rank allocator
+    "AdaLoRALinear": "fora.adalora",
+    "RankAllocator": "fora.adalora",
+    "orthogonal_regularizer": "fora.adalora",
+    "save_folded_lora": "fora.formats.peft_io",
     "TrainingInterrupted": "fora.training.interrupt",
     "CAYLEY_BETAS": "fora.cayley_adam",
     "cayley_adam_update": "fora.cayley_adam",
