@@ -102,7 +102,7 @@ def runs(base_cfg, tmp_path_factory) -> dict[str, Path]:
 
 
 @multiprocess
-@pytest.mark.slow  # two spawns of 2 processes: ~30 s of CPU
+@pytest.mark.slow  # the `runs` fixture: two spawns of 2 processes, ~30 s of CPU
 def test_qfora_on_fsdp_equals_one_process_qfora_with_the_global_batch(runs):
     one = json.loads((runs["one"] / "selection.json").read_text())
     two = json.loads((runs["fsdp"] / "selection.json").read_text())
@@ -113,7 +113,7 @@ def test_qfora_on_fsdp_equals_one_process_qfora_with_the_global_batch(runs):
 
 
 @multiprocess
-@pytest.mark.slow  # two spawns of 2 processes: ~30 s of CPU
+@pytest.mark.slow
 def test_each_rank_holds_half_of_the_packed_base(runs, tiny):
     whole = load_model(tiny, quantize="nf4")
     expected = sum(m.storage_bytes() for m in whole.modules() if isinstance(m, NF4Linear))
@@ -146,7 +146,7 @@ def test_fisher_on_the_sharded_4bit_base_equals_one_process(runs, tiny, params):
 
 
 @multiprocess
-@pytest.mark.slow  # two spawns of 2 processes: ~30 s of CPU
+@pytest.mark.slow
 def test_a_rank_failing_under_qfora_fsdp_resumes_to_the_uninterrupted_run(runs):
     torch.testing.assert_close(_adapter(runs["crash"]), _adapter(runs["fsdp"]), rtol=1e-6, atol=1e-7)
 
@@ -165,3 +165,29 @@ def test_shardable_nf4_keeps_the_state_dict_and_the_output(tiny):
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in NF4_SHARDED)
     local, whole = nf4_bytes(model)
     assert local == whole
+
+
+def test_memory_plan_counts_what_a_quantized_adapted_model_holds(tiny):
+    from fora.models.config import ModelConfig
+    from fora.optim import build_optimizers
+    from fora.training.memory_plan import qfora_fsdp_memory
+
+    model = load_model(tiny, quantize="nf4")
+    config = ModelConfig.from_json(tiny)
+    plan = qfora_fsdp_memory(config, 1, k=2, rank=4, float_bytes=4)
+    assert plan.packed_base == nf4_bytes(model)[1]  # the quantizer's own tensors
+    floats = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] not in NF4_SHARDED)
+    assert plan.float_weights == 4 * floats
+    inject_lora(model, [1, 2], rank=4, seed=0)
+    freeze_base(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert plan.adapters == 4 * sum(p.numel() for p in params)
+    optimizers = build_optimizers(model, 1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for opt in optimizers:
+        opt.step()
+    state = sum(t.numel() * t.element_size() for opt in optimizers for s in opt.state.values()
+                for t in s.values() if torch.is_tensor(t))
+    assert plan.optimizer == state
+    assert qfora_fsdp_memory(config, 2, k=2, rank=4).packed_base < 0.51 * plan.packed_base
