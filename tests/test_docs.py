@@ -93,6 +93,14 @@ def test_readme_is_a_front_door_that_reaches_every_page() -> None:
     assert not orphans, f"docs pages not linked from README.md: {orphans}; add them to its Documentation table"
 
 
+def test_api_page_names_every_public_name() -> None:
+    import fora
+
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    missing = [n for n in fora.__all__ if not re.search(rf"`{re.escape(n)}[`(\[]", text)]
+    assert not missing, f"docs/api.md does not name the public names {missing}; add them to its table"
+
+
 def test_checker_catches_a_broken_link_a_bad_anchor_and_a_missing_path(tmp_path) -> None:
     readme = ROOT / "README.md"
     assert link_problem(readme, "docs/cli.md#scriptstrainpy") is None
