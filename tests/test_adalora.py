@@ -273,3 +273,15 @@ def test_exports_load_in_peft_and_fora_with_equal_logits(tiny, tmp_path):
     for name, back in (("peft", PeftModel.from_pretrained(hf_reference(tiny), tmp_path / "lora")),
                        ("fora", load_adapter(load_model(tiny, device="cpu"), tmp_path / "lora"))):
         torch.testing.assert_close(_logits(back.eval()), expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_diagnostics_spectrum_is_that_of_the_dense_update():
+    from fora.evaluation.diagnostics import module_diagnostics
+
+    torch.manual_seed(0)
+    layer = AdaLoRALinear(nn.Linear(12, 7), 3, 6.0)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    sigma = torch.tensor(module_diagnostics("x", layer)["singular_values"], dtype=torch.float64)
+    dense = torch.linalg.svdvals(layer.delta_weight().detach().double())[:3]  # rank 3: the rest are 0
+    torch.testing.assert_close(sigma, dense, atol=1e-6, rtol=1e-6)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fora.adalora import AdaLoRALinear
 from fora.dora import DoRALinear
 from fora.inject import adapters_disabled, lora_modules
 from fora.lora import LoRALinear
@@ -58,6 +59,8 @@ def module_diagnostics(name: str, module: LoRALinear) -> dict[str, Any]:
     its Frobenius norm, max |A Aᵀ − I|."""
     if isinstance(module, DoRALinear):
         sigma = dora_update_singular_values(module)
+    elif isinstance(module, AdaLoRALinear):  # ΔW = s B (A ⊙ E): E scales the rows of A
+        sigma = delta_singular_values(module.lora_A * module.lora_E, module.lora_B, module.scale)
     else:
         sigma = delta_singular_values(module.lora_A, module.lora_B, module.scale)
     erank = effective_rank(torch.diag(sigma)) if sigma.numel() else 0.0
