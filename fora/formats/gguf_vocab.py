@@ -76,8 +76,10 @@ def gguf_vocab(folder: str | Path, arch: str, vocab_size: int) -> dict[str, Any]
         for i, t in enumerate(tokens):
             if len(t) == 6 and t.startswith("<0x") and t.endswith(">") and types[i] == _NORMAL:
                 types[i] = _BYTE
-        if arch.startswith("gemma"):  # Gemma's file spells runs of spaces with real spaces
-            tokens = [" " * len(t) if len(t) > 1 and set(t) == {"▁"} else t for t in tokens]
+        if arch.startswith("gemma"):  # Gemma's file: runs of spaces spelled with spaces, matched whole
+            runs = [i for i, t in enumerate(tokens) if len(t) > 1 and set(t) == {"▁"}]
+            for i in runs:
+                tokens[i], types[i] = " " * len(tokens[i]), _USER_DEFINED
         pre = raw.get("pre_tokenizer") or {}
         meta["tokenizer.ggml.add_space_prefix"] = pre.get("type") == "Metaspace" and \
             pre.get("prepend_scheme", "always") != "never"

@@ -114,3 +114,24 @@ def test_smollm2_adapter_gguf_equals_fora(smol_folder, smol_base, tmp_path, vari
     assert_same(llama_cpp_logits(smol_base, adapter, ids), ref, base, "llama")
     if variant == "fim":  # the merged model once: a 540 MB file per export
         assert_same(llama_cpp_logits(export_gguf(run, to="merged", dtype="f32").path, ids=ids), ref, base, "llama")
+
+
+@pytest.mark.parametrize("preset", ["smollm2", "gemma3"])
+def test_llama_cpp_tokenizes_exported_vocabulary_as_fora(request, tmp_path, preset):
+    from fora.formats.gguf_model import model_metadata
+    from fora.formats.gguf_vocab import gguf_vocab
+    from fora.formats.gguf_writer import gguf_architecture, write_gguf
+    from fora.formats.loading import load_tokenizer
+    from fora.models.config import ModelConfig
+
+    folder = request.getfixturevalue("smol_folder" if preset == "smollm2" else "gemma_folder")
+    cfg = ModelConfig.from_json(folder)
+    arch = gguf_architecture({"model_type": cfg.model_type})
+    path = write_gguf(tmp_path / "vocab.gguf", {"general.architecture": arch, **model_metadata(cfg, arch),
+                                                **gguf_vocab(folder, arch, cfg.vocab_size)}, [])
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    tok = load_tokenizer(folder)
+    for text in ["The three primary colours are red, yellow and blue.\n  12 + 7 = 19",
+                 "a  b   c\t\td    e", "Ünïcödé 😀 end", "<bos> is special"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok.encode(text), text
+    llm.close()
