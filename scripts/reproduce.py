@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The paper's comparison at small scale: the 2x2 (lora, fg-lora, stiefel-lora, fora) + lora-half-rank
-+ random-k, same data, steps and seed, on the offline checkpoints and the built-in cloze task.
++ random-k, same data, steps and seed, on the offline checkpoints and the built-in cloze task; the
+Table 1 baselines dora and adalora on request (--methods ... dora adalora).
 
     nice -n 5 python scripts/reproduce.py --out runs/reproduce                       # SmolLM2-135M
     nice -n 5 python scripts/reproduce.py --out runs/reproduce --models gemma-3-270m --steps 40
@@ -10,7 +11,9 @@ run (`fora.training.run.main`) into OUT/<model>/<method>-s<seed>, evaluated on t
 cloze test split (loglik: acc and acc_norm; generate; the fill-in LM ranking of the two completed
 sentences, `fora.evaluation.fill_in`), perplexity on held-out CPython-docs
 paragraphs, effective-rank ratio, max |AAᵀ − I| and KL(base ‖ tuned) (`fora.evaluation.diagnostics`),
-wall time, trainable parameters, final validation loss. Writes OUT/results.md, OUT/results.json,
+wall time, trainable parameters (trained, and `budget_params` kept at the end: AdaLoRA's final
+budget of triplets, the trained count for the other methods), final validation loss. Writes
+OUT/results.md, OUT/results.json,
 OUT/claims.md (each claim of the paper with its 95 % interval and verdict, `fora.evaluation.report`)
 and per model val_loss.png, spectrum.png, fisher_profile.png. Every measured run keeps its per-item
 correctness in items.json, for paired statistics. Resumable: finished arms (result.json) are
@@ -26,6 +29,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import shutil
 import statistics
 import sys
@@ -37,7 +41,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 log = logging.getLogger("reproduce")
-ARMS = ("fora", "lora", "fg-lora", "stiefel-lora", "lora-half-rank", "random-k")
+ARMS = ("fora", "lora", "fg-lora", "stiefel-lora", "lora-half-rank", "random-k")  # the default arms
+BASELINES = ("dora", "adalora")  # Table 1's other baselines, opt-in with --methods
+ALL_ARMS = ARMS + BASELINES
 TEST_SPLITS = ("one-blank", "all-blanks")
 
 
@@ -75,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--models", nargs="+", default=list(d.models), help="presets, folders or .gguf files")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=ARMS)
+    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=ALL_ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
     for name in ("steps", "batch_size", "cutoff_len", "rank", "warmup_steps", "val_size", "blanks", "eval_limit",
                  "gen_limit", "max_new_tokens", "ppl_tokens", "kl_windows", "n_boot"):
@@ -225,8 +231,6 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Re
 
 def arm_row(model_name: str, method: str, seed: int, test: list[dict], cfg: ReproduceConfig, run: Path,
             base: dict, stiefel_scale: float = 1.0) -> dict:
-    from safetensors import safe_open
-
     from fora.evaluation.diagnostics import analyze_adapter, held_out_text
     from fora.evaluation.plots import read_metrics
     from fora.evaluation.report import ITEMS_FILE
@@ -241,12 +245,13 @@ def arm_row(model_name: str, method: str, seed: int, test: list[dict], cfg: Repr
            "stiefel_lr_scale": stiefel_scale, **measured}
     diag = analyze_adapter(model, tok, held_out_text(), window=256, max_windows=cfg.kl_windows)
     atomic_write_json(run / "diagnostics.json", diag)
-    with safe_open(run / ADAPTER_WEIGHTS, "pt") as f:
-        params = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
+    trained = run / "checkpoint" if (run / "checkpoint" / ADAPTER_WEIGHTS).is_file() else run
+    params, budget = adapter_params(trained / ADAPTER_WEIGHTS), adapter_params(run / ADAPTER_WEIGHTS)
     metrics = read_metrics(run / "metrics.jsonl")
     vals = [r for r in metrics if "val_loss" in r]
     selection = json.loads((run / "selection.json").read_text())
-    row.update(layers=selection["selected"], trainable_params=params, val_loss_start=vals[0]["val_loss"],
+    row.update(layers=selection["selected"], trainable_params=params, budget_params=budget,
+               val_loss_start=vals[0]["val_loss"],
                val_loss=vals[-1]["val_loss"], train_seconds=metrics[-1]["seconds"],
                erank_ratio=diag["summary"]["overall"]["effective_rank_ratio"],
                stiefel_error=diag["summary"]["overall"]["stiefel_error"], kl=diag["drift"]["kl"],
@@ -255,6 +260,15 @@ def arm_row(model_name: str, method: str, seed: int, test: list[dict], cfg: Repr
     log.info("%s %s seed %d: %s", model_name, method, seed,
              {k: v for k, v in row.items() if k not in ("sample_generation", "layers")})
     return row
+
+
+def adapter_params(weights: Path) -> int:
+    """Scalars in an adapter file (a checkpoint's holds every trained tensor whole; AdaLoRA's final
+    adapter only the kept triplets, its budget)."""
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def arm_name(method: str, stiefel_scale: float = 1.0) -> str:
@@ -272,7 +286,7 @@ def plots(cfg: ReproduceConfig, model: str, rows: list[dict]) -> None:
 
     folder = cfg.out / slug(model)
     seed = cfg.seeds[0]
-    runs = {m: folder / f"{m}-s{seed}" for m in ARMS if (folder / f"{m}-s{seed}" / "result.json").is_file()}
+    runs = {m: folder / f"{m}-s{seed}" for m in ALL_ARMS if (folder / f"{m}-s{seed}" / "result.json").is_file()}
     if not runs:
         return
     plot_val_curves({m: read_metrics(r / "metrics.jsonl") for m, r in runs.items()}, folder / "val_loss.png",
@@ -306,7 +320,7 @@ def finish(cfg: ReproduceConfig) -> dict:
     claims = claims_rows(rows, items, n_boot=cfg.n_boot)
     report = {"config": config, "base": base, "runs": rows}
     atomic_write_json(cfg.out / "results.json", report)
-    md = results_table(base, rows, ARMS, slug)  # one line per (model, arm), seeds averaged (± std over seeds)
+    md = results_table(base, rows, ALL_ARMS, slug)  # one line per (model, arm), seeds averaged (± std over seeds)
     atomic_write_text(cfg.out / "results.md", md + "\n")
     atomic_write_json(cfg.out / "claims.json", claims)
     atomic_write_text(cfg.out / "claims.md", claims_markdown(claims, slug) + "\n")

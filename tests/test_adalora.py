@@ -250,7 +250,8 @@ def test_exports_load_in_peft_and_fora_with_equal_logits(tiny, tmp_path):
     g = torch.Generator().manual_seed(5)
     paths = list(mods)
     for i, path in enumerate(paths):  # a pattern per module; the first one keeps nothing
-        mods[path].apply_mask(torch.zeros(INIT_R, dtype=torch.bool) if i == 0 else torch.rand(INIT_R, generator=g) < 0.6)
+        keep = torch.zeros(INIT_R, dtype=torch.bool) if i == 0 else torch.rand(INIT_R, generator=g) < 0.6
+        mods[path].apply_mask(keep)
     ours.eval()
     expected = _logits(ours)
     assert not torch.allclose(expected, _logits(load_model(tiny, device="cpu")), atol=1e-3)

@@ -70,7 +70,8 @@ def load_adalora(model: nn.Module, config: Mapping[str, Any], tensors: Mapping[s
     (peft's AdaLoraModel reads no alpha_pattern).
     """
     suffix = ".lora_A"
-    paths = sorted(k[len(PEFT_PREFIX):-len(suffix)] for k in tensors if k.startswith(PEFT_PREFIX) and k.endswith(suffix))
+    paths = sorted(k[len(PEFT_PREFIX):-len(suffix)] for k in tensors
+                   if k.startswith(PEFT_PREFIX) and k.endswith(suffix))
     if not paths:
         raise ValueError(f"the ADALORA adapter holds no `{PEFT_PREFIX}*.lora_A` tensors; was it saved by peft or fora?")
     named = dict(model.named_modules())
@@ -84,7 +85,8 @@ def load_adalora(model: nn.Module, config: Mapping[str, Any], tensors: Mapping[s
                              f"{tuple(A.shape)}); load the adapter into the base it was trained on")
         if A.shape[0] == 0:  # every triplet pruned: the layer stays the base layer
             continue
-        m = AdaLoRALinear(base, int(A.shape[0]), float(config["lora_alpha"]), dropout=float(config.get("lora_dropout", 0.0)),
+        m = AdaLoRALinear(base, int(A.shape[0]), float(config["lora_alpha"]),
+                          dropout=float(config.get("lora_dropout", 0.0)),
                           ranknum=int(config["init_r"]))
         with torch.no_grad():
             for p, v in ((m.lora_A, A), (m.lora_E, E), (m.lora_B, B)):
