@@ -286,3 +286,35 @@ def test_diagnostics_spectrum_is_that_of_the_dense_update():
     sigma = torch.tensor(module_diagnostics("x", layer)["singular_values"], dtype=torch.float64)
     dense = torch.linalg.svdvals(layer.delta_weight().detach().double())[:3]  # rank 3: the rest are 0
     torch.testing.assert_close(sigma, dense, atol=1e-6, rtol=1e-6)
+
+
+def test_export_and_allocator_errors(tiny, tmp_path):
+    from fora.formats.adalora_io import adalora_config, folded_lora, load_adalora
+    from fora.formats.peft_io import merged_state_dict
+    from fora.training.adalora_hooks import AdaLoRAStep
+
+    _, ours, mods = _twins(tiny)
+    with pytest.raises(ValueError, match="AdaLoRA schedule lacks"):
+        adalora_config({}, mods, {"target_r": 2})
+    mixed = dict(mods, extra=AdaLoRALinear(nn.Linear(4, 4), 2, 4.0))
+    with pytest.raises(ValueError, match="inject every module with the same init_r"):
+        adalora_config({}, mixed, None)
+    with pytest.raises(ValueError, match="no AdaLoRA modules to fold; train with --method adalora"):
+        folded_lora({}, {})
+    for m in mods.values():
+        m.apply_mask(torch.zeros(INIT_R, dtype=torch.bool))
+    with pytest.raises(ValueError, match="every AdaLoRA triplet was pruned"):
+        folded_lora(mods, {})
+    with pytest.raises(ValueError, match="not AdaLoRA's B \\(A \\* E\\); use fora.formats.peft_io.save_merged"):
+        merged_state_dict(ours)
+    with pytest.raises(ValueError, match="holds no `base_model.model.\\*.lora_A` tensors"):
+        load_adalora(ours, {"init_r": 4, "lora_alpha": 8}, {})
+    bad = {f"base_model.model.model.layers.0.self_attn.q_proj.{p}": torch.zeros(s)
+           for p, s in (("lora_A", (4, 5)), ("lora_E", (4, 1)), ("lora_B", (64, 4)))}
+    with pytest.raises(ValueError, match="load the adapter into the base it was trained on"):
+        load_adalora(load_model(tiny, device="cpu"), {"init_r": 4, "lora_alpha": 8}, bad)
+    with pytest.raises(ValueError, match="found no AdaLoRA modules; inject with adalora=True"):
+        AdaLoRAStep(nn.Linear(2, 2), {})
+    a = _allocator(mods, total_step=4, tinit=0, tfinal=0, delta_t=1)
+    with pytest.raises(ValueError, match="no importance scores yet"):
+        a.mask_to_budget(1)
