@@ -141,7 +141,7 @@ def test_truncated_backward_equals_full(tiny):
     assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].adalora])  # adalora: test_run_adalora.py
 def test_each_method_adapts_what_it_should(cfg, method):
     spec = METHODS[method]
     main(replace(cfg, method=method, quantize=spec.quantize))
