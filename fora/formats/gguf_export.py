@@ -56,6 +56,13 @@ def _has_adapter(path: Path) -> bool:
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
 
 
+def _plain_twin(run_dir: Path) -> Path:
+    # An AdaLoRA run also writes its exact plain-LoRA form into <run>/lora (peft_io.save_folded_lora):
+    # that is the adapter llama.cpp can read.
+    kind = json.loads((run_dir / ADAPTER_CONFIG).read_text()).get("peft_type")
+    return run_dir / "lora" if kind == "ADALORA" and _has_adapter(run_dir / "lora") else run_dir
+
+
 def default_out(source: str, to: str, dtype: str) -> Path:
     """`<run>/adapter-<type>.gguf`, `<run>/merged-<type>.gguf`, `<run>/base-<type>.gguf` for a run
     folder; `./<name>-<type>.gguf` for a model argument."""
@@ -85,13 +92,14 @@ def export_gguf(source: str | os.PathLike, *, to: str, dtype: str = "f16", out: 
         raise FileNotFoundError(f"{src} holds no adapter ({ADAPTER_CONFIG} not found); pass the run folder "
                                 "scripts/train.py wrote, or --to gguf to export a base model")
     out = Path(out) if out is not None else default_out(str(source), to, dtype)
+    adapter = _plain_twin(src) if _has_adapter(src) else src
     check_writable(out)
     if to == "gguf" and not _has_adapter(src):
         folder = resolve_checkpoint(str(source) if base is None else base)
     else:
         folder = adapter_base(src, base)
     if to == "gguf-lora":
-        export_adapter_gguf(src, json.loads((folder / "config.json").read_text()), out, dtype=dtype,
+        export_adapter_gguf(adapter, json.loads((folder / "config.json").read_text()), out, dtype=dtype,
                             name=src.name)
     elif to == "gguf":
         export_model_gguf(folder, out, dtype=dtype, name=folder.name)
@@ -99,7 +107,7 @@ def export_gguf(source: str | os.PathLike, *, to: str, dtype: str = "f16", out: 
         from fora.formats.loading import load_model
         from fora.formats.peft_io import load_adapter, save_merged
 
-        model = load_adapter(load_model(folder, dtype=torch.float32, device="cpu"), src)
+        model = load_adapter(load_model(folder, dtype=torch.float32, device="cpu"), adapter)
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
             merged = save_merged(model, Path(tmp) / "merged", source_dir=folder)

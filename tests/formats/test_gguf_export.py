@@ -215,3 +215,22 @@ def test_gemma3_without_sliding_layers_has_window_zero(tmp_path):
     assert meta["gemma3.attention.sliding_window_pattern"] == [False] * 6
     back = json.loads((convert_gguf(out, tmp_path / "back") / "config.json").read_text())
     assert back["layer_types"] == ["full_attention"] * 6
+
+
+def test_adalora_run_exports_its_plain_lora_twin(bases, tmp_path):
+    import shutil
+
+    plain, _ = make_run(tmp_path, bases["llama"], "plain")
+    run = tmp_path / "adalora-run"  # an AdaLoRA run: its own adapter, the folded plain form in lora/
+    shutil.copytree(plain, run / "lora")
+    shutil.copy(plain / "adapter_model.safetensors", run)
+    (run / "adapter_config.json").write_text(json.dumps({"peft_type": "ADALORA", "lora_alpha": 8,
+                                                         "base_model_name_or_path": str(bases["llama"])}))
+    got = export_gguf(run, to="gguf-lora", dtype="f32", out=tmp_path / "a.gguf").path
+    want = export_gguf(plain, to="gguf-lora", dtype="f32", out=tmp_path / "b.gguf").path
+    tensors = [{t.name: np.array(t.data) for t in gguf.GGUFReader(p).tensors} for p in (got, want)]
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(np.array_equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+    shutil.rmtree(run / "lora")
+    with pytest.raises(ValueError, match="peft_type 'ADALORA' has no plain-LoRA form"):
+        export_gguf(run, to="gguf-lora", out=tmp_path / "c.gguf")
