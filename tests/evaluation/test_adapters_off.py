@@ -31,7 +31,7 @@ def _trained(tiny: Path, tmp_path: Path, method: str):
     data.write_text(json.dumps([{"instruction": f"Is {i} even?", "input": "", "output": "yes" if i % 2 == 0 else "no"}
                                 for i in range(24)]))
     quantize = "nf4" if method == "qdora" else None
-    main(TrainConfig(model=str(tiny), method=method, k=2, data=str(data), out=str(tmp_path / "run"), rank=4,
+    main(TrainConfig(model=str(tiny), method=method, k=None if method == "adalora" else 2, data=str(data), out=str(tmp_path / "run"), rank=4,
                      device="cpu", val_size=4, batch_size=4, max_steps=3, warmup_steps=0, lr=5e-2,
                      fisher_batches=2, log_every=1, eval_every=0, save_every=0, lora_dropout=0.0, quantize=quantize))
     base = load_model(tiny, dtype=torch.float32, device="cpu", quantize=quantize).eval()
