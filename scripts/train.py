@@ -3,16 +3,16 @@
 
 Thin wrapper: argparse -> `fora.training.config.TrainConfig` -> `fora.training.run.main`.
 
-    # quick CPU run on the built-in arithmetic task (~100 s on 2 idle cores; val loss 2.36 -> 0.11)
-    python scripts/train.py --model smollm2-135m --k 15 --max-steps 40 --batch-size 4 --cutoff-len 96 \
-        --warmup-steps 4 --val-size 32 --fisher-batches 4 --eval-every 20 --log-every 5
+    # the README's main job: FoRA on the built-in cloze task, held-out accuracy before / after at the end
+    python scripts/train.py --model smollm2-135m --k 15   # plus the README's short-run flags
     python scripts/train.py --help   # every flag; defaults are the paper's settings
-    # N GPUs (--batch-size is per process; see the README's "Distributed training")
+    # N GPUs (--batch-size is per process; see docs/distributed.md)
     torchrun --nproc-per-node 8 scripts/train.py --model llama-3.1-8b --batch-size 2 --distributed fsdp
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,11 +30,15 @@ USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, 
 def cli(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = parse_args(argv)
+    from fora.evaluation.final_eval import eval_table, final_evaluation
     from fora.training.distributed import rank_prefix, shutdown
     from fora.training.run import main  # after parsing: --help stays quick
 
     try:
-        main(cfg)
+        result = main(cfg, final_eval=final_evaluation)  # ends with accuracy before / after (--eval-data)
+        if result.eval is not None and os.environ.get("RANK", "0") == "0":  # one process prints it
+            print(f"\nheld-out accuracy before and after training ({result.out / 'eval.json'}):\n"
+                  f"{eval_table(result.eval)}")
     except USER_ERRORS as err:
         print(f"train.py: error: {rank_prefix()}{err}", file=sys.stderr)
         return 1

@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fora.evaluation.choice_logprobs import choice_logprobs
 from fora.evaluation.tasks_io import limit_tasks, record_choices
 from fora.training.data import TokenizerLike, build_prompt
-from fora.training.tasks import extract_answer
+from fora.training.tasks import PROTOCOLS, extract_answer
 
-PROTOCOLS = ("generate", "loglik")
+__all__ = ["PROTOCOLS", "evaluate_generate", "evaluate_loglik", "evaluate_tasks", "continuation_logprobs"]
 RESPONSE = "the correct answer is {choice}"
 
 
@@ -148,17 +149,14 @@ def evaluate_loglik(model: nn.Module, tokenizer: TokenizerLike, records: Sequenc
         "prediction_norm", "correct_norm", "scores": {choice: summed log-prob}}]}, record order.
     """
     _check(records)
-    pairs, owners = [], []
-    for i, rec in enumerate(records):
+    items, choices_of = [], []
+    for rec in records:
         prompt = tokenizer.encode(build_prompt(rec, template=template), bos=True)
-        for c in record_choices(rec, task):
-            pairs.append((prompt, tokenizer.encode(RESPONSE.format(choice=c), bos=False)))
-            owners.append((i, c))
-    scores = continuation_logprobs(model, pairs, pad_id=getattr(tokenizer, "pad_id", tokenizer.eos_id),
-                                   batch_size=batch_size, progress=progress)
-    per_record: list[dict[str, float]] = [{} for _ in records]
-    for (i, c), s in zip(owners, scores):
-        per_record[i][c] = s
+        choices_of.append(record_choices(rec, task))
+        items.append((prompt, [tokenizer.encode(RESPONSE.format(choice=c), bos=False) for c in choices_of[-1]]))
+    scores = choice_logprobs(model, items, pad_id=getattr(tokenizer, "pad_id", tokenizer.eos_id),
+                             batch_size=batch_size, progress=progress)  # the prompt runs once per record
+    per_record = [dict(zip(cs, ss)) for cs, ss in zip(choices_of, scores)]
     predictions = []
     for i, rec in enumerate(records):
         choices = list(per_record[i])

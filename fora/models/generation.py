@@ -47,6 +47,13 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.length += T
 
+    def rewind(self, length: int) -> None:
+        """Forget every position from `length` on (they are overwritten by the next call): one
+        cached prefix can then be continued several ways."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind a KV cache of {self.length} positions to {length}")
+        self.length = length
+
     def masks(self, cfg: ModelConfig, T: int, attention_mask: Tensor | None, dtype: torch.dtype,
               device: torch.device) -> dict[str, Tensor]:
         """Additive masks [B|1, 1, T, length+T] per layer type for T queries after `length` keys.

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fora.evaluation.accuracy import PROTOCOLS
 from fora.formats.loading import QUANTIZE
 from fora.inject import DEFAULT_TARGETS
 from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
-from fora.training.final_eval import BUILTIN_TASKS, DEFAULT_TASK, trains_on_builtin_cloze
+from fora.training.builtin import BUILTIN_TASKS, DEFAULT_TASK, trains_on_builtin_cloze
 from fora.training.adalora_hooks import check_config, parse_betas
 from fora.training.methods import METHODS
+from fora.training.tasks import PROTOCOLS
 
 WARMUP_FRACTION = 0.03
 FIM_STATISTICS = ("second_moment", "variance")

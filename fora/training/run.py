@@ -25,9 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fora.formats.atomic import atomic_write_json, atomic_write_text
 from fora.formats.hub import resolve_checkpoint
@@ -43,8 +45,7 @@ from fora.training.batching import calibration_batches, epoch_steps, make_batche
 from fora.training.checkpoint import CONFIG_FILE, DataPosition, restore_training_state, save_checkpoint
 from fora.training.config import TrainConfig, warmup_steps
 from fora.training.data import encode_records, load_records, split_records
-from fora.training.final_eval import (BUILTIN_TASKS, DEFAULT_TASK, EVAL_FILE, builtin_records, eval_table,
-                                     final_evaluation)
+from fora.training.builtin import builtin_records, is_builtin
 from fora.training.distributed import (distributed_select, init_distributed, load_device, metrics_log, split_batches,
                                        sync_adapter_grads, wrap_model)
 from fora.training.health import StepHealth
@@ -61,6 +62,9 @@ log = logging.getLogger("fora.train")
 
 SELECTION_FILE = "selection.json"
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+# (model, tokenizer, cfg, autocast) -> (report, Markdown table): fora.evaluation.final_eval.final_evaluation
+FinalEval = Callable[[nn.Module, Any, TrainConfig, Callable], tuple[dict, str]]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -101,8 +105,7 @@ def data_sha256(records: list[dict]) -> str:
 
 def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool) -> RunData:
     """Records -> held-out split -> tokenized examples -> validation and calibration batches."""
-    records = (builtin_records(cfg.data or DEFAULT_TASK, task_size=cfg.task_size, seed=cfg.seed)
-               if cfg.data is None or (cfg.data in BUILTIN_TASKS and not Path(cfg.data).exists())
+    records = (builtin_records(cfg.data, task_size=cfg.task_size, seed=cfg.seed) if is_builtin(cfg.data)
                else load_records(cfg.data))
     train_recs, val_recs = split_records(records, val_size=cfg.val_size, seed=cfg.seed)
     encode = partial(encode_records, tok, cutoff_len=cfg.cutoff_len, template=cfg.template)
@@ -122,19 +125,23 @@ def base_model_id(cfg: TrainConfig, folder: Path) -> str:
     return _hub_base_model_id(cfg.model, folder)
 
 
-def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> TrainResult:
+def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
+         final_eval: FinalEval | None = None) -> TrainResult:
     """Run one training job described by `cfg`; returns losses and where the outputs are.
 
     `on_step(step)` is called after every optimizer step (and its checkpoint); tests use it to
-    simulate a crash. Raises `TrainingDiverged` on a NaN / inf loss or gradient norm, and
+    simulate a crash. `final_eval` (train.py passes `fora.evaluation.final_eval.final_evaluation`)
+    scores `cfg.final_eval_data` on the trained model at the end, into OUT/eval.json and the model
+    card. Raises `TrainingDiverged` on a NaN / inf loss or gradient norm, and
     `TrainingInterrupted` on Ctrl-C in the loop, after writing a checkpoint at the last finished
     step (`fora.training.interrupt`).
     """
     with checkpoint_on_interrupt() as live:
-        return _main(cfg, on_step, live)
+        return _main(cfg, on_step, final_eval, live)
 
 
-def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun) -> TrainResult:
+def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: FinalEval | None,
+          live: LiveRun) -> TrainResult:
     t_start = time.perf_counter()
     device, dtype = resolve_device_dtype(cfg)
     ctx = init_distributed(cfg.distributed, device.type)  # torchrun's process group, or one process
@@ -305,13 +312,12 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, live: LiveRun
                   extra_files={SELECTION_FILE: record}, adalora_schedule=adalora.schedule if adalora else None)
     if adalora is not None:  # and its plain-LoRA twin for serving stacks without AdaLoRA
         adalora.save_folded(model, out / "lora", base_model_name_or_path=base_model_id(cfg, folder))
-    if cfg.final_eval_data != "none":  # every rank scores (a sharded forward is a collective); rank 0 writes
-        result.eval = final_evaluation(model, tok, cfg, autocast)
+    table = None
+    if final_eval is not None and cfg.final_eval_data != "none":  # every rank scores (a sharded forward
+        result.eval, table = final_eval(model, tok, cfg, autocast)  # is a collective); rank 0 writes
         ctx.main_only(atomic_write_json, out / EVAL_FILE, {"eval_data": cfg.final_eval_data, **result.eval})
-        log.info("held-out accuracy before and after training:\n%s", eval_table(result.eval))
     ctx.main_only(atomic_write_text, out / README_FILE, model_card(base_model_id(cfg, folder), method=cfg.method,
-                  layers=sorted(sel.layers), gguf=gguf_source(folder),
-                  evaluation=eval_table(result.eval) if result.eval else None))
+                  layers=sorted(sel.layers), gguf=gguf_source(folder), evaluation=table))
     if cfg.merge:
         ctx.main_only(save_merged, model, out / "merged", source_dir=folder)
     result.seconds = time.perf_counter() - t_start

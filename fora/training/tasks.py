@@ -16,6 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 KINDS = ("sum", "compare")
+PROTOCOLS = ("generate", "loglik")  # how accuracy is scored (fora.evaluation.accuracy)
 _FORMAT_LINE = re.compile(r"Answer format:\s*(?P<choices>\S+)\s*$")
 
 

@@ -67,8 +67,8 @@ def test_acc_norm_divides_by_characters_and_ties_go_first(monkeypatch):
     # "the correct answer is a" has 23 characters, "... bbbbbbbbbb" 32; both are 5 words
     recs = [_rec("q", "bbbbbbbbbb", "a/bbbbbbbbbb"), _rec("q", "b", "a/b")]
     fake = {("a", 0): -10.0, ("bbbbbbbbbb", 0): -10.5, ("a", 1): -7.0, ("b", 1): -7.0}
-    order = [("a", 0), ("bbbbbbbbbb", 0), ("a", 1), ("b", 1)]
-    monkeypatch.setattr(acc, "continuation_logprobs", lambda model, pairs, **kw: [fake[k] for k in order])
+    order = [[("a", 0), ("bbbbbbbbbb", 0)], [("a", 1), ("b", 1)]]
+    monkeypatch.setattr(acc, "choice_logprobs", lambda model, items, **kw: [[fake[k] for k in ks] for ks in order])
     res = evaluate_loglik(None, _WordTokenizer(), recs, progress=False)
     first, tie = res["predictions"]
     assert first["prediction"] == "a" and not first["correct"]  # raw sum: -10 > -10.5
@@ -140,3 +140,29 @@ def test_llm_adapters_eval_template_is_their_evaluation_prompt():
     expected = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                 f"the request. \n\n{pad}### Instruction:\n{pad}Is it red?\n\n{pad}### Response:\n{pad}")
     assert build_prompt({"instruction": "Is it red?", "input": ""}, template="llm-adapters-eval") == expected
+
+
+def test_shared_prefix_scores_equal_whole_sequences_on_transformers(tiny, one_thread):
+    """choice_logprobs runs each prefix once into a KV cache: its sums equal one transformers forward per
+    whole (prefix + continuation) sequence, for continuations sharing 0, some or all-but-one tokens,
+    items of different prefix lengths and numbers of choices in one left-padded batch."""
+    from fora.evaluation.choice_logprobs import choice_logprobs
+
+    ours, tok, ref = tiny
+    items = [(tok.encode("Is it red? yes or no", bos=True), [tok.encode(" yes", bos=False), tok.encode(" no", bos=False)]),
+             (tok.encode("A much longer question about many things?", bos=True),
+              [tok.encode(t, bos=False) for t in (" the answer is a", " the answer is bb", " the answer", " xyz")]),
+             (tok.encode("Q", bos=True), [tok.encode(" ab", bos=False), tok.encode(" abc", bos=False)])]
+    got = choice_logprobs(ours, items, pad_id=tok.pad_id, batch_size=3)
+    for (prefix, conts), sums in zip(items, got):
+        for cont, value in zip(conts, sums):
+            ids = torch.tensor([list(prefix) + list(cont)])
+            with torch.no_grad():
+                logp = torch.log_softmax(ref(ids).logits[0].double(), -1)
+            expected = sum(float(logp[len(prefix) - 1 + k, t]) for k, t in enumerate(cont))
+            assert value == pytest.approx(expected, abs=1e-3)
+    one_by_one = choice_logprobs(ours, items, pad_id=tok.pad_id, batch_size=1)  # no padding at all
+    for a, b in zip(one_by_one, got):
+        assert a == pytest.approx(b, abs=1e-4)
+    with pytest.raises(ValueError, match="non-empty prefix"):
+        choice_logprobs(ours, [([1], [[]])])

@@ -1,4 +1,5 @@
-"""The end-of-run evaluation (fora.training.final_eval) and the built-in training tasks.
+"""The end-of-run evaluation (fora.evaluation.final_eval, train.py's `evaluate` hook) and the built-in
+training tasks (fora.training.builtin).
 
 Oracles: `evaluate_tasks` run directly on a freshly loaded base model (before) and on the trained
 adapter loaded back from disk (after); the cloze task's own splits.
@@ -16,8 +17,10 @@ from fora.formats.loading import load_model, load_tokenizer
 from fora.formats.peft_io import load_adapter
 from fora.training.cloze import cloze_task
 from fora.training.config import TrainConfig, parse_args
-from fora.training.final_eval import builtin_records, eval_table
+from fora.evaluation.final_eval import eval_table, final_evaluation
+from fora.training.builtin import builtin_records
 from fora.training.run import data_sha256, main, prepare_data
+from script_loader import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -34,7 +37,7 @@ def eval_file(tmp_path):
 
 def test_run_scores_the_base_and_the_adapter_on_the_same_items(cfg, tiny, eval_file):
     cfg = replace(cfg, eval_data=str(eval_file), eval_limit=10, max_steps=3)
-    result = main(cfg)
+    result = main(cfg, final_eval=final_evaluation)
     out = result.out
     report = json.loads((out / "eval.json").read_text())
     assert report == {"eval_data": str(eval_file), **result.eval}
@@ -55,10 +58,20 @@ def test_run_scores_the_base_and_the_adapter_on_the_same_items(cfg, tiny, eval_f
 
 
 def test_generate_protocol_and_no_evaluation(cfg, eval_file, tmp_path):
-    report = main(replace(cfg, eval_data=str(eval_file), eval_limit=2, protocol="generate")).eval
+    report = main(replace(cfg, eval_data=str(eval_file), eval_limit=2, protocol="generate"),
+                  final_eval=final_evaluation).eval
     assert report["protocol"] == "generate" and report["before"]["tasks"]["parity"]["n"] == 2
-    quiet = main(replace(cfg, out=str(tmp_path / "quiet")))  # a data file and no --eval-data: no evaluation
-    assert quiet.eval is None and not (quiet.out / "eval.json").exists()
+    quiet = main(replace(cfg, out=str(tmp_path / "quiet")), final_eval=final_evaluation)
+    assert quiet.eval is None and not (quiet.out / "eval.json").exists()  # a data file, no --eval-data
+
+
+def test_train_script_prints_the_table(cfg, eval_file, tmp_path, capsys):
+    argv = ["--model", cfg.model, "--data", cfg.data, "--out", str(tmp_path / "cli"), "--k", "2", "--rank", "4",
+            "--device", "cpu", "--max-steps", "2", "--batch-size", "4", "--val-size", "8", "--fisher-batches", "2",
+            "--save-every", "0", "--eval-data", str(eval_file), "--eval-limit", "4"]
+    assert load_script("train").cli(argv) == 0
+    report = json.loads((tmp_path / "cli" / "eval.json").read_text())
+    assert eval_table(report) in capsys.readouterr().out
 
 
 def test_defaults_train_and_score_the_cloze_task(tiny):

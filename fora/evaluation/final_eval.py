@@ -1,15 +1,11 @@
-"""The built-in training tasks, and the end-of-run evaluation: held-out accuracy before and after.
+"""The end-of-run evaluation of train.py: held-out accuracy before (adapters off) and after training.
 
-`--data` names a file, a hub dataset or one of `BUILTIN_TASKS`; without it the run trains on the
-cloze task (`fora.training.cloze`, the train split, four blanks per sentence, word answers), the
-built-in task a small model measurably learns. The arithmetic task stays available
-(`--data arithmetic`): its validation loss falls, but it shows the answer format being learnt,
-not accuracy.
-
-After training, `--eval-data` (default: `builtin` when the run trained on the cloze task, else no
+`--eval-data` (default: `builtin` when the run trained on the built-in cloze task, else no
 evaluation) is scored twice by one protocol (`fora.evaluation.accuracy`): with every adapter off
-(`fora.inject.adapters_disabled`, the base model exactly) and on. The report, with each item's
-correctness before and after (for paired statistics), is written to `OUT/eval.json`.
+(`fora.inject.adapters_disabled`, the base model exactly) and on, on the same items. The report,
+with each item's result before and after (for paired statistics), goes to `OUT/eval.json`.
+`fora.training.run.main` takes `final_evaluation` as its `final_eval` hook (training does not import
+evaluation: the arrow points the other way).
 """
 from __future__ import annotations
 
@@ -19,35 +15,16 @@ from typing import Any
 
 from torch import nn
 
+from fora.evaluation.accuracy import evaluate_tasks
+from fora.evaluation.tasks_io import load_eval_tasks
+from fora.inject import adapters_disabled
 from fora.training.cloze import cloze_task
-from fora.training.tasks import arithmetic_task
-
-BUILTIN_TASKS = ("cloze", "arithmetic")
-DEFAULT_TASK = "cloze"
-CLOZE_BLANKS = 4  # training records per sentence, each blanking another word (2,532 records)
-EVAL_FILE = "eval.json"
-
-
-def builtin_records(name: str, *, task_size: int, seed: int) -> list[dict[str, str]]:
-    """The training records of a built-in task (`--data cloze` or `--data arithmetic`)."""
-    if name == "cloze":  # a fixed task: `seed` orders the run, it does not redraw the blanks
-        return cloze_task("train", blanks=CLOZE_BLANKS)
-    if name == "arithmetic":
-        return arithmetic_task(task_size, seed=seed)
-    raise ValueError(f"unknown built-in task {name!r}; choose one of {', '.join(BUILTIN_TASKS)} "
-                     "or pass a data file")
-
-
-def trains_on_builtin_cloze(data: str | None) -> bool:
-    return data is None or data == "cloze"
 
 
 def eval_tasks(eval_data: str) -> dict[str, list[dict]]:
     """`--eval-data`: "builtin" (the cloze task's held-out test split) or a test file / folder."""
     if eval_data == "builtin":
         return {"cloze": cloze_task("test")}
-    from fora.evaluation.tasks_io import load_eval_tasks
-
     return load_eval_tasks(eval_data)
 
 
@@ -62,9 +39,6 @@ def before_after(model: nn.Module, tokenizer: Any, tasks: Mapping[str, Sequence[
         "scores_after" (loglik: summed log-prob per choice)]}]}, each report as `evaluate_tasks`
         returns it without its predictions.
     """
-    from fora.evaluation.accuracy import evaluate_tasks
-    from fora.inject import adapters_disabled
-
     was_training = model.training
     model.eval()
     run = dict(protocol=protocol, template=template, batch_size=batch_size, limit=limit, progress=progress,
@@ -84,12 +58,14 @@ def before_after(model: nn.Module, tokenizer: Any, tasks: Mapping[str, Sequence[
 
 def final_evaluation(model: nn.Module, tokenizer: Any, cfg: Any,
                      autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                     ) -> dict[str, Any]:
-    """`before_after` on `cfg.final_eval_data` with the run's protocol, limit and template."""
+                     ) -> tuple[dict[str, Any], str]:
+    """`before_after` on `cfg.final_eval_data` with the run's protocol, limit and template, and its table
+    (the `final_eval` hook of `fora.training.run.main`)."""
     tasks = eval_tasks(cfg.final_eval_data)
     with autocast():
-        return before_after(model, tokenizer, tasks, protocol=cfg.protocol, limit=cfg.eval_limit,
-                            template=cfg.template, batch_size=min(cfg.batch_size, 8))
+        report = before_after(model, tokenizer, tasks, protocol=cfg.protocol, limit=cfg.eval_limit,
+                              template=cfg.template, batch_size=min(cfg.batch_size, 8))
+    return report, eval_table(report)
 
 
 def eval_table(report: Mapping[str, Any]) -> str:
