@@ -67,7 +67,7 @@ def module_diagnostics(name: str, module: LoRALinear) -> dict[str, Any]:
     return {"module": name, "layer": layer_index(name), "rank": module.rank, "scale": module.scale,
             "singular_values": sigma.tolist(), "effective_rank": erank,
             "effective_rank_ratio": erank / module.rank, "fro_norm": float(sigma.norm()),
-            "stiefel_error": stiefel_error(module.lora_A.mT)}
+            "stiefel_error": stiefel_error(module.lora_A, rows=True)}
 
 
 def adapter_diagnostics(model: nn.Module) -> list[dict[str, Any]]:

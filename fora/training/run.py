@@ -285,7 +285,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         row, eta = {}, 0.0
         if logging_now:
             tok_s, eta = speed.report(step)
-            errs = [stiefel_error(m.lora_A.mT) for m in lora_modules(model).values()]
+            errs = [stiefel_error(m.lora_A, rows=True) for m in lora_modules(model).values()]
             row = {"step": step, "loss": sum(window) / len(window), "lr": optimizers[-1].param_groups[0]["lr"],
                    "tok_s": tok_s, "grad_norm": float(grad_norm), "stiefel_error": max(errs),
                    **(adalora.metrics() if adalora else {})}
