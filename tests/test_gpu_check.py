@@ -74,6 +74,7 @@ def test_a_row_over_its_limit_is_recorded_and_a_bad_row_name_refused(gpu_check, 
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes on 2 cores: deselected by default, `pytest -m heavy` runs it
 def test_the_full_rehearsal_runs_every_row(gpu_check, tmp_path):
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "gpu_report.json").read_text())["rows"]
