@@ -56,15 +56,6 @@ def parse_args(argv: Sequence[str] | None = None) -> ExportConfig:
     return ExportConfig(source=a.source, to=a.to, type=a.type, out=a.out, base=a.base)
 
 
-def how_to_run(result) -> str:
-    """The one-line command that serves the written file."""
-    if result.kind != "gguf-lora":
-        return f"llama-cli -m {result.path}"
-    base = result.path.with_name(result.path.name.replace("adapter-", "base-", 1)) \
-        if result.path.name.startswith("adapter-") else Path("BASE.gguf")
-    return f"llama-cli -m {base} --lora {result.path}   (BASE: scripts/export.py RUN --to gguf)"
-
-
 def main(cfg: ExportConfig):
     """Run the export; returns `fora.formats.gguf_export.ExportResult`."""
     from fora.formats.gguf_export import export_gguf
@@ -80,8 +71,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {result.path} ({result.size / 1e6:.1f} MB, {result.n_tensors} tensors, {result.dtype})")
-    print(f"run it: {how_to_run(result)}")
+    from fora.formats.gguf_export import export_summary
+
+    print(export_summary(result))
     return 0
 
 

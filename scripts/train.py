@@ -39,6 +39,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
         if result.eval is not None and os.environ.get("RANK", "0") == "0":  # one process prints it
             print(f"\nheld-out accuracy before and after training ({result.out / 'eval.json'}):\n"
                   f"{eval_table(result.eval)}")
+        if cfg.export is not None and os.environ.get("RANK", "0") == "0":
+            from fora.formats.gguf_export import export_gguf, export_summary
+
+            print(export_summary(export_gguf(result.out, to=cfg.export)))
     except USER_ERRORS as err:
         print(f"train.py: error: {rank_prefix()}{err}", file=sys.stderr)
         return 1

@@ -113,3 +113,18 @@ def export_gguf(source: str | os.PathLike, *, to: str, dtype: str = "f16", out: 
             merged = save_merged(model, Path(tmp) / "merged", source_dir=folder)
             export_model_gguf(merged, out, dtype=dtype, name=f"{src.name}-merged")
     return ExportResult(out, to, dtype, len(read_gguf(out).tensors), out.stat().st_size, folder)
+
+
+def how_to_run(result: ExportResult) -> str:
+    """The one-line command that serves the written file."""
+    if result.kind != "gguf-lora":
+        return f"llama-cli -m {result.path}"
+    base = result.path.with_name(result.path.name.replace("adapter-", "base-", 1)) \
+        if result.path.name.startswith("adapter-") else Path("BASE.gguf")
+    return f"llama-cli -m {base} --lora {result.path}   (BASE: scripts/export.py RUN --to gguf)"
+
+
+def export_summary(result: ExportResult) -> str:
+    """What export.py and train.py --export print: the file, its size and tensor count, how to run it."""
+    return (f"wrote {result.path} ({result.size / 1e6:.1f} MB, {result.n_tensors} tensors, {result.dtype})\n"
+            f"run it: {how_to_run(result)}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fora.formats.gguf_export import TARGETS as EXPORT_TARGETS
 from fora.formats.loading import QUANTIZE
 from fora.inject import DEFAULT_TARGETS
 from fora.training.data import TEMPLATES
@@ -33,7 +34,8 @@ DTYPES = ("auto", "float32", "bfloat16")  # no float16: autocast without loss sc
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.
 RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device",
-                              "distributed", "activation_checkpointing", "eval_data", "eval_limit", "protocol"})
+                              "distributed", "activation_checkpointing", "eval_data", "eval_limit", "protocol",
+                              "export"})
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class TrainConfig:
     eval_data: str | None = None  # None: "builtin" when training on the built-in cloze task, else "none"
     eval_limit: int | None = None
     protocol: str = "loglik"
+    export: str | None = None  # train.py: also write OUT as GGUF (fora.formats.gguf_export) at the end
     out: str | None = None
     rank: int = 32
     alpha: float | None = None
@@ -144,6 +147,8 @@ class TrainConfig:
                              "(or use the full-precision variant, e.g. --method dora)")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown --protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.export is not None and self.export not in EXPORT_TARGETS:
+            raise ValueError(f"unknown --export {self.export!r}; choose one of {', '.join(EXPORT_TARGETS)}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"--eval-limit must be >= 1, got {self.eval_limit}; omit it to score every record")
         if self.final_eval_data not in ("none", "builtin") and not Path(self.final_eval_data).expanduser().exists():
@@ -224,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
       "Written to OUT/eval.json")
     a("--eval-limit", type=int, default=d.eval_limit, help="score only the first N records of each "
       "evaluation task; default all")
+    a("--export", choices=EXPORT_TARGETS, default=d.export, help="after training, also write the run as "
+      "GGUF for llama.cpp / ollama at f16 (scripts/export.py RUN --to ...): gguf-lora (the adapter), merged "
+      "(base with the adapter folded in) or gguf (the base)")
     a("--protocol", choices=PROTOCOLS, default=d.protocol, help="accuracy protocol of the end-of-run "
       "evaluation: loglik (rank the choices by log-likelihood) or generate (greedy decoding)")
     a("--out", default=d.out, help="output folder; default runs/<model>-<method>-k<K>")
