@@ -20,7 +20,7 @@ and the DDP launch; the QFoRA-on-FSDP2 smoke run takes one gloo process), then e
 
     python scripts/gpu_check.py                          # on a CUDA machine: gpu_report.{json,md}
     python scripts/gpu_check.py --dry-run --out /tmp/gc  # the CPU rehearsal (CI runs it)
-    python scripts/gpu_check.py --render gpu_report.json # the README's GPU tables from a report
+    python scripts/gpu_check.py --render gpu_report.json # docs/performance.md's GPU tables from a report
 """
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def run_row(name: str, sizes: str, limit: float) -> dict:
 
 
 def render(report: dict) -> str:
-    """The report's markdown: a header line, then one table per row (the README's GPU tables)."""
+    """The report's markdown: a header line, then one table per row (docs/performance.md's GPU tables)."""
     lines = [f"# GPU check{' (dry run, CPU, tiny sizes)' if report['dry_run'] else ''}", "",
              f"{report['device']} · torch {report['torch']} · CUDA {report['cuda'] or '-'} · "
              f"{report['gpus']} GPU(s) · {report['date']} · {report['wall_s']:.0f} s", ""]

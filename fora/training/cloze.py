@@ -13,7 +13,7 @@ layout with the two words as the answer choices (style="word", the default):
     Answer format: while/if   ->   output "the correct answer is if"
 
 style="option" keeps WinoGrande's labels (``Answer format: option1/option2`` -> "the correct
-answer is option2"). Why words by default (measured with SmolLM2-135M, README "Reproduction"):
+answer is option2"). Why words by default (measured with SmolLM2-135M, docs/reproduction.md):
 the base model puts the right word first in 88 % of the test sentences when it scores the two
 filled-in sentences as plain text, yet answers at chance in either instruction format. Trained,
 the labelled format stayed at chance (every arm at 160 steps x 4; FoRA's train loss still at the

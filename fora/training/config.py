@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
       "ablation starts both arms at the same ||dW|| scale")
     a("--compile", action="store_true", help="torch.compile each decoder block (regional) and Cayley-Adam's update; falls back to "
       "eager with a warning where torch.compile does not work. Off by default (CPU: 4.5%% faster steps, "
-      "compile time not measured; README Performance)")
+      "compile time not measured; docs/performance.md)")
     a("--activation-checkpointing", action="store_true",
       help="recompute each block's activations in backward: less activation memory, about one more forward")
     return p
