@@ -68,6 +68,16 @@ class _Crash(RuntimeError):
     pass
 
 
+def _train_job(rank: int, job: tuple) -> None:
+    """("train", cfg, crash_rank, crash_step): train, failing on `crash_rank` after `crash_step`."""
+    _, cfg, crash_rank, crash_step = job
+
+    def on_step(step: int) -> None:
+        if rank == crash_rank and step == crash_step:
+            raise _Crash(f"rank {rank} fails at step {step}")
+    main(cfg, on_step=on_step)
+
+
 def _worker(rank: int, port: int, jobs: list[tuple]) -> None:
     """One rank: join the group torchrun would describe, then run `jobs` in order."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -114,12 +124,7 @@ def _worker(rank: int, port: int, jobs: list[tuple]) -> None:
                 torch.save({"loss": (total.detach(), n), "grads": [p.grad for p in model.parameters()
                                                                    if p.requires_grad]}, f"{out}.rank{rank}")
             else:
-                _, cfg, crash_rank, crash_step = job
-
-                def on_step(step: int) -> None:
-                    if rank == crash_rank and step == crash_step:
-                        raise _Crash(f"rank {rank} fails at step {step}")
-                main(cfg, on_step=on_step)
+                _train_job(rank, job)
     finally:
         shutdown()
 

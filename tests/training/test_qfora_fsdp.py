@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import (WORLD, _adapter, _calibration, _Crash, _free_port, _max_rel_err, _records,
+from test_distributed import (WORLD, _adapter, _calibration, _free_port, _max_rel_err, _records, _train_job,
                               multiprocess)
 from torch.distributed.tensor import DTensor
 
@@ -55,12 +55,7 @@ def _worker(rank: int, port: int, jobs: list[tuple]) -> None:
                 model = shard_base(load_model(folder, quantize="nf4"), WORLD, torch.device("cpu"))
                 torch.save(distributed_fisher_scores(ctx, model, _calibration(n), params=params), f"{out}.rank{rank}")
             else:
-                _, cfg, crash_rank, crash_step = job
-
-                def on_step(step: int) -> None:
-                    if rank == crash_rank and step == crash_step:
-                        raise _Crash(f"rank {rank} fails at step {step}")
-                main(cfg, on_step=on_step)
+                _train_job(rank, job)
     finally:
         shutdown()
 
