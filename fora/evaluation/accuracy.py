@@ -20,10 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
 
-from fora.evaluation.choice_logprobs import choice_logprobs
+from fora.evaluation.choice_logprobs import batch_order, choice_logprobs, pad_rows
 from fora.evaluation.tasks_io import limit_tasks, record_choices
 from fora.training.data import TokenizerLike, build_prompt
 from fora.training.tasks import PROTOCOLS, extract_answer
@@ -38,26 +37,6 @@ def _device(model: nn.Module) -> torch.device:
 
 def _same(a: Any, b: Any) -> bool:
     return a is not None and str(a).strip().lower() == str(b).strip().lower()
-
-
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device
-         ) -> tuple[Tensor, Tensor]:
-    """ids, mask [B, T]: rows padded with pad_id on the left (generation) or right (scoring)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        cols = slice(T - len(s), T) if left else slice(0, len(s))
-        ids[b, cols], mask[b, cols] = torch.tensor(list(s), dtype=torch.long), 1
-    return ids.to(device), mask.to(device)
-
-
-def _batches(order: Sequence[int], batch_size: int, desc: str, progress: bool):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        yield order[s:s + batch_size]
 
 
 def _check(records: Sequence[Mapping[str, Any]]) -> None:
@@ -85,8 +64,8 @@ def evaluate_generate(model: nn.Module, tokenizer: TokenizerLike, records: Seque
     order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
     pad = getattr(tokenizer, "pad_id", tokenizer.eos_id)
     texts: dict[int, str] = {}
-    for idx in _batches(order, batch_size, f"generate {task or ''}".strip(), progress):
-        ids, mask = _pad([prompts[i] for i in idx], pad, True, _device(model))
+    for idx in batch_order(order, batch_size, f"generate {task or ''}".strip(), progress):
+        ids, mask = pad_rows([prompts[i] for i in idx], pad, True, _device(model))
         new = model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                              pad_id=pad).tolist()
         for i, row in zip(idx, new):
@@ -114,9 +93,9 @@ def continuation_logprobs(model: nn.Module, pairs: Sequence[tuple[Sequence[int],
             raise ValueError("every pair needs a non-empty prefix and continuation")
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out = [0.0] * len(pairs)
-    for idx in _batches(order, batch_size, "loglik", progress):
+    for idx in batch_order(order, batch_size, "loglik", progress):
         seqs = [list(pairs[i][0]) + list(pairs[i][1]) for i in idx]
-        ids, mask = _pad(seqs, pad_id, False, _device(model))
+        ids, mask = pad_rows(seqs, pad_id, False, _device(model))
         hidden = model.model(ids, mask)  # (B, T, Hd)
         rows, cols, targets = [], [], []
         for b, i in enumerate(idx):

@@ -10,7 +10,7 @@ whole sequences).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,10 @@ def _common_length(conts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device
+             ) -> tuple[Tensor, Tensor]:
+    """ids, mask [B, T]: rows padded with pad_id on the left (prefixes, generation) or right (scoring);
+    an empty row is all padding."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
@@ -39,6 +42,15 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.d
         if r:
             ids[b, cols], mask[b, cols] = torch.tensor(list(r), dtype=torch.long), 1
     return ids.to(device), mask.to(device)
+
+
+def batch_order(order: Sequence[int], batch_size: int, desc: str, progress: bool) -> Iterator[Sequence[int]]:
+    """Consecutive slices of `order`, `batch_size` at a time, with a progress bar."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        yield order[s:s + batch_size]
 
 
 @torch.no_grad()
@@ -59,13 +71,11 @@ def choice_logprobs(model: nn.Module, items: Sequence[Item], *, pad_id: int = 0,
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     out: list[list[float]] = [[] for _ in items]
-    starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc="loglik", disable=not progress, leave=False):
-        idx = order[s:s + batch_size]
+    for idx in batch_order(order, batch_size, "loglik", progress):
         common = [_common_length(items[i][1]) for i in idx]
         shared = [list(items[i][0]) + list(items[i][1][0][:c]) for i, c in zip(idx, common)]
         rests = [[list(cont[c:]) for cont in items[i][1]] for i, c in zip(idx, common)]
-        ids, mask = _pad(shared, pad_id, True, device)  # (B, Tp), left-padded: every row ends at Tp - 1
+        ids, mask = pad_rows(shared, pad_id, True, device)  # (B, Tp), left-padded: every row ends at Tp - 1
         Tp = ids.shape[1]
         cache = KVCache(len(model.model.layers), Tp + max(len(r) for rs in rests for r in rs))
         hidden_p = model.model(ids, mask, positions_from_mask(mask), cache=cache)  # (B, Tp, H)
@@ -76,7 +86,7 @@ def choice_logprobs(model: nn.Module, items: Sequence[Item], *, pad_id: int = 0,
                 targets.append(tok)
                 owners.append((b, None))
         for j in range(max(len(rs) for rs in rests)):
-            cont_ids, cont_mask = _pad([rs[j] if j < len(rs) else [] for rs in rests], pad_id, False, device)
+            cont_ids, cont_mask = pad_rows([rs[j] if j < len(rs) else [] for rs in rests], pad_id, False, device)
             full_mask = torch.cat([mask, cont_mask], dim=1)
             positions = positions_from_mask(full_mask)[:, Tp:]
             hidden_c = model.model(cont_ids, full_mask, positions, cache=cache)  # (B, Tc, H)
