@@ -14,7 +14,8 @@ paragraphs, effective-rank ratio, max |AAᵀ − I| and KL(base ‖ tuned) (`for
 wall time, trainable parameters (trained, and `budget_params` kept at the end: AdaLoRA's final
 budget of triplets, the trained count for the other methods), final validation loss. Writes
 OUT/results.md, OUT/results.json,
-OUT/claims.md (each claim of the paper with its 95 % interval and verdict, `fora.evaluation.report`)
+OUT/claims.md (each claim of the paper with its 95 % interval and verdict, `fora.evaluation.report`),
+OUT/stiefel_step.md when there are step-scale runs (`fora.evaluation.step_choice`)
 and per model val_loss.png, spectrum.png, fisher_profile.png. Every measured run keeps its per-item
 correctness in items.json, for paired statistics. Resumable: finished arms (result.json) are
 skipped, a killed run resumes from its last checkpoint.
@@ -308,6 +309,7 @@ def finish(cfg: ReproduceConfig) -> dict:
     """
     from fora.evaluation.report import (arm_label, claims_markdown, claims_rows, finished_runs, load_items,
                                         results_table)
+    from fora.evaluation.step_choice import choose_stiefel_step, step_choice_markdown
     from fora.formats.atomic import atomic_write_json, atomic_write_text
 
     rows, base, stored = finished_runs(cfg.out)
@@ -315,9 +317,15 @@ def finish(cfg: ReproduceConfig) -> dict:
     config = stored if cfg.report and stored else config  # --report keeps the runs' own config
     for model in base:
         plots(cfg, model, rows)
-    items = {(r["model"], r["method"], r["seed"]): load_items(run_dir(cfg, r["model"], r["method"], r["seed"]))
-             for r in rows if arm_label(r) == r["method"]}  # the claims compare default-step arms
-    claims = claims_rows(rows, items, n_boot=cfg.n_boot)
+    items = {(r["model"], arm_label(r), r["seed"]):
+             load_items(run_dir(cfg, r["model"], r["method"], r["seed"], r.get("stiefel_lr_scale", 1.0)))
+             for r in rows}
+    claims = claims_rows(rows, items, n_boot=cfg.n_boot)  # default-step arms only
+    steps = [choose_stiefel_step(rows, items, m, method=x, n_boot=cfg.n_boot) for m in base
+             for x in ("fora", "stiefel-lora") if any(r["model"] == m and arm_label(r) != r["method"] for r in rows)]
+    if steps:
+        atomic_write_json(cfg.out / "stiefel_step.json", steps)
+        atomic_write_text(cfg.out / "stiefel_step.md", step_choice_markdown(steps, slug) + "\n")
     report = {"config": config, "base": base, "runs": rows}
     atomic_write_json(cfg.out / "results.json", report)
     md = results_table(base, rows, ALL_ARMS, slug)  # one line per (model, arm), seeds averaged (± std over seeds)

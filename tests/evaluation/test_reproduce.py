@@ -156,6 +156,14 @@ def test_report_from_finished_runs_equals_a_direct_computation(reproduce, tmp_pa
     md = (out / "results.md").read_text()
     assert md.count("\n") == 2 + 1 + len(tables) + 1 and "| m | lora | 2 | 2 | 100 |" in md
     assert "| m | fora | 2 |" in md and "| m | fora ×0.25 | 1 | 2 | 50 | 0.500 | 0.100 |" in md
+    step = json.loads((out / "stiefel_step.json").read_text())  # the scaled arm's own items.json, paired
+    assert [c["method"] for c in step] == ["fora", "stiefel-lora"]
+    quarter = step[0]["scales"][0]
+    assert quarter["scale"] == 0.25 and quarter["seeds"] == 1 and quarter["eligible"] is False
+    assert quarter["kl"] == {"estimate": pytest.approx(0.01 - 0.5), "low": None, "high": None}
+    assert quarter["accuracy"]["estimate"] == pytest.approx(-better[0].mean())
+    assert quarter["accuracy"]["high"] < -0.02 and step[0]["chosen"] == 1.0
+    assert "| m | fora ×0.25 | 1 | -0.490 |" in (out / "stiefel_step.md").read_text()
 
 
 def test_report_on_runs_without_per_item_results(reproduce, tmp_path, monkeypatch):
