@@ -314,7 +314,11 @@ def finish(cfg: ReproduceConfig) -> dict:
 
     rows, base, stored = finished_runs(cfg.out)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    config = stored if cfg.report and stored else config  # --report keeps the runs' own config
+    config = stored if cfg.report and stored else config  # --report keeps the runs' own settings
+    # what the tables hold, whichever invocations trained it (each may have run one arm)
+    config = {**config, "models": sorted({r["model"] for r in rows}), "methods": sorted({r["method"] for r in rows}),
+              "seeds": sorted({r["seed"] for r in rows}),
+              "stiefel_scales": sorted({r.get("stiefel_lr_scale", 1.0) for r in rows})}
     for model in base:
         plots(cfg, model, rows)
     items = {(r["model"], arm_label(r), r["seed"]):
@@ -322,7 +326,8 @@ def finish(cfg: ReproduceConfig) -> dict:
              for r in rows}
     claims = claims_rows(rows, items, n_boot=cfg.n_boot)  # default-step arms only
     steps = [choose_stiefel_step(rows, items, m, method=x, n_boot=cfg.n_boot) for m in base
-             for x in ("fora", "stiefel-lora") if any(r["model"] == m and arm_label(r) != r["method"] for r in rows)]
+             for x in ("fora", "stiefel-lora")
+             if any(r["model"] == m and r["method"] == x and arm_label(r) != x for r in rows)]
     if steps:
         atomic_write_json(cfg.out / "stiefel_step.json", steps)
         atomic_write_text(cfg.out / "stiefel_step.md", step_choice_markdown(steps, slug) + "\n")

@@ -157,7 +157,7 @@ def test_report_from_finished_runs_equals_a_direct_computation(reproduce, tmp_pa
     assert md.count("\n") == 2 + 1 + len(tables) + 1 and "| m | lora | 2 | 2 | 100 |" in md
     assert "| m | fora | 2 |" in md and "| m | fora ×0.25 | 1 | 2 | 50 | 0.500 | 0.100 |" in md
     step = json.loads((out / "stiefel_step.json").read_text())  # the scaled arm's own items.json, paired
-    assert [c["method"] for c in step] == ["fora", "stiefel-lora"]
+    assert [c["method"] for c in step] == ["fora"]  # no scaled stiefel-lora run: no row
     quarter = step[0]["scales"][0]
     assert quarter["scale"] == 0.25 and quarter["seeds"] == 1 and quarter["eligible"] is False
     assert quarter["kl"] == {"estimate": pytest.approx(0.01 - 0.5), "low": None, "high": None}
@@ -182,7 +182,9 @@ def test_report_on_runs_without_per_item_results(reproduce, tmp_path, monkeypatc
     assert first["why"] == "no per-item results (items.json) for fora, lora: point estimate only"
     assert got[CLAIMS[5].name]["why"] == "not run: random-k"
     assert got[CLAIMS[3].name]["low"] == pytest.approx(0.0) and got[CLAIMS[3].name]["verdict"] == UNDECIDED
-    assert json.loads((out / "results.json").read_text())["config"] == {"steps": 200}  # the runs' own config kept
+    assert json.loads((out / "results.json").read_text())["config"] == {  # the runs' own config, and what they hold
+        "steps": 200, "models": ["m"], "methods": ["fg-lora", "fora", "lora", "stiefel-lora"], "seeds": [0, 1],
+        "stiefel_scales": [1.0]}
     with pytest.raises(SystemExit, match="no finished runs under"):
         reproduce.main(reproduce.parse_args(["--out", str(tmp_path / "empty"), "--report"]))
 

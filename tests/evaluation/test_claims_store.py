@@ -1,0 +1,31 @@
+"""The stored claims runs (docs/claims): `reproduce.py --report` rebuilds the committed tables from them.
+
+docs/claims holds each finished arm's small files (result.json, items.json, ...) in git; the tables
+beside them (results.md, claims.md, stiefel_step.md) are what `--report` wrote. Rebuilding them from
+the run files alone must give the same text: the tables are the runs' and the current code's, not
+edited by hand nor left behind by a change of the statistics.
+"""
+import shutil
+from pathlib import Path
+
+from script_loader import load_script
+
+STORE = Path(__file__).resolve().parents[2] / "docs" / "claims"
+TABLES = ("results.md", "claims.md", "claims.json", "stiefel_step.md", "stiefel_step.json")
+
+
+def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
+    runs = sorted(STORE.glob("*/*-s*/result.json"))
+    assert runs, f"no finished runs under {STORE}"
+    out = tmp_path / "claims"
+    shutil.copytree(STORE, out, ignore=shutil.ignore_patterns("*.md", "*.json", "data", "checkpoint", "*.png"))
+    for p in runs + sorted(STORE.glob("*/base.json")) + sorted(STORE.glob("*/*/items.json")) + \
+            sorted(STORE.glob("*/*/diagnostics.json")) + sorted(STORE.glob("*/*/selection.json")):
+        (out / p.relative_to(STORE)).write_bytes(p.read_bytes())
+    reproduce = load_script("reproduce")
+    monkeypatch.setattr(reproduce, "plots", lambda *a: None)
+    report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report"]))
+    assert len(report["runs"]) == len(runs)
+    for name in TABLES:
+        if (STORE / name).is_file() or (out / name).is_file():
+            assert (out / name).read_text() == (STORE / name).read_text(), f"{name} is stale: rerun --report"
