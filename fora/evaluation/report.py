@@ -15,7 +15,9 @@ Decision rule (written before the runs; `decide`), on the 95 % interval [lo, hi]
 * "within m" (the two match): agrees if -m <= lo and hi <= m, disagrees if lo > m or hi < -m.
 
 Anything else, or no interval (one seed for a per-run quantity, runs without items.json, an arm
-not run), is "undecided at this scale", with the reason.
+not run), is "undecided at this scale", with the reason. So is an accuracy claim on one seed: its
+bootstrap interval resamples the items but cannot contain the seed-to-seed spread (the same arm
+moves by 2-3 points between seeds here), so it is shown and does not decide (`MIN_SEEDS`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from fora.evaluation.paired import Interval, contrast_interval, mcnemar_exact, t
 
 ITEMS_FILE = "items.json"
 AGREES, DISAGREES, UNDECIDED = "agrees", "disagrees", "undecided at this scale"
+MIN_SEEDS = 2  # a verdict needs seed variance inside its interval: one seed's interval covers items only
 STIEFEL_EFFECT = {"fora": 0.5, "stiefel-lora": 0.5, "fg-lora": -0.5, "lora": -0.5}  # mean over the two columns
 
 
@@ -156,8 +159,10 @@ def evaluate_claim(claim: Claim, rows: Sequence[Mapping[str, Any]], items: Mappi
         if len(claim.weights) == 2:
             a, b = claim.weights
             out["mcnemar_p"] = [mcnemar_exact(tables[a][k], tables[b][k])["p"] for k in range(len(seeds))]
-    return {**out, "estimate": iv.estimate, "low": iv.low, "high": iv.high,
-            "verdict": decide(iv, claim.rule, claim.margin), "why": why}
+    verdict = decide(iv, claim.rule, claim.margin)
+    if len(seeds) < MIN_SEEDS:
+        verdict, why = UNDECIDED, f"one seed: the interval resamples items only, not seeds ({why})"
+    return {**out, "estimate": iv.estimate, "low": iv.low, "high": iv.high, "verdict": verdict, "why": why}
 
 
 def claims_rows(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[str, str, int], Any], *,

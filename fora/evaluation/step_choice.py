@@ -5,7 +5,7 @@ whose FoRA drift is below x1's (the t interval over seeds of KL(fora xk) - KL(fo
 below 0), the default becomes the largest whose FoRA accuracy is at most `ACC_MARGIN` below x1's
 (the lower bound of the paired bootstrap interval of acc(fora xk) - acc(fora) is >= -ACC_MARGIN).
 If there is none, x1 stays. A scale without both intervals (one seed, no items.json) cannot be
-chosen, and a choice made while some scale is still undecided says so.
+chosen nor ruled out (one seed's accuracy interval covers items only, as for the claims), and a choice made while some scale is still undecided says so.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fora.evaluation.paired import Interval, paired_difference, t_interval
+from fora.evaluation.report import MIN_SEEDS, arm_label
 
 ACC_MARGIN = 0.02  # 2 accuracy points
 
@@ -44,8 +45,6 @@ def choose_stiefel_step(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[
         seeds shared with x1, "kl" and "accuracy" contrasts (estimate, low, high; None where no
         interval) and "eligible" (True, False, or None when undecided)}.
     """
-    from fora.evaluation.report import arm_label
-
     runs = _runs(rows, model, method)
     base = runs.get(1.0, {})
     table = []
@@ -61,7 +60,7 @@ def choose_stiefel_step(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[
                 acc = paired_difference([a[metric] for a, _ in found], [b[metric] for _, b in found],
                                         clusters=found[0][0]["clusters"], n_boot=n_boot, seed=seed)
                 row["accuracy"] = _bounds(acc)
-        kl_hi, acc_lo = row["kl"]["high"], row["accuracy"]["low"]
+        kl_hi, acc_lo = row["kl"]["high"], row["accuracy"]["low"] if len(seeds) >= MIN_SEEDS else None
         fails = (kl_hi is not None and kl_hi >= 0) or (acc_lo is not None and acc_lo < -ACC_MARGIN)
         row["eligible"] = False if fails else None if kl_hi is None or acc_lo is None else True
         table.append(row)

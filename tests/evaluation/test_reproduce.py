@@ -159,10 +159,10 @@ def test_report_from_finished_runs_equals_a_direct_computation(reproduce, tmp_pa
     step = json.loads((out / "stiefel_step.json").read_text())  # the scaled arm's own items.json, paired
     assert [c["method"] for c in step] == ["fora"]  # no scaled stiefel-lora run: no row
     quarter = step[0]["scales"][0]
-    assert quarter["scale"] == 0.25 and quarter["seeds"] == 1 and quarter["eligible"] is False
+    assert quarter["scale"] == 0.25 and quarter["seeds"] == 1 and quarter["eligible"] is None  # one seed
     assert quarter["kl"] == {"estimate": pytest.approx(0.01 - 0.5), "low": None, "high": None}
     assert quarter["accuracy"]["estimate"] == pytest.approx(-better[0].mean())
-    assert quarter["accuracy"]["high"] < -0.02 and step[0]["chosen"] == 1.0
+    assert quarter["accuracy"]["high"] < -0.02 and step[0]["chosen"] == 1.0 and step[0]["why"].startswith("undecided")
     assert "| m | fora ×0.25 | 1 | -0.490 |" in (out / "stiefel_step.md").read_text()
 
 
@@ -203,6 +203,24 @@ def test_decision_rule(rule, margin, bounds, verdict):
     assert decide(Interval(0.5, None, None), rule, margin) == UNDECIDED
     with pytest.raises(ValueError, match="unknown rule 'more'; choose one of greater, less, not-below, within"):
         decide(Interval(0, 0, 1), "more")
+
+
+def test_an_accuracy_claim_on_one_seed_shows_its_interval_and_stays_undecided():
+    from fora.evaluation.report import evaluate_claim
+
+    y = np.zeros(200, dtype=int)
+    better = y.copy()
+    better[:100] = 1  # +50 points on every item-level resample
+    rows = [{"model": "m", "method": a, "seed": 0, "acc_loglik": float(t.mean())}
+            for a, t in (("fora", better), ("lora", y))]
+    items = {("m", a, 0): {"test_sha256": "x", "clusters": list(range(200)), "acc_loglik": t.tolist()}
+             for a, t in (("fora", better), ("lora", y))}
+    c = evaluate_claim(CLAIMS[0], rows, items, "m", n_boot=200)
+    assert c["low"] > 0.4 and c["verdict"] == UNDECIDED
+    assert c["why"] == "one seed: the interval resamples items only, not seeds (paired bootstrap (200 draws, 200 clusters))"
+    rows += [{**r, "seed": 1} for r in rows]
+    items.update({(m, a, 1): v for (m, a, _), v in list(items.items())})
+    assert evaluate_claim(CLAIMS[0], rows, items, "m", n_boot=200)["verdict"] == AGREES
 
 
 def test_stiefel_scales_run_only_the_stiefel_arms_at_each_scale(reproduce, tmp_path, monkeypatch, capsys):
