@@ -192,6 +192,19 @@ def claims_markdown(table: Sequence[Mapping[str, Any]], slug=lambda m: Path(m).n
     return "\n".join(lines)
 
 
+def claims_brief(table: Sequence[Mapping[str, Any]], model: str) -> str:
+    """The head of the claims table for one model (the README's): claim, paper, ours, seeds, verdict."""
+    lines = ["| claim | paper | ours (95 % interval) | seeds | verdict |", "|---|---|---|---|---|"]
+    for r in table:
+        if r["model"] != model:
+            continue
+        ours = _num(r["estimate"], r["metric"])
+        if r["low"] is not None:
+            ours += f" [{_num(r['low'], r['metric'])}, {_num(r['high'], r['metric'])}]"
+        lines.append(f"| {r['claim']} | {r['paper']} | {ours} | {r['seeds']} | {r['verdict']} |")
+    return "\n".join(lines)
+
+
 def _cell(rows: Sequence[Mapping[str, Any]], key: str, fmt: str) -> str:
     values = [r[key] for r in rows if r.get(key) is not None]
     if not values:

@@ -29,3 +29,17 @@ def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
     for name in TABLES:
         if (STORE / name).is_file() or (out / name).is_file():
             assert (out / name).read_text() == (STORE / name).read_text(), f"{name} is stale: rerun --report"
+
+
+def test_the_readme_and_reproduction_page_show_the_stored_tables():
+    """README's head of the claims and docs/reproduction.md's copies are the stored tables, not older ones."""
+    import json
+
+    from fora.evaluation.report import claims_brief
+
+    root = STORE.parents[1]
+    readme, page = (root / "README.md").read_text(), (root / "docs" / "reproduction.md").read_text()
+    claims = json.loads((STORE / "claims.json").read_text())
+    assert claims_brief(claims, "smollm2-135m") in readme, "README's claims head is stale: paste claims_brief"
+    for name in ("claims.md", "stiefel_step.md", "results.md"):
+        assert (STORE / name).read_text().strip() in page, f"docs/reproduction.md's copy of {name} is stale"
