@@ -178,14 +178,18 @@ def _num(x: float | None, metric: str) -> str:
     return f"{100 * x:+.1f} pt" if metric not in PER_RUN else f"{x:+.3f}"
 
 
+def interval_text(estimate: float | None, low: float | None, high: float | None, metric: str) -> str:
+    """"+1.9 pt [+0.0 pt, +3.8 pt]" for an accuracy metric, "+0.080 [...]" for a per-run one; "-" without estimate."""
+    text = _num(estimate, metric)
+    return text if estimate is None or low is None else f"{text} [{_num(low, metric)}, {_num(high, metric)}]"
+
+
 def claims_markdown(table: Sequence[Mapping[str, Any]], slug=lambda m: Path(m).name) -> str:
     """The claims table: model, claim, the paper's figure, ours with its 95 % interval, verdict, why."""
     lines = ["| model | claim | paper | ours (95 % interval) | seeds | McNemar p | verdict | why |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table:
-        ours = _num(r["estimate"], r["metric"])
-        if r["low"] is not None:
-            ours += f" [{_num(r['low'], r['metric'])}, {_num(r['high'], r['metric'])}]"
+        ours = interval_text(r["estimate"], r["low"], r["high"], r["metric"])
         p = ", ".join(f"{x:.2g}" for x in r["mcnemar_p"]) if r["mcnemar_p"] else "-"
         lines.append(f"| {slug(r['model'])} | {r['claim']} | {r['paper']} | {ours} | {r['seeds']} | {p} | "
                      f"{r['verdict']} | {r['why']} |")
@@ -198,9 +202,7 @@ def claims_brief(table: Sequence[Mapping[str, Any]], model: str) -> str:
     for r in table:
         if r["model"] != model:
             continue
-        ours = _num(r["estimate"], r["metric"])
-        if r["low"] is not None:
-            ours += f" [{_num(r['low'], r['metric'])}, {_num(r['high'], r['metric'])}]"
+        ours = interval_text(r["estimate"], r["low"], r["high"], r["metric"])
         lines.append(f"| {r['claim']} | {r['paper']} | {ours} | {r['seeds']} | {r['verdict']} |")
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fora.evaluation.paired import Interval, paired_difference, t_interval
-from fora.evaluation.report import MIN_SEEDS, arm_label
+from fora.evaluation.report import MIN_SEEDS, arm_label, interval_text
 
 ACC_MARGIN = 0.02  # 2 accuracy points
 
@@ -78,22 +78,19 @@ def choose_stiefel_step(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[
         why = f"the largest scale with lower drift and accuracy within {100 * ACC_MARGIN:g} pt of ×1"
     else:
         why = f"no scale lowers the drift without losing more than {100 * ACC_MARGIN:g} pt: ×1 stays"
-    return {"model": model, "method": method, "chosen": chosen, "why": why, "scales": table}
+    return {"model": model, "method": method, "metric": metric, "chosen": chosen, "why": why, "scales": table}
 
 
 def step_choice_markdown(choices: Sequence[Mapping[str, Any]], slug=lambda m: m) -> str:
     """One line per (model, scale): the two contrasts against x1 and the verdict, then the choice."""
-    def cell(b: Mapping[str, float | None], fmt) -> str:
-        if b["estimate"] is None:
-            return "-"
-        return fmt(b["estimate"]) + ("" if b["low"] is None else f" [{fmt(b['low'])}, {fmt(b['high'])}]")
+    def cell(b: Mapping[str, float | None], metric: str) -> str:
+        return interval_text(b["estimate"], b["low"], b["high"], metric)
 
     lines = ["| model | arm | seeds | KL − KL(×1) | accuracy − acc(×1) | eligible |", "|---|---|---|---|---|---|"]
     for c in choices:
         for r in c["scales"]:
             verdict = {True: "yes", False: "no", None: "undecided"}[r["eligible"]]
             lines.append(f"| {slug(c['model'])} | {c['method']} ×{r['scale']:g} | {r['seeds']} | "
-                         f"{cell(r['kl'], lambda x: f'{x:+.3f}')} | "
-                         f"{cell(r['accuracy'], lambda x: f'{100 * x:+.1f} pt')} | {verdict} |")
+                         f"{cell(r['kl'], 'kl')} | {cell(r['accuracy'], c['metric'])} | {verdict} |")
         lines.append(f"| {slug(c['model'])} | **chosen: ×{c['chosen']:g}** | | | | {c['why']} |")
     return "\n".join(lines)

@@ -5,9 +5,11 @@ beside them (results.md, claims.md, stiefel_step.md) are what `--report` wrote. 
 the run files alone must give the same text: the tables are the runs' and the current code's, not
 edited by hand nor left behind by a change of the statistics.
 """
+import json
 import shutil
 from pathlib import Path
 
+from fora.evaluation.report import claims_brief
 from script_loader import load_script
 
 STORE = Path(__file__).resolve().parents[2] / "docs" / "claims"
@@ -18,10 +20,10 @@ def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
     runs = sorted(STORE.glob("*/*-s*/result.json"))
     assert runs, f"no finished runs under {STORE}"
     out = tmp_path / "claims"
-    shutil.copytree(STORE, out, ignore=shutil.ignore_patterns("*.md", "*.json", "data", "checkpoint", "*.png"))
-    for p in runs + sorted(STORE.glob("*/base.json")) + sorted(STORE.glob("*/*/items.json")) + \
-            sorted(STORE.glob("*/*/diagnostics.json")) + sorted(STORE.glob("*/*/selection.json")):
-        (out / p.relative_to(STORE)).write_bytes(p.read_bytes())
+    # the run files only: the tables at the top, the generated data and any local weights left behind
+    shutil.copytree(STORE, out, ignore=lambda folder, names: [
+        n for n in names if (Path(folder) == STORE and n in (*TABLES, "results.json", "data"))
+        or n == "checkpoint" or n.endswith(".safetensors")])
     reproduce = load_script("reproduce")
     monkeypatch.setattr(reproduce, "plots", lambda *a: None)
     report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report"]))
@@ -33,10 +35,6 @@ def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
 
 def test_the_readme_and_reproduction_page_show_the_stored_tables():
     """README's head of the claims and docs/reproduction.md's copies are the stored tables, not older ones."""
-    import json
-
-    from fora.evaluation.report import claims_brief
-
     root = STORE.parents[1]
     readme, page = (root / "README.md").read_text(), (root / "docs" / "reproduction.md").read_text()
     claims = json.loads((STORE / "claims.json").read_text())
