@@ -7,7 +7,7 @@ Table 1 baselines dora and adalora on request (--methods ... dora adalora).
     nice -n 5 python scripts/reproduce.py --out runs/reproduce --models gemma-3-270m --steps 40
 
 Per model: the base model's zero-shot accuracy and perplexity, then per arm and seed a training
-run (`fora.training.run.main`) into OUT/<model>/<method>-s<seed>, evaluated on the held-out
+run (`fora.training.run.main`) into OUT/<model>/<method>-s<seed>, evaluated (`fora.evaluation.measure`) on the held-out
 cloze test split (loglik: acc and acc_norm; generate; the fill-in LM ranking of the two completed
 sentences, `fora.evaluation.fill_in`), perplexity on held-out CPython-docs
 paragraphs, effective-rank ratio, max |AAᵀ − I| and KL(base ‖ tuned) (`fora.evaluation.diagnostics`),
@@ -27,12 +27,9 @@ skipped, a killed run resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import math
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fora.evaluation.measure import EvalSizes, arm_row, base_row  # noqa: E402
 
 log = logging.getLogger("reproduce")
 ARMS = ("fora", "lora", "fg-lora", "stiefel-lora", "lora-half-rank", "random-k")  # the default arms
@@ -128,88 +127,6 @@ def write_data(out: Path, blanks: int = 1, style: str = "word", test_split: str 
     return train, test
 
 
-def records_sha256(records: list[dict]) -> str:
-    """Fingerprint of the evaluated test records: paired statistics pair only runs with the same one."""
-    return hashlib.sha256(json.dumps([[r["instruction"], r["answer"]] for r in records]).encode()).hexdigest()
-
-
-def measure(model, tok, test: list[dict], cfg: ReproduceConfig) -> tuple[dict, dict]:
-    """Accuracy by both protocols on the test split and perplexity on held-out paragraphs.
-
-    Returns the row and the per-item record (`fora.evaluation.report.ITEMS_FILE`): 0/1 correctness
-    per protocol in test order, each record's cluster (its own index when it has none).
-    """
-    from fora.evaluation.accuracy import evaluate_generate, evaluate_loglik
-    from fora.evaluation.diagnostics import held_out_text
-    from fora.evaluation.fill_in import fill_in_accuracy, fill_in_options
-    from fora.evaluation.perplexity import perplexity
-
-    model.eval()
-    t0 = time.perf_counter()
-    records = test[:cfg.eval_limit]
-    ll = evaluate_loglik(model, tok, records, batch_size=8, progress=False)
-    fill = fill_in_accuracy(model, tok, records)
-    row = {"acc_loglik": ll["accuracy"], "acc_norm": ll["acc_norm"], "n_loglik": ll["n"],
-           "acc_fill_in": fill["accuracy"], "test_sha256": records_sha256(records)}
-    right = [0 if r["answer"] in (fill_in_options(r)[1], "option1") else 1 for r in records]  # fill_in's rule
-    items = {"test_sha256": row["test_sha256"], "clusters": [r.get("cluster", i) for i, r in enumerate(records)],
-             "acc_loglik": [int(p["correct"]) for p in ll["predictions"]],
-             "acc_norm": [int(p["correct_norm"]) for p in ll["predictions"]],
-             "acc_fill_in": [int((0 if a >= b else 1) == k) for (a, b), k in zip(fill["scores"], right)]}
-    if cfg.gen_limit:
-        gen = evaluate_generate(model, tok, test[:cfg.gen_limit], batch_size=8,
-                                max_new_tokens=cfg.max_new_tokens, progress=False)
-        row.update(acc_generate=gen["accuracy"], n_generate=gen["n"],
-                   answered=sum(p["prediction"] is not None for p in gen["predictions"]) / gen["n"],
-                   sample_generation=gen["predictions"][0]["text"])
-        items["acc_generate"] = [int(p["correct"]) for p in gen["predictions"]]
-    ids = tok.encode(held_out_text(), bos=True)[:cfg.ppl_tokens]
-    row["perplexity"] = perplexity(model, ids, window=256, stride=192)["perplexity"]
-    row["eval_seconds"] = time.perf_counter() - t0
-    return row, items
-
-
-def load(model_name: str):
-    import torch
-
-    from fora.formats.hub import resolve_checkpoint
-    from fora.formats.loading import load_model, load_tokenizer
-
-    folder = resolve_checkpoint(model_name)
-    return load_model(folder, dtype=torch.float32, device=torch.device("cpu")), load_tokenizer(folder)
-
-
-def base_row(model_name: str, test: list[dict], cfg: ReproduceConfig, path: Path) -> dict:
-    """The base model's zero-shot row, cached in `path` for these evaluation sizes.
-
-    Another process of the same reproduction computing it (a `.running` marker younger than an
-    hour) is waited for rather than duplicated.
-    """
-    from fora.evaluation.report import ITEMS_FILE
-    from fora.formats.atomic import atomic_write_json, atomic_write_text
-
-    sizes = {"n_loglik": len(test[:cfg.eval_limit]), "n_generate": min(cfg.gen_limit, len(test)) or None,
-             "test_sha256": records_sha256(test[:cfg.eval_limit])}
-    marker = path.with_suffix(".running")
-    while True:
-        if path.is_file():
-            row = json.loads(path.read_text())
-            if all(row.get(k) == v for k, v in sizes.items()):
-                return row
-        if not (marker.is_file() and time.time() - marker.stat().st_mtime < 3600):
-            break
-        time.sleep(10)
-    atomic_write_text(marker, str(time.time()))
-    model, tok = load(model_name)
-    row, items = measure(model, tok, test, cfg)
-    row = {"model": model_name, "method": "base (zero-shot)", "seed": None, **row}
-    atomic_write_json(path.with_name("base_" + ITEMS_FILE), items)
-    atomic_write_json(path, row)
-    marker.unlink(missing_ok=True)
-    log.info("%s zero-shot: %s", model_name, {k: v for k, v in row.items() if k != "sample_generation"})
-    return row
-
-
 def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path,
               stiefel_scale: float = 1.0) -> None:
     """Train one arm into `run` unless its adapter exists; resume from a checkpoint when there is one."""
@@ -228,48 +145,6 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Re
                      fisher_batches=4, eval_every=max(1, cfg.steps // 4), log_every=10,
                      save_every=max(1, cfg.steps // 4), match_init_norm=cfg.match_init_norm, resume=resume,
                      stiefel_lr_scale=stiefel_scale))
-
-
-def arm_row(model_name: str, method: str, seed: int, test: list[dict], cfg: ReproduceConfig, run: Path,
-            base: dict, stiefel_scale: float = 1.0) -> dict:
-    from fora.evaluation.diagnostics import analyze_adapter, held_out_text
-    from fora.evaluation.plots import read_metrics
-    from fora.evaluation.report import ITEMS_FILE
-    from fora.formats.atomic import atomic_write_json
-    from fora.formats.peft_io import ADAPTER_WEIGHTS, load_adapter
-
-    model, tok = load(model_name)
-    load_adapter(model, run)
-    measured, items = measure(model, tok, test, cfg)
-    atomic_write_json(run / ITEMS_FILE, items)
-    row = {"model": model_name, "method": method, "arm": arm_name(method, stiefel_scale), "seed": seed,
-           "stiefel_lr_scale": stiefel_scale, **measured}
-    diag = analyze_adapter(model, tok, held_out_text(), window=256, max_windows=cfg.kl_windows)
-    atomic_write_json(run / "diagnostics.json", diag)
-    trained = run / "checkpoint" if (run / "checkpoint" / ADAPTER_WEIGHTS).is_file() else run
-    params, budget = adapter_params(trained / ADAPTER_WEIGHTS), adapter_params(run / ADAPTER_WEIGHTS)
-    metrics = read_metrics(run / "metrics.jsonl")
-    vals = [r for r in metrics if "val_loss" in r]
-    selection = json.loads((run / "selection.json").read_text())
-    row.update(layers=selection["selected"], trainable_params=params, budget_params=budget,
-               val_loss_start=vals[0]["val_loss"],
-               val_loss=vals[-1]["val_loss"], train_seconds=metrics[-1]["seconds"],
-               erank_ratio=diag["summary"]["overall"]["effective_rank_ratio"],
-               stiefel_error=diag["summary"]["overall"]["stiefel_error"], kl=diag["drift"]["kl"],
-               perplexity_base=base["perplexity"])
-    atomic_write_json(run / "result.json", row)
-    log.info("%s %s seed %d: %s", model_name, method, seed,
-             {k: v for k, v in row.items() if k not in ("sample_generation", "layers")})
-    return row
-
-
-def adapter_params(weights: Path) -> int:
-    """Scalars in an adapter file (a checkpoint's holds every trained tensor whole; AdaLoRA's final
-    adapter only the kept triplets, its budget)."""
-    from safetensors import safe_open
-
-    with safe_open(weights, "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def arm_name(method: str, stiefel_scale: float = 1.0) -> str:
@@ -348,12 +223,13 @@ def main(cfg: ReproduceConfig) -> dict:
         return finish(cfg)
     t0 = time.perf_counter()
     train_file, test = write_data(cfg.out, cfg.blanks, cfg.style, cfg.test_split)
+    sizes = EvalSizes(cfg.eval_limit, cfg.gen_limit, cfg.max_new_tokens, cfg.ppl_tokens, cfg.kl_windows)
     base: dict[str, dict] = {}
     for model in cfg.models:
         folder = cfg.out / slug(model)
         folder.mkdir(parents=True, exist_ok=True)
         if cfg.base_first:
-            base[model] = base_row(model, test, cfg, folder / "base.json")
+            base[model] = base_row(model, test, sizes, folder / "base.json")
         for seed in cfg.seeds:
             for method, scale in [(m, x) for m in cfg.methods
                                   for x in (cfg.stiefel_scales if METHODS[m].stiefel else (1.0,))]:
@@ -364,8 +240,9 @@ def main(cfg: ReproduceConfig) -> dict:
                 log.info("%s: training (%.0f s into this invocation)", run, time.perf_counter() - t0)
                 train_arm(model, method, seed, train_file, cfg, run, scale)
                 if model not in base:  # after training: a parallel invocation may have measured it meanwhile
-                    base[model] = base_row(model, test, cfg, folder / "base.json")
-                arm_row(model, method, seed, test, cfg, run, base[model], scale)
+                    base[model] = base_row(model, test, sizes, folder / "base.json")
+                arm_row(model, run, test, sizes, base[model], method=method, arm=arm_name(method, scale), seed=seed,
+                        stiefel_lr_scale=scale)
     return finish(cfg)
 
 

@@ -228,7 +228,7 @@ def test_stiefel_scales_run_only_the_stiefel_arms_at_each_scale(reproduce, tmp_p
     real_train_arm = reproduce.train_arm
     monkeypatch.setattr(reproduce, "train_arm", lambda m, meth, s, f, cfg, run, scale: trained.append((meth, scale, run.name)))
     monkeypatch.setattr(reproduce, "base_row", lambda *a: {})
-    monkeypatch.setattr(reproduce, "arm_row", lambda *a: measured.append(a[-1]))
+    monkeypatch.setattr(reproduce, "arm_row", lambda *a, **kw: measured.append(kw["stiefel_lr_scale"]))
     monkeypatch.setattr(reproduce, "finish", lambda cfg: None)
     cfg = reproduce.parse_args(["--out", str(tmp_path), "--models", "m", "--methods", "fora", "lora",
                                 "--stiefel-scales", "1", "0.25", "0.0625"])

@@ -72,13 +72,12 @@ def test_adalora_run_budget_and_exports(ada, tiny, tmp_path):
     torch.testing.assert_close(_logits(twin), expected, atol=1e-5, rtol=1e-5)
     assert len(lora_modules(ours)) == sum(1 for v in config["rank_pattern"].values() if any(v))
     # reproduce.py's counts: trained = init_r triplets of every module, budget = the kept ones
-    from script_loader import load_script
+    from fora.evaluation.measure import adapter_params
 
-    reproduce = load_script("reproduce")
     sizes = {"q_proj": 64 + 64 + 1, "v_proj": 64 + 32 + 1}  # d_in + d_out + 1 per triplet (tiny llama)
     per_layer = sum(sizes.values())
-    assert reproduce.adapter_params(out / "checkpoint" / "adapter_model.safetensors") == 3 * 4 * per_layer
-    assert reproduce.adapter_params(out / "adapter_model.safetensors") == sum(
+    assert adapter_params(out / "checkpoint" / "adapter_model.safetensors") == 3 * 4 * per_layer
+    assert adapter_params(out / "adapter_model.safetensors") == sum(
         sum(v) * sizes[k.split(".")[-2]] for k, v in config["rank_pattern"].items())
 
 
