@@ -27,8 +27,11 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 # LLaMA-ish shapes (random weights): name -> config.json fields
 SHAPES = {

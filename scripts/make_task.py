@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fora.training.cloze import STYLES, cloze_task
-from fora.training.data import write_jsonl
-from fora.training.tasks import KINDS, arithmetic_task
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fora.training.cloze import STYLES, cloze_task  # noqa: E402
+from fora.training.data import write_jsonl  # noqa: E402
+from fora.training.tasks import KINDS, arithmetic_task  # noqa: E402
 
 log = logging.getLogger("make_task")
 TASKS = ("arithmetic", "cloze")

@@ -86,3 +86,17 @@ def test_flag_parsing_reads_argparse_help() -> None:
             "  --full, --no-full\n                        wrapped --c\n  --long-name LONG_NAME\n")
     assert help_flags(text) == {"--a", "--full", "--no-full", "--long-name"}
     assert documented_flags("| `--a`, `--b` | 1 |\n| `RUN` | x |\n| `--c X` | 2 |\n") == {"--a", "--b", "--c"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "scripts").glob("*.py")))
+def test_script_runs_from_a_checkout_without_installing(name: str) -> None:
+    """The README's commands run from a clone before (or without) `pip install -e .`: each script that
+    imports fora puts the checkout on sys.path first (an installed fora would hide a missing line)."""
+    lines = (ROOT / "scripts" / f"{name}.py").read_text(encoding="utf-8").splitlines()
+    uses = [i for i, line in enumerate(lines) if re.match(r"\s*(from fora[\s.]|import fora\b)", line)]
+    if not uses:
+        return
+    insert = [i for i, line in enumerate(lines) if line.startswith("sys.path.insert(0, ")]
+    assert insert and insert[0] < uses[0], (
+        f"scripts/{name}.py imports fora (line {uses[0] + 1}) without first putting the checkout on sys.path; "
+        "add `sys.path.insert(0, str(Path(__file__).resolve().parents[1]))` after the standard imports")
