@@ -23,6 +23,7 @@ skipped, a killed run resumes from its last checkpoint.
     --test-split all-blanks     every eligible blank of each test sentence (1,242 records, clustered)
     --stiefel-scales 1 0.25 0.0625   Stiefel arms also at 1/4 and 1/16 of Cayley-Adam's default step
     --report                    rebuild the tables, plots and claims from finished runs, no training
+    --sync-docs README.md docs/reproduction.md   and paste them into those pages' marked blocks
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ class ReproduceConfig:
     stiefel_scales: tuple[float, ...] = (1.0,)  # Stiefel arms at these multiples of Cayley-Adam's default step
     report: bool = False       # rebuild tables, plots and claims from finished runs only
     n_boot: int = 4000         # bootstrap draws of the claims' intervals
+    sync_docs: tuple[Path, ...] = ()  # pages whose marked blocks get the new tables (fora.evaluation.doc_blocks)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
@@ -101,6 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
                         "(e.g. 1 0.25 0.0625); other arms run once")
     p.add_argument("--report", action="store_true",
                    help="rebuild results.md/json, plots and claims.md from finished runs under --out; trains nothing")
+    p.add_argument("--sync-docs", nargs="+", type=Path, default=[], metavar="PAGE",
+                   help="after writing the tables, replace the blocks marked <!-- claims.md -->, <!-- results.md -->, "
+                        "<!-- stiefel_step.md --> and <!-- claims_brief MODEL --> in these Markdown pages")
     a = vars(p.parse_args(argv))
     if any(not x > 0 for x in a["stiefel_scales"]):
         p.error(f"--stiefel-scales must all be > 0, got {a['stiefel_scales']}")
@@ -188,7 +193,7 @@ def finish(cfg: ReproduceConfig) -> dict:
     from fora.formats.atomic import atomic_write_json, atomic_write_text
 
     rows, base, stored = finished_runs(cfg.out)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "sync_docs"}
     config = stored if cfg.report and stored else config  # --report keeps the runs' own settings
     # what the tables hold, whichever invocations trained it (each may have run one arm)
     config = {**config, "models": sorted({r["model"] for r in rows}), "methods": sorted({r["method"] for r in rows}),
@@ -213,7 +218,21 @@ def finish(cfg: ReproduceConfig) -> dict:
     atomic_write_json(cfg.out / "claims.json", claims)
     atomic_write_text(cfg.out / "claims.md", claims_markdown(claims, slug) + "\n")
     print(md)
+    if cfg.sync_docs:
+        sync_docs(cfg, claims, base)
     return {**report, "claims": claims}
+
+
+def sync_docs(cfg: ReproduceConfig, claims: list[dict], base: dict) -> None:
+    """The tables just written, pasted into the marked blocks of the pages named by --sync-docs."""
+    from fora.evaluation.doc_blocks import sync_files
+    from fora.evaluation.report import claims_brief
+
+    blocks = {name: (cfg.out / name).read_text() for name in ("claims.md", "results.md", "stiefel_step.md")
+              if (cfg.out / name).is_file()}
+    blocks.update({f"claims_brief {slug(m)}": claims_brief(claims, m) for m in base})
+    for page, names in sync_files(cfg.sync_docs, blocks).items():
+        log.info("%s: %s brought up to date", page, ", ".join(names))
 
 
 def main(cfg: ReproduceConfig) -> dict:

@@ -9,11 +9,14 @@ import json
 import shutil
 from pathlib import Path
 
+from fora.evaluation.doc_blocks import replace_blocks
 from fora.evaluation.report import claims_brief
 from script_loader import load_script
 
 STORE = Path(__file__).resolve().parents[2] / "docs" / "claims"
 TABLES = ("results.md", "claims.md", "claims.json", "stiefel_step.md", "stiefel_step.json")
+PAGES = ("README.md", "docs/reproduction.md")  # the pages holding copies of the tables
+BLOCKS = ("claims.md", "results.md", "stiefel_step.md", "claims_brief smollm2-135m", "claims_brief gemma-3-270m")
 
 
 def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
@@ -24,13 +27,23 @@ def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
     shutil.copytree(STORE, out, ignore=lambda folder, names: [
         n for n in names if (Path(folder) == STORE and n in (*TABLES, "results.json", "data"))
         or n == "checkpoint" or n.endswith(".safetensors")])
+    # stale copies of the pages: --sync-docs must bring them back to the committed text
+    root, pages = STORE.parents[1], []
+    for rel in PAGES:
+        stale, names = replace_blocks((root / rel).read_text(), {b: "stale" for b in BLOCKS})
+        assert names, f"{rel} has none of the marked blocks"
+        pages.append(tmp_path / rel.replace("/", "_"))
+        pages[-1].write_text(stale)
     reproduce = load_script("reproduce")
     monkeypatch.setattr(reproduce, "plots", lambda *a: None)
-    report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report"]))
+    report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report", "--sync-docs", *map(str, pages)]))
     assert len(report["runs"]) == len(runs)
     for name in TABLES:
         if (STORE / name).is_file() or (out / name).is_file():
             assert (out / name).read_text() == (STORE / name).read_text(), f"{name} is stale: rerun --report"
+    for rel, page in zip(PAGES, pages):
+        assert page.read_text() == (root / rel).read_text(), \
+            f"{rel} differs from the stored tables: rerun --report --sync-docs {' '.join(PAGES)}"
 
 
 def test_the_readme_and_reproduction_page_show_the_stored_tables():
@@ -38,6 +51,6 @@ def test_the_readme_and_reproduction_page_show_the_stored_tables():
     root = STORE.parents[1]
     readme, page = (root / "README.md").read_text(), (root / "docs" / "reproduction.md").read_text()
     claims = json.loads((STORE / "claims.json").read_text())
-    assert claims_brief(claims, "smollm2-135m") in readme, "README's claims head is stale: paste claims_brief"
+    assert claims_brief(claims, "smollm2-135m") in readme, "README's claims head is stale: rerun --report --sync-docs"
     for name in ("claims.md", "stiefel_step.md", "results.md"):
-        assert (STORE / name).read_text().strip() in page, f"docs/reproduction.md's copy of {name} is stale"
+        assert (STORE / name).read_text().strip() in page, f"docs/reproduction.md's copy of {name} is stale: rerun --report --sync-docs"
