@@ -175,7 +175,7 @@ def plots(cfg: ReproduceConfig, model: str, rows: list[dict]) -> None:
     spectra = {m: [d["singular_values"] for d in json.loads((r / "diagnostics.json").read_text())["modules"]]
                for m, r in runs.items()}
     ratios = {m: json.loads((r / "result.json").read_text())["erank_ratio"] for m, r in runs.items()}
-    plot_spectra(spectra, folder / "spectrum.png", ratios=ratios, title=f"{slug(model)}: ΔW = s·B·A spectra")
+    plot_spectra(spectra, folder / "spectrum.png", ratios=ratios, title=f"{slug(model)}: spectra of ΔW = s·B·A (DoRA: W′ − W0)")
     if "fora" in runs:
         plot_fisher_profile(json.loads((runs["fora"] / "selection.json").read_text()), folder / "fisher_profile.png",
                             title=f"{slug(model)}: Fisher scores (Eq. 2), FoRA's K layers in red")

@@ -74,14 +74,19 @@ def plot_spectra(spectra: Mapping[str, Sequence[Sequence[float]]], path: str | o
         raise ValueError("no spectra to plot; pass {method: [[singular values of each module], ...]}")
     plt = _pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [3, 2]})
-    colors = {}
+    colors, widths = {}, []
     for label, rows in spectra.items():
         normed = [[s / row[0] for s in row] if row and row[0] > 0 else [0.0] * len(row) for row in rows]
         width = max(len(r) for r in normed)
         mean = [sum(r[i] for r in normed if i < len(r)) / len(normed) for i in range(width)]
         (line,) = ax.plot(range(1, width + 1), mean, marker=".", label=label)
         colors[label] = line.get_color()
-    ax.set_xlabel("index i")
+        widths.append(width)
+    # DoRA's W' - W0 has min(d_out, d_in) singular values against a LoRA's r: zoom on the LoRA ranks
+    cut = 2 * min(widths) if max(widths) > 4 * min(widths) else None
+    if cut:
+        ax.set_xlim(0, cut + 0.5)
+    ax.set_xlabel("index i" + (f" (first {cut} shown)" if cut else ""))
     ax.set_ylabel("mean σ_i / σ_1 of ΔW")
     ax.legend(fontsize=8)
     labels = list(spectra)
@@ -89,7 +94,9 @@ def plot_spectra(spectra: Mapping[str, Sequence[Sequence[float]]], path: str | o
     bx.barh(labels, values, color=[colors[m] for m in labels])
     for y, v in enumerate(values):
         if not math.isnan(v):
-            bx.text(min(v, 0.82) + 0.02, y, f"{v:.2f}", va="center", fontsize=8)
+            # above 1 the update is not rank r (DoRA's W' - W0): the bar is cut at 1, the text says so
+            text = f"{v:.2f}" if v <= 1 else f"{v:.2f} (> 1: not rank r)"
+            bx.text(min(v, 0.82 if v <= 1 else 0.35) + 0.02, y, text, va="center", fontsize=8)
     bx.set_xlim(0, 1)
     bx.set_xlabel("effective rank / r")
     bx.invert_yaxis()

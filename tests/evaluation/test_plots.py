@@ -43,3 +43,20 @@ def test_figures_are_pngs(tmp_path):
     ]
     for path in paths:
         assert path.is_file() and _is_png(path)
+
+
+def test_spectra_zoom_on_the_lora_ranks_and_label_a_ratio_above_one(tmp_path, monkeypatch):
+    """DoRA's W' - W0 has min(d_out, d_in) singular values and erank / r above 1: the LoRA arms stay legible."""
+    pytest.importorskip("matplotlib")
+    from fora.evaluation import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig))
+    lora, dora = [[4.0, 2.0, 1.0, 0.5]], [[4.0 / (i + 1) for i in range(64)]]
+    plots.plot_spectra({"lora": lora, "dora": dora}, tmp_path / "s.png", ratios={"lora": 0.7, "dora": 7.12})
+    ax, bx = figs[0].axes
+    assert ax.get_xlim() == (0, 8.5) and ax.get_xlabel() == "index i (first 8 shown)"
+    assert [t.get_text() for t in bx.texts] == ["0.70", "7.12 (> 1: not rank r)"]
+    assert bx.get_xlim() == (0, 1)
+    plots.plot_spectra({"lora": lora, "fora": [[3.0, 1.0]]}, tmp_path / "t.png", ratios={"lora": 0.7, "fora": 0.5})
+    assert figs[1].axes[0].get_xlabel() == "index i"  # comparable lengths: no zoom
