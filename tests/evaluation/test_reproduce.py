@@ -146,7 +146,7 @@ def test_report_from_finished_runs_equals_a_direct_computation(reproduce, tmp_pa
         assert c["estimate"] == pytest.approx(direct) and (c["low"], c["high"]) == pytest.approx((iv.low, iv.high))
         assert c["verdict"] == decide(iv, claim.rule, claim.margin) and c["seeds"] == 2
     assert got[CLAIMS[0].name]["verdict"] == AGREES  # fora right wherever lora is, on ~1/4 more items
-    assert "40 clusters" in got[CLAIMS[0].name]["why"]
+    assert got[CLAIMS[0].name]["why"].endswith("40 clusters, seeds); parameters, fora vs lora: 0.50 trained")
     assert got[CLAIMS[0].name]["mcnemar_p"] == [mcnemar_exact(better[s], lora[s])["p"] for s in (0, 1)]
     assert got[CLAIMS[6].name]["verdict"] == AGREES and got[CLAIMS[6].name]["low"] == 0  # identical arms
     assert got[CLAIMS[4].name]["verdict"] == UNDECIDED  # additive by construction: interaction exactly 0
@@ -264,3 +264,14 @@ def test_stiefel_lr_scale_multiplies_cayley_adams_default_step():
 
     with pytest.raises(ValueError, match="--stiefel-lr-scale must be > 0, got 0; 1 keeps the default step"):
         TrainConfig(model="m", stiefel_lr_scale=0)
+
+
+def test_param_ratio_text_names_the_final_budget_only_where_it_differs():
+    from fora.evaluation.report import param_ratio_text
+
+    fora, lora = {"trainable_params": 1_658_880}, {"trainable_params": 3_317_760, "budget_params": 3_317_760}
+    adalora = {"trainable_params": 4_980_240, "budget_params": 3_555_168}
+    assert param_ratio_text(fora, lora, "fora", "lora") == "; parameters, fora vs lora: 0.50 trained"
+    assert param_ratio_text(fora, adalora, "fora", "adalora") == \
+        "; parameters, fora vs adalora: 0.33 trained, 0.47 of the final budget"
+    assert param_ratio_text({}, adalora, "fora", "adalora") == ""
