@@ -7,7 +7,10 @@ edited by hand nor left behind by a change of the statistics.
 """
 import json
 import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from fora.evaluation.doc_blocks import replace_blocks
 from fora.evaluation.report import claims_brief
@@ -54,3 +57,18 @@ def test_the_readme_and_reproduction_page_show_the_stored_tables():
     assert claims_brief(claims, "smollm2-135m") in readme, "README's claims head is stale: rerun --report --sync-docs"
     for name in ("claims.md", "stiefel_step.md", "results.md"):
         assert (STORE / name).read_text().strip() in page, f"docs/reproduction.md's copy of {name} is stale: rerun --report --sync-docs"
+
+
+def test_the_store_tracks_no_weights():
+    """Only the runs' small files are in git: weights, checkpoints and adapter cards stay ignored, at any depth
+    (AdaLoRA's folded plain LoRA lives one folder further down, in lora/)."""
+    try:
+        tracked = subprocess.run(["git", "ls-files", "docs/claims*"], cwd=STORE.parents[1], capture_output=True,
+                                 text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    heavy = [f for f in tracked if f.endswith(".safetensors") or "/checkpoint/" in f or f.endswith("/README.md")]
+    assert tracked and not heavy, f"weights or adapter cards tracked under docs/claims: {heavy}; see .gitignore"
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "docs/claims/m/adalora-s0/lora/adapter_model.safetensors",
+                              "docs/claims/m/adalora-s0/lora/README.md"], cwd=STORE.parents[1], capture_output=True, text=True)
+    assert len(ignored.stdout.split()) == 2, "the nested lora/ weights and card must be ignored"
