@@ -24,6 +24,7 @@ skipped, a killed run resumes from its last checkpoint.
     --stiefel-scales 1 0.25 0.0625   Stiefel arms also at 1/4 and 1/16 of Cayley-Adam's default step
     --report                    rebuild the tables, plots and claims from finished runs, no training
     --sync-docs README.md docs/reproduction.md   and paste them into those pages' marked blocks
+    --method-lr adalora=2e-3    a baseline at its own learning rate: its own arm ("adalora lr 0.002"), not in the claims
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class ReproduceConfig:
     match_init_norm: bool = False  # plain-A arms: Kaiming rows scaled to unit norm, as a Stiefel A's (drift control)
     test_split: str = "one-blank"  # or "all-blanks": fora.training.cloze.cloze_all_blanks
     stiefel_scales: tuple[float, ...] = (1.0,)  # Stiefel arms at these multiples of Cayley-Adam's default step
+    method_lr: tuple[tuple[str, float], ...] = ()  # (method, lr): that method's arm at its own lr, a separate arm
     report: bool = False       # rebuild tables, plots and claims from finished runs only
     n_boot: int = 4000         # bootstrap draws of the claims' intervals
     sync_docs: tuple[Path, ...] = ()  # pages whose marked blocks get the new tables (fora.evaluation.doc_blocks)
@@ -101,6 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
     p.add_argument("--stiefel-scales", nargs="+", type=float, default=list(d.stiefel_scales),
                    help="multiples of Cayley-Adam's default step lr*sqrt(r*d_in) to run the Stiefel arms at "
                         "(e.g. 1 0.25 0.0625); other arms run once")
+    p.add_argument("--method-lr", nargs="+", default=[], metavar="METHOD=LR",
+                   help="run these non-Stiefel methods at their own learning rate instead of --lr, as separate arms "
+                        "(folder <method>-lr<LR>-s<seed>, label '<method> lr <LR>') that the claims leave out")
     p.add_argument("--report", action="store_true",
                    help="rebuild results.md/json, plots and claims.md from finished runs under --out; trains nothing")
     p.add_argument("--sync-docs", nargs="+", type=Path, default=[], metavar="PAGE",
@@ -109,10 +114,27 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
     a = vars(p.parse_args(argv))
     if any(not x > 0 for x in a["stiefel_scales"]):
         p.error(f"--stiefel-scales must all be > 0, got {a['stiefel_scales']}")
+    a["method_lr"] = [_method_lr(p, text) for text in a["method_lr"]]
     for name, value in a.items():
         if isinstance(value, int) and not isinstance(value, bool) and value < 1 and name not in ("gen_limit", "warmup_steps", "val_size"):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return ReproduceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()})
+
+
+def _method_lr(p: argparse.ArgumentParser, text: str) -> tuple[str, float]:
+    from fora.training.methods import METHODS
+
+    method, _, value = text.partition("=")
+    try:
+        lr = float(value)
+    except ValueError:
+        lr = 0.0
+    if method not in ALL_ARMS or not lr > 0:
+        p.error(f"--method-lr takes METHOD=LR with METHOD one of {', '.join(ALL_ARMS)} and LR > 0, got {text!r}")
+    if METHODS[method].stiefel:
+        p.error(f"--method-lr {text}: {method} trains a Stiefel A, whose step follows --lr; "
+                f"vary it with --stiefel-scales instead")
+    return method, lr
 
 
 def slug(model: str) -> str:
@@ -133,7 +155,7 @@ def write_data(out: Path, blanks: int = 1, style: str = "word", test_split: str 
 
 
 def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path,
-              stiefel_scale: float = 1.0) -> None:
+              stiefel_scale: float = 1.0, lr: float | None = None) -> None:
     """Train one arm into `run` unless its adapter exists; resume from a checkpoint when there is one."""
     from fora.formats.peft_io import ADAPTER_WEIGHTS
     from fora.training.config import TrainConfig
@@ -145,20 +167,23 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Re
     if resume is None and run.exists():
         shutil.rmtree(run)  # an attempt killed before its first checkpoint: nothing to keep
     main(TrainConfig(model=model_name, method=method, data=str(train_file), out=str(run), seed=seed,
-                     rank=cfg.rank, lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
+                     rank=cfg.rank, lr=cfg.lr if lr is None else lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
                      cutoff_len=cfg.cutoff_len, warmup_steps=cfg.warmup_steps, val_size=cfg.val_size,
                      fisher_batches=4, eval_every=max(1, cfg.steps // 4), log_every=10,
                      save_every=max(1, cfg.steps // 4), match_init_norm=cfg.match_init_norm, resume=resume,
                      stiefel_lr_scale=stiefel_scale))
 
 
-def arm_name(method: str, stiefel_scale: float = 1.0) -> str:
-    """The arm's label: the method, with its Stiefel step multiple when not 1 ("fora ×0.25")."""
-    return method if stiefel_scale == 1 else f"{method} ×{stiefel_scale:g}"
+def arm_name(method: str, stiefel_scale: float = 1.0, lr: float | None = None) -> str:
+    """The arm's label: the method, with its Stiefel step multiple when not 1 ("fora ×0.25") and its
+    own learning rate when set by --method-lr ("adalora lr 0.002")."""
+    name = method if stiefel_scale == 1 else f"{method} ×{stiefel_scale:g}"
+    return name if lr is None else f"{name} lr {lr:g}"
 
 
-def run_dir(cfg: ReproduceConfig, model: str, method: str, seed: int, stiefel_scale: float = 1.0) -> Path:
-    tag = "" if stiefel_scale == 1 else f"-x{stiefel_scale:g}"
+def run_dir(cfg: ReproduceConfig, model: str, method: str, seed: int, stiefel_scale: float = 1.0,
+            lr: float | None = None) -> Path:
+    tag = ("" if stiefel_scale == 1 else f"-x{stiefel_scale:g}") + ("" if lr is None else f"-lr{lr:g}")
     return cfg.out / slug(model) / f"{method}{tag}-s{seed}"
 
 
@@ -193,7 +218,8 @@ def finish(cfg: ReproduceConfig) -> dict:
     from fora.formats.atomic import atomic_write_json, atomic_write_text
 
     rows, base, stored = finished_runs(cfg.out)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "sync_docs"}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+              if k not in ("sync_docs", "method_lr")}  # output options, and per-arm lr kept in each row
     config = stored if cfg.report and stored else config  # --report keeps the runs' own settings
     # what the tables hold, whichever invocations trained it (each may have run one arm)
     config = {**config, "models": sorted({r["model"] for r in rows}), "methods": sorted({r["method"] for r in rows}),
@@ -202,7 +228,7 @@ def finish(cfg: ReproduceConfig) -> dict:
     for model in base:
         plots(cfg, model, rows)
     items = {(r["model"], arm_label(r), r["seed"]):
-             load_items(run_dir(cfg, r["model"], r["method"], r["seed"], r.get("stiefel_lr_scale", 1.0)))
+             load_items(run_dir(cfg, r["model"], r["method"], r["seed"], r.get("stiefel_lr_scale", 1.0), r.get("method_lr")))
              for r in rows}
     claims = claims_rows(rows, items, n_boot=cfg.n_boot)  # default-step arms only
     steps = [choose_stiefel_step(rows, items, m, method=x, n_boot=cfg.n_boot) for m in base
@@ -252,16 +278,17 @@ def main(cfg: ReproduceConfig) -> dict:
         for seed in cfg.seeds:
             for method, scale in [(m, x) for m in cfg.methods
                                   for x in (cfg.stiefel_scales if METHODS[m].stiefel else (1.0,))]:
-                run = run_dir(cfg, model, method, seed, scale)
+                lr = dict(cfg.method_lr).get(method)
+                run = run_dir(cfg, model, method, seed, scale, lr)
                 if (run / "result.json").is_file():
                     log.info("%s: done, skipped", run)
                     continue
                 log.info("%s: training (%.0f s into this invocation)", run, time.perf_counter() - t0)
-                train_arm(model, method, seed, train_file, cfg, run, scale)
+                train_arm(model, method, seed, train_file, cfg, run, scale, lr)
                 if model not in base:  # after training: a parallel invocation may have measured it meanwhile
                     base[model] = base_row(model, test, sizes, folder / "base.json")
-                arm_row(model, run, test, sizes, base[model], method=method, arm=arm_name(method, scale), seed=seed,
-                        stiefel_lr_scale=scale)
+                arm_row(model, run, test, sizes, base[model], method=method, arm=arm_name(method, scale, lr), seed=seed,
+                        stiefel_lr_scale=scale, **({} if lr is None else {"method_lr": lr}))
     return finish(cfg)
 
 

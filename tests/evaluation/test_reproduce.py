@@ -226,7 +226,8 @@ def test_an_accuracy_claim_on_one_seed_shows_its_interval_and_stays_undecided():
 def test_stiefel_scales_run_only_the_stiefel_arms_at_each_scale(reproduce, tmp_path, monkeypatch, capsys):
     trained, measured, seen = [], [], []
     real_train_arm = reproduce.train_arm
-    monkeypatch.setattr(reproduce, "train_arm", lambda m, meth, s, f, cfg, run, scale: trained.append((meth, scale, run.name)))
+    monkeypatch.setattr(reproduce, "train_arm",
+                        lambda m, meth, s, f, cfg, run, scale, lr=None: trained.append((meth, scale, run.name)))
     monkeypatch.setattr(reproduce, "base_row", lambda *a: {})
     monkeypatch.setattr(reproduce, "arm_row", lambda *a, **kw: measured.append(kw["stiefel_lr_scale"]))
     monkeypatch.setattr(reproduce, "finish", lambda cfg: None)
@@ -275,3 +276,52 @@ def test_param_ratio_text_names_the_final_budget_only_where_it_differs():
     assert param_ratio_text(fora, adalora, "fora", "adalora") == \
         "; parameters, fora vs adalora: 0.33 trained, 0.47 of the final budget"
     assert param_ratio_text({}, adalora, "fora", "adalora") == ""
+
+
+def test_method_lr_runs_a_baseline_at_its_own_rate_as_a_separate_arm(reproduce, tmp_path, monkeypatch, capsys):
+    trained, labels, seen = [], [], []
+    real_train_arm = reproduce.train_arm
+    monkeypatch.setattr(reproduce, "train_arm",
+                        lambda m, meth, s, f, cfg, run, scale, lr=None: trained.append((meth, run.name, lr)))
+    monkeypatch.setattr(reproduce, "base_row", lambda *a: {})
+    monkeypatch.setattr(reproduce, "arm_row", lambda *a, **kw: labels.append(kw))
+    monkeypatch.setattr(reproduce, "finish", lambda cfg: None)
+    cfg = reproduce.parse_args(["--out", str(tmp_path), "--models", "m", "--methods", "adalora", "lora",
+                                "--method-lr", "adalora=2e-3"])
+    assert cfg.method_lr == (("adalora", 0.002),)
+    reproduce.main(cfg)
+    assert trained == [("adalora", "adalora-lr0.002-s0", 0.002), ("lora", "lora-s0", None)]
+    assert [(kw["arm"], kw.get("method_lr")) for kw in labels] == [("adalora lr 0.002", 0.002), ("lora", None)]
+    monkeypatch.setattr("fora.training.run.main", seen.append)  # the real train_arm: the lr reaches TrainConfig
+    real_train_arm("m", "adalora", 0, tmp_path / "train.jsonl", cfg, tmp_path / "a", 1.0, 0.002)
+    real_train_arm("m", "lora", 0, tmp_path / "train.jsonl", cfg, tmp_path / "b")
+    assert [c.lr for c in seen] == [0.002, 5e-4]
+    for bad, message in (("adalora=fast", "--method-lr takes METHOD=LR with METHOD one of fora, lora"),
+                         ("adalora=0", "and LR > 0, got 'adalora=0'"), ("nope=1e-3", "got 'nope=1e-3'"),
+                         ("fora=1e-3", "--method-lr fora=1e-3: fora trains a Stiefel A, whose step follows --lr; "
+                                       "vary it with --stiefel-scales instead")):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(["--method-lr", bad])
+        assert message in capsys.readouterr().err
+
+
+def test_an_arm_at_its_own_lr_is_reported_but_kept_out_of_the_claims(reproduce, tmp_path, monkeypatch):
+    clusters = list(range(40))
+    fora, adalora, fast = np.ones(40, dtype=int), np.zeros(40, dtype=int), np.ones(40, dtype=int)
+    fast[:10] = 0  # adalora at its own lr: 0.75
+    out = tmp_path / "out"
+    for s in (0, 1):
+        for method, y, params in (("fora", fora, 50), ("adalora", adalora, 150), ("adalora-lr0.002", fast, 150)):
+            row = {**_row(float(y.mean()), 0.9, 0.1, params), "budget_params": params}
+            if method.endswith("lr0.002"):
+                row.update(arm="adalora lr 0.002", method_lr=0.002)
+            _write_run(out / "m", method, s, row, {"test_sha256": "x", "clusters": clusters, "acc_loglik": y.tolist()})
+        (out / "m" / f"adalora-lr0.002-s{s}" / "result.json").write_text(
+            (out / "m" / f"adalora-lr0.002-s{s}" / "result.json").read_text().replace('"adalora-lr0.002"', '"adalora"'))
+    (out / "m" / "base.json").write_text(json.dumps({"model": "m", "acc_loglik": 0.5, "acc_norm": 0.5, "perplexity": 9.0}))
+    monkeypatch.setattr(reproduce, "plots", lambda *a: None)
+    report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report", "--n-boot", "200"]))
+    claim = {c["claim"]: c for c in report["claims"]}[CLAIMS[2].name]
+    assert claim["estimate"] == pytest.approx(1.0) and claim["seeds"] == 2  # fora - adalora at the shared lr only
+    md = (out / "results.md").read_text()
+    assert "| m | adalora | 2 |" in md and "| m | adalora lr 0.002 | 2 | 2 | 150 | 0.500 ± 0.000 | 0.750 ± 0.000 |" in md
