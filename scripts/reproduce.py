@@ -234,29 +234,29 @@ def finish(cfg: ReproduceConfig) -> dict:
     steps = [choose_stiefel_step(rows, items, m, method=x, n_boot=cfg.n_boot) for m in base
              for x in ("fora", "stiefel-lora")
              if any(r["model"] == m and r["method"] == x and arm_label(r) != x for r in rows)]
+    tables = {}  # the markdown tables, written beside the runs and, with --sync-docs, into the pages
     if steps:
         atomic_write_json(cfg.out / "stiefel_step.json", steps)
-        atomic_write_text(cfg.out / "stiefel_step.md", step_choice_markdown(steps, slug) + "\n")
+        tables["stiefel_step.md"] = step_choice_markdown(steps, slug)
     report = {"config": config, "base": base, "runs": rows}
     atomic_write_json(cfg.out / "results.json", report)
-    md = results_table(base, rows, ALL_ARMS, slug)  # one line per (model, arm), seeds averaged (± std over seeds)
-    atomic_write_text(cfg.out / "results.md", md + "\n")
+    tables["results.md"] = results_table(base, rows, ALL_ARMS, slug)  # per (model, arm), ± std over seeds
     atomic_write_json(cfg.out / "claims.json", claims)
-    atomic_write_text(cfg.out / "claims.md", claims_markdown(claims, slug) + "\n")
-    print(md)
+    tables["claims.md"] = claims_markdown(claims, slug)
+    for name, text in tables.items():
+        atomic_write_text(cfg.out / name, text + "\n")
+    print(tables["results.md"])
     if cfg.sync_docs:
-        sync_docs(cfg, claims, base)
+        sync_docs(cfg, tables, claims, base)
     return {**report, "claims": claims}
 
 
-def sync_docs(cfg: ReproduceConfig, claims: list[dict], base: dict) -> None:
+def sync_docs(cfg: ReproduceConfig, tables: dict[str, str], claims: list[dict], base: dict) -> None:
     """The tables just written, pasted into the marked blocks of the pages named by --sync-docs."""
     from fora.evaluation.doc_blocks import sync_files
     from fora.evaluation.report import claims_brief
 
-    blocks = {name: (cfg.out / name).read_text() for name in ("claims.md", "results.md", "stiefel_step.md")
-              if (cfg.out / name).is_file()}
-    blocks.update({f"claims_brief {slug(m)}": claims_brief(claims, m) for m in base})
+    blocks = {**tables, **{f"claims_brief {slug(m)}": claims_brief(claims, m) for m in base}}
     for page, names in sync_files(cfg.sync_docs, blocks).items():
         log.info("%s: %s brought up to date", page, ", ".join(names))
 
