@@ -16,6 +16,8 @@ from fora.evaluation.paired import Interval, paired_difference, t_interval
 from fora.evaluation.report import MIN_SEEDS, arm_label, interval_text
 
 ACC_MARGIN = 0.02  # 2 accuracy points
+REASON_DRIFT = "drift not shown below ×1's (KL interval reaches 0)"
+REASON_ACCURACY = f"loses more than {100 * ACC_MARGIN:g} pt"
 
 
 def _runs(rows: Sequence[Mapping[str, Any]], model: str, method: str) -> dict[float, dict[int, Mapping[str, Any]]]:
@@ -43,7 +45,8 @@ def choose_stiefel_step(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[
     Returns:
         {"model", "method", "chosen": the scale, "why", "scales": one row per scale k != 1 with the
         seeds shared with x1, "kl" and "accuracy" contrasts (estimate, low, high; None where no
-        interval) and "eligible" (True, False, or None when undecided)}.
+        interval), "eligible" (True, False, or None when undecided) and "fails" (why a scale is out:
+        REASON_DRIFT and/or REASON_ACCURACY; empty otherwise)}.
     """
     runs = _runs(rows, model, method)
     base = runs.get(1.0, {})
@@ -61,8 +64,11 @@ def choose_stiefel_step(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[
                                         clusters=found[0][0]["clusters"], n_boot=n_boot, seed=seed)
                 row["accuracy"] = _bounds(acc)
         kl_hi, acc_lo = row["kl"]["high"], row["accuracy"]["low"] if len(seeds) >= MIN_SEEDS else None
-        fails = (kl_hi is not None and kl_hi >= 0) or (acc_lo is not None and acc_lo < -ACC_MARGIN)
-        row["eligible"] = False if fails else None if kl_hi is None or acc_lo is None else True
+        # why a scale is out: its drift is not shown below x1's (a t interval over few seeds can
+        # reach 0 even when every seed drifts less), and/or it loses more than the margin
+        row["fails"] = ([REASON_DRIFT] if kl_hi is not None and kl_hi >= 0 else []) + \
+            ([REASON_ACCURACY] if acc_lo is not None and acc_lo < -ACC_MARGIN else [])
+        row["eligible"] = False if row["fails"] else None if kl_hi is None or acc_lo is None else True
         table.append(row)
     chosen = next((r["scale"] for r in table if r["eligible"]), 1.0)
     pending = [r["scale"] for r in table if r["eligible"] is None and (chosen == 1.0 or r["scale"] > chosen)]
@@ -76,8 +82,11 @@ def choose_stiefel_step(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[
                + (f"; ×{chosen:g} qualifies so far" if chosen != 1.0 else ""))
     elif chosen != 1.0:
         why = f"the largest scale with lower drift and accuracy within {100 * ACC_MARGIN:g} pt of ×1"
-    else:
+    elif all(r["fails"] == [REASON_ACCURACY] for r in table):
         why = f"no scale lowers the drift without losing more than {100 * ACC_MARGIN:g} pt: ×1 stays"
+    else:
+        why = "no scale qualifies (" + "; ".join(f"×{r['scale']:g}: " + " and ".join(r["fails"]) for r in table) \
+            + "): ×1 stays"
     return {"model": model, "method": method, "metric": metric, "chosen": chosen, "why": why, "scales": table}
 
 
@@ -89,7 +98,7 @@ def step_choice_markdown(choices: Sequence[Mapping[str, Any]], slug=lambda m: m)
     lines = ["| model | arm | seeds | KL − KL(×1) | accuracy − acc(×1) | eligible |", "|---|---|---|---|---|---|"]
     for c in choices:
         for r in c["scales"]:
-            verdict = {True: "yes", False: "no", None: "undecided"}[r["eligible"]]
+            verdict = {True: "yes", False: "no: " + "; ".join(r.get("fails", [])), None: "undecided"}[r["eligible"]]
             lines.append(f"| {slug(c['model'])} | {c['method']} ×{r['scale']:g} | {r['seeds']} | "
                          f"{cell(r['kl'], 'kl')} | {cell(r['accuracy'], c['metric'])} | {verdict} |")
         lines.append(f"| {slug(c['model'])} | **chosen: ×{c['chosen']:g}** | | | | {c['why']} |")

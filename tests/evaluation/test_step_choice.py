@@ -70,7 +70,8 @@ def test_higher_drift_disqualifies_and_a_single_seed_leaves_it_undecided(base):
     assert [r["eligible"] for r in c["scales"]] == [False, None]
     assert c["chosen"] == 1.0 and c["why"].startswith("undecided at this scale: ×0.0625")
     md = step_choice_markdown([c])
-    assert "| smollm2-135m | fora ×0.25 | 2 | +0.200 [+0.200, +0.200] | +0.0 pt [+0.0 pt, +0.0 pt] | no |" in md
+    assert "| smollm2-135m | fora ×0.25 | 2 | +0.200 [+0.200, +0.200] | +0.0 pt [+0.0 pt, +0.0 pt] | " \
+        "no: drift not shown below ×1's (KL interval reaches 0) |" in md
     assert "| smollm2-135m | fora ×0.0625 | 1 | -0.400 | +0.0 pt [+0.0 pt, +0.0 pt] | undecided |" in md
     assert "**chosen: ×1**" in md
 
@@ -80,6 +81,25 @@ def test_nothing_qualifies_keeps_the_default(base):
                          0.25: {s: (0.2 + 0.1 * s, _worse(base[s], 10)) for s in base}})
     c = choose_stiefel_step(rows, items, M, n_boot=500)
     assert c["chosen"] == 1.0 and c["why"] == "no scale lowers the drift without losing more than 2 pt: ×1 stays"
+    assert c["scales"][0]["fails"] == ["loses more than 2 pt"]
+
+
+def test_drift_lower_on_every_seed_but_not_by_its_interval_is_out_and_says_why(base):
+    # two seeds whose KL drops by 1.4 and 0.2: every seed drifts less, but the t interval of the
+    # mean drop (-0.8 +- 12.7 * 0.6) reaches 0, so the rule cannot count it as lower drift
+    rows, items = _runs({1.0: {s: (2.0 + 0.5 * s, base[s]) for s in base},
+                         0.25: {0: (0.6, base[0]), 1: (2.3, base[1])},
+                         0.0625: {0: (0.6, base[0]), 1: (2.3, _worse(base[1], 20))}})
+    c = choose_stiefel_step(rows, items, M, n_boot=500)
+    quarter, sixteenth = c["scales"]
+    assert quarter["kl"]["estimate"] == pytest.approx(-0.8)
+    assert quarter["kl"]["high"] > 0 > quarter["kl"]["estimate"]
+    assert quarter["fails"] == ["drift not shown below ×1's (KL interval reaches 0)"]
+    assert sixteenth["fails"] == ["drift not shown below ×1's (KL interval reaches 0)", "loses more than 2 pt"]
+    assert c["chosen"] == 1.0
+    assert c["why"] == ("no scale qualifies (×0.25: drift not shown below ×1's (KL interval reaches 0); "
+                        "×0.0625: drift not shown below ×1's (KL interval reaches 0) and loses more than 2 pt)"
+                        ": ×1 stays")
 
 
 def test_a_larger_undecided_scale_makes_a_smaller_choice_provisional(base):
