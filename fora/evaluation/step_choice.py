@@ -5,7 +5,8 @@ whose FoRA drift is below x1's (the t interval over seeds of KL(fora xk) - KL(fo
 below 0), the default becomes the largest whose FoRA accuracy is at most `ACC_MARGIN` below x1's
 (the lower bound of the paired bootstrap interval of acc(fora xk) - acc(fora) is >= -ACC_MARGIN).
 If there is none, x1 stays. A scale without both intervals (one seed, no items.json) cannot be
-chosen nor ruled out (one seed's accuracy interval covers items only, as for the claims), and a choice made while some scale is still undecided says so.
+chosen nor ruled out (one seed's accuracy interval covers items only, as for the claims), and a
+choice made while some scale is still undecided says so.
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def step_choice_markdown(choices: Sequence[Mapping[str, Any]], slug=lambda m: m)
     lines = ["| model | arm | seeds | KL − KL(×1) | accuracy − acc(×1) | eligible |", "|---|---|---|---|---|---|"]
     for c in choices:
         for r in c["scales"]:
-            verdict = {True: "yes", False: "no: " + "; ".join(r.get("fails", [])), None: "undecided"}[r["eligible"]]
+            verdict = "undecided" if r["eligible"] is None else \
+                "yes" if r["eligible"] else "no: " + "; ".join(r["fails"])
             lines.append(f"| {slug(c['model'])} | {c['method']} ×{r['scale']:g} | {r['seeds']} | "
                          f"{cell(r['kl'], 'kl')} | {cell(r['accuracy'], c['metric'])} | {verdict} |")
         lines.append(f"| {slug(c['model'])} | **chosen: ×{c['chosen']:g}** | | | | {c['why']} |")
