@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "CayleyAdam": "fora.cayley_adam",
     "CayleyAdamReference": "fora.cayley_adam_reference",
     "build_optimizers": "fora.optim",
+    "default_stiefel_lr_scale": "fora.optim",
     "random_stiefel": "fora.stiefel",
     "project_tangent": "fora.stiefel",
     "cayley_step": "fora.stiefel",

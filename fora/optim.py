@@ -8,6 +8,14 @@ AdamW moves each of the r · d_in entries of an unconstrained A by about ``lr``,
 comparable steps; at lr = 2e-4, r = 32 that is 0.051 for d_in = 2048 and 0.10 for d_in = 8192.
 An explicit ``stiefel_lr`` is used as is for every A. ``stiefel_lr_scale`` multiplies either (the
 step-size study of scripts/reproduce.py ``--stiefel-scales``).
+
+**stiefel_lr_scale default per family (decision, measured).** The trainer multiplies the default
+step by ``default_stiefel_lr_scale(model_type)``, the scale that the rule of
+``fora.evaluation.step_choice`` (fixed before the runs) chose on the claims runs of the family's
+measured model (docs/reproduction.md, "The Stiefel step"). SmolLM2-135M (LLaMA): x1, since both
+shorter steps lowered the drift only by losing more than 2 points. Gemma-3-270M (Gemma 3): a shorter
+step drifted less with no accuracy lost, so Gemma 3 gets the scale chosen there. Families without
+such runs (Qwen3, Gemma 2) keep x1.
 """
 from __future__ import annotations
 
@@ -18,6 +26,15 @@ from torch import nn
 
 from fora.cayley_adam import CAYLEY_BETAS, CayleyAdam
 from fora.inject import euclidean_parameters, stiefel_parameters
+
+# model_type (config.json) -> the Stiefel step's default multiplier; absent families get 1.
+STIEFEL_LR_SCALE: dict[str, float] = {"gemma3_text": 0.25, "gemma3": 0.25}  # Gemma-3-270M, three seeds
+
+
+def default_stiefel_lr_scale(model_type: str) -> float:
+    """The default multiplier of Cayley-Adam's step for a model family (`ModelConfig.model_type`):
+    the scale chosen by the Stiefel-step rule on that family's claims runs, 1 where none ran."""
+    return STIEFEL_LR_SCALE.get(model_type, 1.0)
 
 
 def build_optimizers(model: nn.Module, lr: float, *, stiefel_lr: float | None = None, stiefel_lr_scale: float = 1.0,

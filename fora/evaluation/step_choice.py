@@ -79,7 +79,7 @@ def choose_stiefel_step(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple[
         why = "undecided at this scale: no scaled runs"
     elif pending:
         why = ("undecided at this scale: " + ", ".join(f"×{k:g}" for k in pending)
-               + " lack an interval (one seed or no items.json)"
+               + (" lacks" if len(pending) == 1 else " lack") + " an interval (one seed or no items.json)"
                + (f"; ×{chosen:g} qualifies so far" if chosen != 1.0 else ""))
     elif chosen != 1.0:
         why = f"the largest scale with lower drift and accuracy within {100 * ACC_MARGIN:g} pt of ×1"

@@ -59,7 +59,7 @@ class TrainConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     lr: float = 3e-4
     stiefel_lr: float | None = None
-    stiefel_lr_scale: float = 1.0
+    stiefel_lr_scale: float | None = None  # None: the model family's (fora.optim.default_stiefel_lr_scale)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     batch_size: int = 16
@@ -119,8 +119,9 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.stiefel_lr is not None and not self.stiefel_lr > 0:
             raise ValueError(f"--stiefel-lr must be > 0, got {self.stiefel_lr}; omit it for lr * sqrt(r * d_in)")
-        if not self.stiefel_lr_scale > 0:
-            raise ValueError(f"--stiefel-lr-scale must be > 0, got {self.stiefel_lr_scale}; 1 keeps the default step")
+        if self.stiefel_lr_scale is not None and not self.stiefel_lr_scale > 0:
+            raise ValueError(f"--stiefel-lr-scale must be > 0, got {self.stiefel_lr_scale}; "
+                             "omit it for the model family's default")
         if self.dtype == "float16":
             raise ValueError("--dtype float16 is not supported for training: fp16 autocast without loss "
                              "scaling lets small gradients underflow to zero; use --dtype bfloat16 "
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stiefel-lr", type=float, default=d.stiefel_lr, help="Cayley-Adam step length for A on the "
       "Stiefel methods; default lr * sqrt(r * d_in) per A (same Frobenius step as AdamW on a plain A)")
     a("--stiefel-lr-scale", type=float, default=d.stiefel_lr_scale, help="multiplies the Cayley-Adam step "
-      "of every A (the default lr * sqrt(r * d_in), or --stiefel-lr): 0.25 for a quarter of it")
+      "of every A (the default lr * sqrt(r * d_in), or --stiefel-lr): 0.25 for a quarter of it; default "
+      "the model family's measured choice, 0.25 for Gemma 3 and 1 for the others (1 with --stiefel-lr)")
     a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (never on Stiefel A)")
     a("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the global grad norm of all "
       "adapter parameters (A and B) before every optimizer sees them; 0 disables")

@@ -38,7 +38,7 @@ from fora.formats.peft_io import save_adapter, save_merged
 from fora.inject import freeze_base, inject_lora, lora_modules
 from fora.models.config import ModelConfig
 from fora.models.speed import checkpoint_blocks, compile_blocks
-from fora.optim import build_optimizers
+from fora.optim import build_optimizers, default_stiefel_lr_scale
 from fora.stiefel import stiefel_error
 from fora.training.adalora_hooks import AdaLoRAStep, init_rank, schedule_of
 from fora.training.batching import calibration_batches, epoch_steps, make_batches
@@ -125,6 +125,19 @@ def base_model_id(cfg: TrainConfig, folder: Path) -> str:
     return _hub_base_model_id(cfg.model, folder)
 
 
+def with_stiefel_step(cfg: TrainConfig, model_type: str) -> TrainConfig:
+    """`cfg` with `stiefel_lr_scale` set: as given, else 1 beside an explicit `--stiefel-lr`, else
+    the family's measured default (`fora.optim.default_stiefel_lr_scale`), so that
+    train_config.json records the step a run took and a resume takes the same one."""
+    if cfg.stiefel_lr_scale is not None:
+        return cfg
+    scale = 1.0 if cfg.stiefel_lr is not None else default_stiefel_lr_scale(model_type)
+    if scale != 1 and METHODS[cfg.method].stiefel:
+        log.info("Stiefel step: lr * sqrt(r * d_in) x %g, the %s default (--stiefel-lr-scale 1 for x1)",
+                 scale, model_type)
+    return replace(cfg, stiefel_lr_scale=scale)
+
+
 def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
          final_eval: FinalEval | None = None) -> TrainResult:
     """Run one training job described by `cfg`; returns losses and where the outputs are.
@@ -146,6 +159,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     device, dtype = resolve_device_dtype(cfg)
     ctx = init_distributed(cfg.distributed, device.type)  # torchrun's process group, or one process
     cfg, device = replace(cfg, world_size=ctx.world), ctx.device(device)
+    folder = resolve_checkpoint(cfg.model)
+    cfg = with_stiefel_step(cfg, ModelConfig.from_json(folder).model_type)  # before it is compared or saved
     with ctx.main_first():  # rank 0 may repair a half-published checkpoint before the others read it
         out, ckpt = prepare_out(cfg)
     t_start -= ckpt.seconds if ckpt is not None else 0.0  # timings continue across a resume
@@ -155,7 +170,6 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     spec = METHODS[cfg.method]
 
     # 1. model and tokenizer
-    folder = resolve_checkpoint(cfg.model)
     L = ModelConfig.from_json(folder).num_hidden_layers  # checked before the weights load
     if cfg.k is not None and cfg.k > L:
         raise ValueError(f"--k {cfg.k} exceeds the number of layers of {cfg.model} (L={L}); "

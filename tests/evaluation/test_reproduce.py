@@ -263,7 +263,7 @@ def test_stiefel_lr_scale_multiplies_cayley_adams_default_step():
     assert [g["lr"] for g in cayley.param_groups] == pytest.approx([0.075])
     from fora.training.config import TrainConfig
 
-    with pytest.raises(ValueError, match="--stiefel-lr-scale must be > 0, got 0; 1 keeps the default step"):
+    with pytest.raises(ValueError, match="--stiefel-lr-scale must be > 0, got 0; omit it for the model family's default"):
         TrainConfig(model="m", stiefel_lr_scale=0)
 
 

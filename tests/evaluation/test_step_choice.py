@@ -108,8 +108,14 @@ def test_a_larger_undecided_scale_makes_a_smaller_choice_provisional(base):
                          0.0625: {s: (0.1 + 0.1 * s, base[s]) for s in base}})
     c = choose_stiefel_step(rows, items, M, n_boot=500)
     assert c["chosen"] == 0.0625
-    assert c["why"] == ("undecided at this scale: ×0.25 lack an interval (one seed or no items.json); "
+    assert c["why"] == ("undecided at this scale: ×0.25 lacks an interval (one seed or no items.json); "
                         "×0.0625 qualifies so far")
+
+    rows, items = _runs({1.0: {s: (0.5 + 0.1 * s, base[s]) for s in base},
+                         0.25: {0: (0.2, base[0])}, 0.0625: {0: (0.1, base[0])}})
+    c = choose_stiefel_step(rows, items, M, n_boot=500)
+    assert c["chosen"] == 1.0
+    assert c["why"] == "undecided at this scale: ×0.25, ×0.0625 lack an interval (one seed or no items.json)"
 
 
 def test_without_per_item_results_accuracy_stays_open(base):

@@ -56,7 +56,7 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_resume_dir_alone_continues(
     assert stop.value.command == f"python scripts/train.py --resume {out}"
     assert not (out / "adapter_model.safetensors").exists()
     resumed = parse_args(["--resume", str(out)])             # --resume DIR alone: settings from the run
-    assert replace(resumed, resume=None, out=cfg.out) == replace(cfg, out=cfg.out)
+    assert replace(resumed, resume=None, out=cfg.out) == replace(cfg, out=cfg.out, stiefel_lr_scale=1.0)  # as recorded
     main(resumed)
     a, b = _adapter(tmp_path / "full"), _adapter(out)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
