@@ -1,4 +1,4 @@
-"""The stored claims runs (docs/claims): `reproduce.py --report` rebuilds the committed tables from them.
+"""The stored claims runs (docs/claims, and the init-norm control's docs/claims-mn): `reproduce.py --report` rebuilds the committed tables from them.
 
 docs/claims holds each finished arm's small files (result.json, items.json, ...) in git; the tables
 beside them (results.md, claims.md, stiefel_step.md) are what `--report` wrote. Rebuilding them from
@@ -47,6 +47,27 @@ def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
     for rel, page in zip(PAGES, pages):
         assert page.read_text() == (root / rel).read_text(), \
             f"{rel} differs from the stored tables: rerun --report --sync-docs {' '.join(PAGES)}"
+
+
+def test_the_init_norm_control_store_rebuilds_its_tables(tmp_path, monkeypatch):
+    """docs/claims-mn (plain arms with unit-norm A rows) is its own store: the same rebuild, no pages."""
+    store = STORE.parent / "claims-mn"
+    runs = sorted(store.glob("*/*-s*/result.json"))
+    if not runs:
+        pytest.skip(f"no finished control runs under {store} yet")
+    out = tmp_path / "claims-mn"
+    shutil.copytree(store, out, ignore=lambda folder, names: [
+        n for n in names if (Path(folder) == store and n in (*TABLES, "results.json", "data"))
+        or n == "checkpoint" or n.endswith(".safetensors")])
+    reproduce = load_script("reproduce")
+    monkeypatch.setattr(reproduce, "plots", lambda *a: None)
+    report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report"]))
+    assert len(report["runs"]) == len(runs)
+    assert all(json.loads(r.read_text())["method"] in ("lora", "fg-lora") for r in runs)
+    assert all(json.loads((r.parent / "train_config.json").read_text())["match_init_norm"] for r in runs)
+    for name in TABLES:
+        if (store / name).is_file() or (out / name).is_file():
+            assert (out / name).read_text() == (store / name).read_text(), f"claims-mn/{name} is stale: rerun --report"
 
 
 def test_the_readme_and_reproduction_page_show_the_stored_tables():
