@@ -1,4 +1,5 @@
-"""The stored claims runs (docs/claims, and the init-norm control's docs/claims-mn): `reproduce.py --report` rebuilds the committed tables from them.
+"""The stored claims runs (docs/claims; the init-norm control's docs/claims-mn): `reproduce.py
+--report` rebuilds the committed tables from them.
 
 docs/claims holds each finished arm's small files (result.json, items.json, ...) in git; the tables
 beside them (results.md, claims.md, stiefel_step.md) are what `--report` wrote. Rebuilding them from
