@@ -160,7 +160,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     ctx = init_distributed(cfg.distributed, device.type)  # torchrun's process group, or one process
     cfg, device = replace(cfg, world_size=ctx.world), ctx.device(device)
     folder = resolve_checkpoint(cfg.model)
-    cfg = with_stiefel_step(cfg, ModelConfig.from_json(folder).model_type)  # before it is compared or saved
+    model_config = ModelConfig.from_json(folder)  # checked before the weights load
+    cfg = with_stiefel_step(cfg, model_config.model_type)  # before it is compared or saved
     with ctx.main_first():  # rank 0 may repair a half-published checkpoint before the others read it
         out, ckpt = prepare_out(cfg)
     t_start -= ckpt.seconds if ckpt is not None else 0.0  # timings continue across a resume
@@ -170,7 +171,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     spec = METHODS[cfg.method]
 
     # 1. model and tokenizer
-    L = ModelConfig.from_json(folder).num_hidden_layers  # checked before the weights load
+    L = model_config.num_hidden_layers
     if cfg.k is not None and cfg.k > L:
         raise ValueError(f"--k {cfg.k} exceeds the number of layers of {cfg.model} (L={L}); "
                          f"choose --k between 1 and {L}")

@@ -23,14 +23,18 @@ PAGES = ("README.md", "docs/reproduction.md")  # the pages holding copies of the
 BLOCKS = ("claims.md", "results.md", "stiefel_step.md", "claims_brief smollm2-135m", "claims_brief gemma-3-270m")
 
 
+def _copy_run_files(store: Path, out: Path) -> None:
+    """The run files only: not the tables at the top, the generated data or any local weights left behind."""
+    shutil.copytree(store, out, ignore=lambda folder, names: [
+        n for n in names if (Path(folder) == store and n in (*TABLES, "results.json", "data"))
+        or n == "checkpoint" or n.endswith(".safetensors")])
+
+
 def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
     runs = sorted(STORE.glob("*/*-s*/result.json"))
     assert runs, f"no finished runs under {STORE}"
     out = tmp_path / "claims"
-    # the run files only: the tables at the top, the generated data and any local weights left behind
-    shutil.copytree(STORE, out, ignore=lambda folder, names: [
-        n for n in names if (Path(folder) == STORE and n in (*TABLES, "results.json", "data"))
-        or n == "checkpoint" or n.endswith(".safetensors")])
+    _copy_run_files(STORE, out)
     # stale copies of the pages: --sync-docs must bring them back to the committed text
     root, pages = STORE.parents[1], []
     for rel in PAGES:
@@ -57,9 +61,7 @@ def test_the_init_norm_control_store_rebuilds_its_tables(tmp_path, monkeypatch):
     if not runs:
         pytest.skip(f"no finished control runs under {store} yet")
     out = tmp_path / "claims-mn"
-    shutil.copytree(store, out, ignore=lambda folder, names: [
-        n for n in names if (Path(folder) == store and n in (*TABLES, "results.json", "data"))
-        or n == "checkpoint" or n.endswith(".safetensors")])
+    _copy_run_files(store, out)
     reproduce = load_script("reproduce")
     monkeypatch.setattr(reproduce, "plots", lambda *a: None)
     report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report"]))
