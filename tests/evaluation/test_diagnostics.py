@@ -188,7 +188,7 @@ def test_dora_spectrum_is_that_of_its_update_not_of_sBA():
         layer.lora_B.normal_(std=0.5)
         layer.lora_magnitude_vector.mul_(torch.rand(8) + 0.5)
     v = w0 + layer.scale * layer.lora_B.double() @ layer.lora_A.double()
-    update = layer.lora_magnitude_vector.double()[:, None] * v / v.norm(dim=1, keepdim=True) - w0  # W' - W0
+    update = (layer.lora_magnitude_vector.double()[:, None] * v / v.norm(dim=1, keepdim=True) - w0).detach()  # W' - W0
     row = module_diagnostics("model.layers.0.self_attn.q_proj", layer)
     torch.testing.assert_close(torch.tensor(row["singular_values"], dtype=torch.float64),
                                torch.linalg.svdvals(update), rtol=1e-6, atol=1e-9)
