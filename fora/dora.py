@@ -30,6 +30,9 @@ class DoRALinear(LoRALinear):
     """
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, **kwargs) -> None:
+        if kwargs.get("init") == "stiefel_b":
+            raise ValueError("DoRA has no gate and keeps B = 0 at init: FoRA's gated Stiefel B (init='stiefel_b') "
+                             "does not apply; inject DoRA with stiefel=False (or stiefel_factor='A')")
         super().__init__(base, rank, alpha, **kwargs)
         self.lora_magnitude_vector = nn.Parameter(
             torch.ones(self.out_features, dtype=self.lora_A.dtype, device=self.lora_A.device))

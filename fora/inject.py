@@ -32,7 +32,7 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
                 targets: Sequence[str] = DEFAULT_TARGETS, rank: int = 32, alpha: float | None = None,
                 stiefel: bool = True, rank_pattern: dict[str, int] | None = None, dropout: float = 0.0,
                 rslora: bool = False, seed: int | None = None, dora: bool = False,
-                adalora: bool = False) -> dict[str, LoRALinear]:
+                adalora: bool = False, stiefel_factor: str = "B") -> dict[str, LoRALinear]:
     """Replace ``targets`` of blocks ``layers`` by LoRALinear (in place).
 
     Args:
@@ -41,7 +41,8 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
         targets: leaf module names per block (default: LLM-Adapters' five).
         rank: r for every module not in ``rank_pattern``.
         alpha: α shared by all modules; None -> 2 · rank (see the module docstring).
-        stiefel: A initialised on the Stiefel manifold (rows orthonormal) instead of Kaiming.
+        stiefel: FoRA's adapter (``stiefel_factor="B"``: B column-orthonormal, A ~ N(0, 1/r), a
+            gate g = 0) or the ablation's (``"A"``: A rows orthonormal, B = 0); False: plain LoRA.
         rank_pattern: full module path -> rank; every key must name an injected module.
         dropout, rslora: as in LoRALinear.
         seed: seeds the CPU generator that draws every A, in sorted layer order then target order.
@@ -62,7 +63,9 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
     alpha = 2.0 * rank if alpha is None else float(alpha)
     rank_pattern = dict(rank_pattern or {})
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    init = "stiefel" if stiefel else "standard"
+    if stiefel_factor not in ("B", "A"):
+        raise ValueError(f"unknown stiefel_factor {stiefel_factor!r}: 'B' (FoRA) or 'A' (the ablation)")
+    init = ("stiefel_b" if stiefel_factor == "B" else "stiefel_a") if stiefel else "standard"
     paths = [target_path(blocks[i], f"model.layers.{i}", t) for i in sorted(set(layers)) for t in targets]
     if len(set(paths)) != len(paths):
         raise ValueError(f"duplicate targets in {tuple(targets)}; list each module name once")
@@ -114,39 +117,49 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             m.disabled = flag
 
 
-def _euclidean(m: LoRALinear) -> list[nn.Parameter]:
-    """B, DoRA's magnitude m and AdaLoRA's E: the adapter parameters trained by AdamW."""
+def _euclidean(m: LoRALinear, factor: str) -> list[nn.Parameter]:
+    """What AdamW trains in module m when ``factor`` is on the manifold: the other factor, the
+    gate, DoRA's magnitude m, AdaLoRA's E."""
     if isinstance(m, AdaLoRALinear):
         return [m.lora_E, m.lora_B]
-    return [m.lora_B, m.lora_magnitude_vector] if isinstance(m, DoRALinear) else [m.lora_B]
+    other = [m.lora_A] if factor == "B" else [m.lora_B]
+    gate = [m.lora_gate] if m.lora_gate is not None else []
+    return other + gate + ([m.lora_magnitude_vector] if isinstance(m, DoRALinear) else [])
+
+
+def _adapter_parameters(m: LoRALinear) -> list[nn.Parameter]:
+    """Every trainable parameter of adapter m."""
+    return list(dict.fromkeys([m.lora_A, m.lora_B, *_euclidean(m, "B")]))
 
 
 def _check_collection(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every trainable parameter must be some adapter's A or B (nothing silently left out)."""
+    """Every trainable parameter must belong to some adapter (nothing silently left out)."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters; call fora.inject.inject_lora first")
-    ours = {id(p) for m in mods.values() for p in (m.lora_A, *_euclidean(m))}
+    ours = {id(p) for m in mods.values() for p in _adapter_parameters(m)}
     stray = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
     if stray:
-        raise ValueError(f"{len(stray)} trainable parameters are not LoRA A/B (e.g. {stray[:3]}); "
+        raise ValueError(f"{len(stray)} trainable parameters are not adapter parameters (e.g. {stray[:3]}); "
                          "call fora.inject.freeze_base(model) first")
     return mods
 
 
-def stiefel_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The A's (the parameters Cayley-Adam keeps on the Stiefel manifold), in module order."""
-    return [m.lora_A for m in _check_collection(model).values()]
+def stiefel_parameters(model: nn.Module, *, factor: str) -> list[nn.Parameter]:
+    """Every module's ``factor`` ("B": FoRA's, "A": the ablation's), in module order: the
+    parameters Cayley-Adam keeps on the Stiefel manifold."""
+    return [m.lora_B if factor == "B" else m.lora_A for m in _check_collection(model).values()]
 
 
-def euclidean_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The B's (plain AdamW), in module order; a DoRA module adds its magnitude m after its B."""
-    return [p for m in _check_collection(model).values() for p in _euclidean(m)]
+def euclidean_parameters(model: nn.Module, *, factor: str) -> list[nn.Parameter]:
+    """Everything AdamW trains when ``factor`` is on the manifold, in module order: the other
+    factor, then the gate (FoRA), DoRA's magnitude m or AdaLoRA's E."""
+    return [p for m in _check_collection(model).values() for p in _euclidean(m, factor)]
 
 
 def freeze_base(model: nn.Module) -> None:
-    """requires_grad = False on every parameter except the LoRA A's and B's (and DoRA's m), which get True."""
-    ours = {id(p) for m in lora_modules(model).values() for p in (m.lora_A, *_euclidean(m))}
+    """requires_grad = False on every parameter except the adapters' (A, B, gate, DoRA's m, AdaLoRA's E)."""
+    ours = {id(p) for m in lora_modules(model).values() for p in _adapter_parameters(m)}
     for p in model.parameters():
         p.requires_grad_(id(p) in ours)
 

@@ -1,7 +1,10 @@
 """LoRALinear: a frozen nn.Linear plus a rank-r update, written by hand (no parametrize).
 
-    y = x W0ᵀ + b + s · (dropout(x) Aᵀ) Bᵀ,   A: (r, d_in), B: (d_out, r),
+    y = x W0ᵀ + b + g · s · (dropout(x) Aᵀ) Bᵀ,   A: (r, d_in), B: (d_out, r),
     s = α / r  (or α / √r with rsLoRA)                                        (Eq. 1)
+
+g is FoRA's learnable scalar gate (init ``"stiefel_b"``: B column-orthonormal, A ~ N(0, 1/r),
+g = 0, so ΔW = 0 at step 0); the other inits have no gate (g ≡ 1) and start from B = 0.
 
 The dense ``W0 + s B A`` is never formed in ``forward``; it only exists after ``merge()``.
 ``weight`` / ``bias`` are the wrapped layer's own Parameter objects under their own names, so
@@ -25,7 +28,10 @@ from fora.stiefel import random_stiefel
 
 logger = logging.getLogger(__name__)
 
-INITS = ("standard", "stiefel")
+# standard: A Kaiming, B = 0. stiefel_b: FoRA (B on St(d_out, r), A ~ N(0, 1/r), gate g = 0).
+# stiefel_a: the row-orthonormal-A ablation (A on St(d_in, r) transposed, B = 0).
+INITS = ("standard", "stiefel_b", "stiefel_a")
+STIEFEL_FACTOR = {"standard": None, "stiefel_b": "B", "stiefel_a": "A"}
 
 
 class LoRALinear(nn.Module):
@@ -37,8 +43,10 @@ class LoRALinear(nn.Module):
         alpha: α; the scale is α / r, or α / √r with ``rslora=True``.
         dropout: dropout probability on the adapter input (peft's ``lora_dropout``).
         rslora: use the rank-stabilised scale α / √r.
-        init: "standard" (A Kaiming-uniform with a = √5 as in peft, B = 0) or "stiefel"
-            (A = r orthonormal rows from a sign-fixed QR of a Gaussian, B = 0). Both give ΔW = 0.
+        init: "standard" (A Kaiming-uniform with a = √5 as in peft, B = 0); "stiefel_b" (FoRA: B =
+            r orthonormal columns from a sign-fixed QR of a Gaussian, A ~ N(0, 1/r), a scalar gate
+            ``lora_gate`` = 0); or "stiefel_a" (the ablation: A = r orthonormal rows, B = 0).
+            All three give ΔW = 0 at init.
         generator: random source for A (its device is where A is drawn).
         dtype: dtype of A and B (fp32 by default, whatever the base dtype).
     """
@@ -55,13 +63,16 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be a positive int, got {rank!r}; pass e.g. rank=32")
         if init not in INITS:
             raise ValueError(f"unknown LoRA init {init!r}: valid inits are {', '.join(INITS)}")
-        if init == "stiefel" and rank > min(d_in, d_out):
-            raise ValueError(f"rank {rank} > min(d_in, d_out) = {min(d_in, d_out)} for a Stiefel A "
-                             f"of a {d_in} -> {d_out} layer; lower the rank to at most {min(d_in, d_out)}")
+        factor = STIEFEL_FACTOR[init]
+        if factor is not None and rank > (d_out if factor == "B" else d_in):
+            n = d_out if factor == "B" else d_in
+            raise ValueError(f"rank {rank} > {n} for a Stiefel {factor} of a {d_in} -> {d_out} layer "
+                             f"(at most {n} orthonormal vectors of length {n}); lower the rank to at most {n}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         self.in_features, self.out_features = d_in, d_out
         self.rank, self.alpha, self.rslora, self.init = rank, float(alpha), rslora, init
+        self.stiefel_factor = factor  # "B", "A" or None: the factor Cayley-Adam keeps orthonormal
         self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
         self.merged = False
         self.disabled = False  # True: forward is the base layer alone (adapters_disabled)
@@ -82,37 +93,56 @@ class LoRALinear(nn.Module):
         device = base.packed.device if self.quantized else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
+        if factor == "B":
+            self.lora_gate = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
+        else:
+            self.register_parameter("lora_gate", None)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters(generator)
         self.train(base.training)  # inherit the wrapped layer's mode: no adapter dropout in eval
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Draw A per ``self.init`` and zero B; a no-op on the meta device."""
+        """Draw the factors per ``self.init`` (ΔW = 0 after it); a no-op on the meta device."""
         if self.lora_A.is_meta:
             return
         src = generator.device if generator is not None else self.lora_A.device
-        if self.init == "stiefel":
-            A = random_stiefel(self.in_features, self.rank, generator=generator,
-                               dtype=torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32,
-                               device=src).mT
+        work = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+        if self.init == "stiefel_b":
+            B = random_stiefel(self.out_features, self.rank, generator=generator, dtype=work, device=src)
+            A = torch.randn(self.rank, self.in_features, generator=generator, dtype=work, device=src)
+            self.lora_B.copy_(B)
+            self.lora_A.copy_(A / math.sqrt(self.rank))  # N(0, 1/r)
+            self.lora_gate.zero_()
+            return
+        if self.init == "stiefel_a":
+            A = random_stiefel(self.in_features, self.rank, generator=generator, dtype=work, device=src).mT
         else:
             A = torch.empty(self.rank, self.in_features, dtype=torch.float32, device=src)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.lora_A.copy_(A)
         self.lora_B.zero_()
 
+    def stiefel_parameter(self) -> nn.Parameter | None:
+        """The factor on the Stiefel manifold: B (FoRA), A (the ablation) or None (plain LoRA)."""
+        return {"B": self.lora_B, "A": self.lora_A, None: None}[self.stiefel_factor]
+
+    def gate(self) -> float:
+        """g as a number (1.0 without a gate): ΔW = g · s · B A."""
+        return 1.0 if self.lora_gate is None else float(self.lora_gate.detach())
+
     def delta_weight(self) -> Tensor:
-        """ΔW = s · B A, shape (d_out, d_in), in the adapter dtype."""
-        return self.scale * (self.lora_B @ self.lora_A)
+        """ΔW = g · s · B A, shape (d_out, d_in), in the adapter dtype."""
+        delta = self.scale * (self.lora_B @ self.lora_A)
+        return delta if self.lora_gate is None else self.lora_gate * delta
 
     def merged_weight(self, w0: Tensor) -> Tensor:
-        """W0 + s B A for a given W0 [d_out, d_in], in float32 (for exports; the module is unchanged)."""
+        """W0 + g s B A for a given W0 [d_out, d_in], in float32 (for exports; the module is unchanged)."""
         return w0.float() + self.delta_weight().detach().float().to(w0.device)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W ← W0 + s B A in the base dtype; forward then skips the adapter path."""
+        """W ← W0 + g s B A in the base dtype; forward then skips the adapter path."""
         self._refuse_quantized("merge")
         if self.merged:
             logger.warning("LoRALinear.merge(): already merged, nothing to do")
@@ -122,7 +152,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W ← W − s B A: undo ``merge()`` (exact up to rounding in the base dtype)."""
+        """W ← W − g s B A: undo ``merge()`` (exact up to rounding in the base dtype)."""
         self._refuse_quantized("unmerge")
         if not self.merged:
             logger.warning("LoRALinear.unmerge(): not merged, nothing to do")
@@ -144,7 +174,7 @@ class LoRALinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (N, d_in)
         y = F.linear(x2, self.weight, self.bias)  # (N, d_out), a fresh tensor that only we hold
         if not (self.merged or self.disabled):
-            u = self._down(x2)  # (N, r)
+            u = self._down(x2)  # (N, r), gated
             if u.dtype == y.dtype:
                 # y += s · u Bᵀ inside the GEMM (beta = 1, alpha = s): no (N, d_out) temporary for
                 # the product, its scaling or the sum, and in backward s scales (N, r)-sized
@@ -155,11 +185,12 @@ class LoRALinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _down(self, x: Tensor) -> Tensor:
-        """u = dropout(x) Aᵀ, in the adapter dtype unless autocast casts both operands itself."""
+        """u = dropout(x) Aᵀ (times g where there is a gate), in the adapter dtype unless autocast casts both operands itself."""
         h = self.lora_dropout(x)
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(self.lora_A.dtype)
-        return F.linear(h, self.lora_A)
+        u = F.linear(h, self.lora_A)
+        return u if self.lora_gate is None else u * self.lora_gate.to(u.dtype)  # g on the (N, r) side
 
     def _scaled_up(self, u: Tensor) -> Tensor:
         """s · u Bᵀ: Eq. 1's adapter term from the down-projection u."""

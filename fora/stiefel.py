@@ -1,12 +1,11 @@
 """Geometry of the Stiefel manifold St(n, r) = {X in R^{n x r} : XᵀX = I_r} as small pure functions.
 
-Convention (PAPER.md §2). Every function here works on a *column* matrix ``X`` of shape (n, r)
-with orthonormal columns. A LoRA down-projection ``A`` has shape (r, d_in) with orthonormal
-*rows*, so the point on the manifold is ``X = A.mT`` (n = d_in); gradients transpose the same way
-(``G = A.grad.mT``). Callers transpose at the boundary; ``stiefel_error(A, rows=True)`` (the same
-as ``stiefel_error(A.mT)``) is ``max |A Aᵀ − I|`` for a LoRA A directly. A wide matrix (fewer rows
-than columns) has no orthonormal columns, so the functions taking a point X raise on one instead
-of silently computing with the wrong orientation: that is the un-transposed A.
+Convention. Every function here works on a *column* matrix ``X`` of shape (n, r) with
+orthonormal columns: FoRA's up-projection B (d_out, r) is such a point as it is. The ablation's
+down-projection ``A`` (r, d_in) has orthonormal *rows*, so its point is ``X = A.mT``; callers
+transpose at the boundary, and ``stiefel_error(A, rows=True)`` is ``max |A Aᵀ − I|`` directly. A
+wide matrix (fewer rows than columns) has no orthonormal columns, so the functions taking a point
+X raise on one instead of silently computing with the wrong orientation.
 
 The step functions (projections, skew_apply, skew_norm, the Cayley steps, qr_retract) also take
 a batch of points (..., n, r) (the optimizer stacks the A's of one shape); ``tau`` then
@@ -23,7 +22,8 @@ from torch import Tensor
 
 __all__ = [
     "random_stiefel", "project_tangent", "canonical_direction", "skew_apply", "skew_norm",
-    "cayley_step", "cayley_coefficients", "skew_norm_from_grams", "cayley_fixed_point", "qr_retract",
+    "skew_norm_l1", "cayley_step", "cayley_coefficients", "skew_norm_from_grams", "cayley_fixed_point",
+    "qr_retract",
     "stiefel_error", "effective_rank",
 ]
 
@@ -31,8 +31,8 @@ __all__ = [
 def _check_point(name: str, X: Tensor, fix: str = "pass A.mT") -> None:
     # A LoRA A passed without .mT is wide, and every formula here would quietly use A's columns.
     if X.ndim < 2 or X.shape[-2] < X.shape[-1]:
-        raise ValueError(f"{name} takes a point X of shape (..., n, r) with n >= r (orthonormal columns), "
-                         f"got shape {tuple(X.shape)}; for a LoRA A of shape (r, d_in) {fix}")
+        raise ValueError(f"{name} takes a point X of shape (..., n, r) with n >= r (orthonormal columns, "
+                         f"such as a LoRA B), got shape {tuple(X.shape)}; for a LoRA A of shape (r, d_in) {fix}")
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -146,6 +146,21 @@ def skew_norm(G: Tensor, X: Tensor) -> Tensor:
     return skew_norm_from_grams(X.mT @ G, X.mT @ X, G.mT @ G)
 
 
+def skew_norm_l1(G: Tensor, X: Tensor, chunk: int = 1024) -> Tensor:
+    """Induced 1-norm ``‖W‖₁ = max_j Σ_i |W_ij|`` of ``W = G Xᵀ − X Gᵀ`` (Eq. 5), exactly.
+
+    The one quantity here that needs W's entries: W is formed ``chunk`` columns at a time, so the
+    cost is O(n² r) time but O(n · chunk) memory. G, X: (..., n, r); returns shape (...).
+    """
+    _check_point("skew_norm_l1", X)
+    n = X.shape[-2]
+    best = torch.zeros(X.shape[:-2], dtype=X.dtype, device=X.device)
+    for j in range(0, n, chunk):
+        cols = G @ X[..., j:j + chunk, :].mT - X @ G[..., j:j + chunk, :].mT   # W[:, j:j+chunk]
+        best = torch.maximum(best, cols.abs().sum(dim=-2).amax(dim=-1))
+    return best
+
+
 def skew_norm_from_grams(XtG: Tensor, XtX: Tensor, GtG: Tensor) -> Tensor:
     """``skew_norm`` from the r x r blocks XᵀG, XᵀX, GᵀG (for callers that already hold them)."""
     sq = 2 * (GtG * XtX).sum(dim=(-2, -1)) - 2 * (XtG * XtG.mT).sum(dim=(-2, -1))
@@ -192,25 +207,38 @@ def cayley_coefficients(XtG: Tensor, XtX: Tensor, GtG: Tensor, tau: float | Tens
 def cayley_fixed_point(X: Tensor, G: Tensor, tau: float | Tensor, iters: int) -> Tensor:
     """Eq. (6) by the paper's fixed-point iteration (Li, Li & Todorovic 2020, Alg. 2).
 
-    ``Y₀ = X − τ W X``, then ``Y ← X − τ/2 · W (X + Y)`` ``iters`` times (W applied by
-    ``skew_apply``, O(n r²) each). A contraction with limit Eq. (6) when τ‖W‖₂ < 2; the result
-    is only approximately on the manifold (error O((τ‖W‖/2)^iters)), hence the step cap in
-    CayleyAdam and the periodic QR retraction.
+    ``Y₀ = X − τ W X``, then ``Y ← X − τ/2 · W (X + Y)`` ``iters`` times, W = G Xᵀ − X Gᵀ. A
+    contraction with limit Eq. (6) when τ‖W‖₂ < 2; the result is only approximately on the
+    manifold (error O((τ‖W‖/2)^iters)), hence the step cap and the periodic QR retraction.
+
+    W maps any Z into span{G, X} (W Z = G (Xᵀ Z) − X (Gᵀ Z)), so every iterate is Y = X P + G Q
+    with r x r coefficients; the sweeps run on those, through the Gram blocks XᵀX, XᵀG, GᵀG, and
+    only the result is formed at size n: 5 n r² + iters · O(r³).
     """
     _check_point("cayley_fixed_point", X)
     if iters < 1:
-        raise ValueError(f"cayley_fixed_point needs iters >= 1, got {iters}; use 2 (the paper) or more")
-    Y = X - tau * skew_apply(G, X, X)
+        raise ValueError(f"cayley_fixed_point needs iters >= 1, got {iters}; use 5 (the authors) or more")
+    XtX, XtG, GtG = X.mT @ X, X.mT @ G, G.mT @ G
+    GtX = XtG.mT
+
+    def apply_w(P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+        # W (X P + G Q) = G (XᵀX P + XᵀG Q) − X (GᵀX P + GᵀG Q), in coefficients (of X, of G)
+        return -(GtX @ P + GtG @ Q), XtX @ P + XtG @ Q
+
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand_as(XtX)
+    WP, WQ = apply_w(eye, torch.zeros_like(XtX))         # W X
+    P, Q = eye - tau * WP, -tau * WQ                     # Y₀ = X − τ W X
     for _ in range(iters):
-        Y = X - (0.5 * tau) * skew_apply(G, X, X + Y)
-    return Y
+        WP, WQ = apply_w(eye + P, Q)                     # W (X + Y)
+        P, Q = eye - (0.5 * tau) * WP, -(0.5 * tau) * WQ  # Y = X − τ/2 W (X + Y)
+    return X @ P + G @ Q
 
 
 def effective_rank(M: Tensor, eps: float = 1e-12) -> float:
     """Entropy effective rank (Roy & Vetterli 2007): ``exp(H(p))``, ``p_i = σ_i / Σ_j σ_j``.
 
     Args:
-        M: any (m, n) matrix, e.g. ΔW = s B A (by Lemma 1 the same as erank(B) when A Aᵀ = I).
+        M: any (m, n) matrix, e.g. ΔW = g s B A (by Lemma 1 the same as erank(A) when BᵀB = I).
     Returns:
         erank in [1, min(m, n)] as a float; 0.0 for the zero matrix. Singular values below
         ``eps · σ_max`` count as zero.

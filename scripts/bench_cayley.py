@@ -1,18 +1,19 @@
-"""What a Cayley-Adam step costs: one step on an (r, d) LoRA A against one AdamW step on the same
-tensor, and against the LoRA layer's forward + backward on a training batch (16 x 256 tokens).
+"""What a Cayley-Adam step costs: one step on a (d, r) LoRA B (FoRA's factor) against one AdamW step
+on the same tensor, and against the LoRA layer's forward + backward on a training batch (16 x 256 tokens).
 
     python scripts/bench_cayley.py                 # CPU, adapter path only (~1-2 min on 2 cores)
     python scripts/bench_cayley.py --quick         # d in {2048, 4096}, r in {16, 32}
     python scripts/bench_cayley.py --device cuda   # also the full layer (frozen bf16 d x d base)
 
 Columns (median of --repeats timed calls after --warmup, synchronised on CUDA):
-  cayley / cayley_fp   CayleyAdam.step, closed form / fixed point (2 sweeps)
-  adamw                torch.optim.AdamW.step on the same (r, d) tensor
+  cayley               CayleyAdam.step, the authors' rule (5 fixed-point sweeps, alpha = min(lr, 1/||W||_1))
+  cayley_cf            the same with the closed-form Cayley step
+  cayley_a             the ablation's rule on an (r, d) A (closed form, Frobenius cap)
+  adamw                torch.optim.AdamW.step on the same (d, r) tensor
   adapter_fb           forward + backward of s (x Aᵀ) Bᵀ, x: (tokens, d), grads for x, A, B
   layer_fb             LoRALinear d -> d forward + backward, frozen base in --base-dtype
-Then one optimizer step over all A's of LLaMA-3.2-1B at r = 32 (16 layers x 5 targets:
-64 of shape (32, 2048), 16 of (32, 8192)): CayleyAdam (same-shape A's batched), eager and
-compiled=True, vs AdamW.
+Then one optimizer step over all B's of LLaMA-3.2-1B at r = 32 (16 layers x 5 targets: q and
+down (2048, 32), k and v (512, 32), up (8192, 32)): CayleyAdam (same-shape B's batched) vs AdamW.
 """
 from __future__ import annotations
 
@@ -101,15 +102,18 @@ def step_timer(opt_cls, p: nn.Parameter, grad: torch.Tensor, **kw) -> Callable[[
 def bench_one(cfg: BenchConfig, d: int, r: int) -> dict[str, float]:
     dev = torch.device(cfg.device)
     g = torch.Generator().manual_seed(d * 1000 + r)
-    A0 = random_stiefel(d, r, generator=g).mT.contiguous().to(dev)
-    grad = torch.randn(r, d, generator=g).to(dev)
+    B0 = random_stiefel(d, r, generator=g).to(dev)
+    grad = torch.randn(d, r, generator=g).to(dev)
     t = lambda fn: median_time(fn, dev, cfg.warmup, cfg.repeats)  # noqa: E731
     out = {
-        # lr small enough that thousands of timed steps keep A orthonormal (the check at step 1 only).
-        "cayley": t(step_timer(CayleyAdam, nn.Parameter(A0.clone()), grad, lr=1e-3)),
-        "cayley_fp": t(step_timer(CayleyAdam, nn.Parameter(A0.clone()), grad, lr=1e-3, solver="fixed_point")),
-        "adamw": t(step_timer(torch.optim.AdamW, nn.Parameter(A0.clone()), grad, lr=1e-3)),
+        # lr small enough that thousands of timed steps stay orthonormal (the check at step 1 only).
+        "cayley": t(step_timer(CayleyAdam, nn.Parameter(B0.clone()), grad, lr=1e-3)),
+        "cayley_cf": t(step_timer(CayleyAdam, nn.Parameter(B0.clone()), grad, lr=1e-3, solver="closed_form")),
+        "cayley_a": t(step_timer(CayleyAdam, nn.Parameter(B0.mT.contiguous()), grad.mT.contiguous(), lr=1e-3,
+                                 solver="closed_form", iters=2, step_cap=0.5)),
+        "adamw": t(step_timer(torch.optim.AdamW, nn.Parameter(B0.clone()), grad, lr=1e-3)),
     }
+    A0 = torch.randn(r, d, generator=g).to(dev) / r ** 0.5
     tokens = cfg.batch * cfg.seq_len
     x = torch.randn(tokens, d, device=dev, requires_grad=True)
     A = nn.Parameter(A0.clone())
@@ -123,7 +127,7 @@ def bench_one(cfg: BenchConfig, d: int, r: int) -> dict[str, float]:
     del x, gy
     if cfg.full_layer:
         dtype = getattr(torch, cfg.base_dtype)
-        layer = LoRALinear(nn.Linear(d, d, bias=False, device=dev, dtype=dtype), r, 2 * r, init="stiefel")
+        layer = LoRALinear(nn.Linear(d, d, bias=False, device=dev, dtype=dtype), r, 2 * r, init="stiefel_b")
         xb = torch.randn(tokens, d, device=dev, dtype=dtype, requires_grad=True)
         gb = torch.randn(tokens, d, device=dev, dtype=dtype)
         out["layer_fb"] = t(lambda: layer(xb).backward(gb))
@@ -132,16 +136,15 @@ def bench_one(cfg: BenchConfig, d: int, r: int) -> dict[str, float]:
 
 
 def bench_model(cfg: BenchConfig, r: int = 32) -> dict[str, float]:
-    """One step over every A of a LLaMA-3.2-1B adapter (hidden 2048, intermediate 8192)."""
+    """One step over every B of a LLaMA-3.2-1B adapter (hidden 2048, KV 512, intermediate 8192)."""
     dev = torch.device(cfg.device)
     g = torch.Generator().manual_seed(0)
-    shapes = [(r, 2048)] * 64 + [(r, 8192)] * 16       # q, k, v, up read 2048; down reads 8192
+    shapes = [(2048, r), (512, r), (512, r), (8192, r), (2048, r)] * 16   # q, k, v, up, down: (d_out, r)
     t = lambda fn: median_time(fn, dev, cfg.warmup, cfg.repeats)  # noqa: E731
     out = {}
     for name, cls, kw in [("cayley", CayleyAdam, dict(lr=1e-3)),
-                          ("cayley_compiled", CayleyAdam, dict(lr=1e-3, compiled=True)),
                           ("adamw", torch.optim.AdamW, dict(lr=1e-3))]:
-        ps = [nn.Parameter(random_stiefel(n, k, generator=g).mT.contiguous().to(dev)) for k, n in shapes]
+        ps = [nn.Parameter(random_stiefel(n, k, generator=g).to(dev)) for n, k in shapes]
         for p in ps:
             p.grad = torch.randn(p.shape, generator=g).to(dev)
         out[name] = t(cls(ps, **kw).step)
@@ -156,7 +159,7 @@ def main(cfg: BenchConfig) -> list[dict[str, float]]:
     print(f"torch {torch.__version__} | device {name} | tokens {cfg.batch}x{cfg.seq_len} | "
           f"median of {cfg.repeats} after {cfg.warmup} warmup | params fp32"
           + (f", layer base {cfg.base_dtype}" if cfg.full_layer else ""))
-    cols = ["cayley", "cayley_fp", "adamw", "adapter_fb"] + (["layer_fb"] if cfg.full_layer else [])
+    cols = ["cayley", "cayley_cf", "cayley_a", "adamw", "adapter_fb"] + (["layer_fb"] if cfg.full_layer else [])
     header = f"{'d':>6} {'r':>3} " + " ".join(f"{c + ' ms':>13}" for c in cols)
     header += f" {'cayley/adamw':>13} {'cayley/adapt':>13}" + (f" {'cayley/layer':>13}" if cfg.full_layer else "")
     print(header)
@@ -171,9 +174,8 @@ def main(cfg: BenchConfig) -> list[dict[str, float]]:
                 line += f" {res['cayley'] / res['layer_fb']:>13.3f}"
             print(line, flush=True)
     m = bench_model(cfg)
-    print(f"all 80 A's of LLaMA-3.2-1B, r=32: cayley {1e3 * m['cayley']:.3f} ms, "
-          f"compiled {1e3 * m['cayley_compiled']:.3f} ms, adamw {1e3 * m['adamw']:.3f} ms; "
-          f"cayley/adamw {m['cayley'] / m['adamw']:.2f}, compiled/adamw {m['cayley_compiled'] / m['adamw']:.2f}")
+    print(f"all 80 B's of LLaMA-3.2-1B, r=32: cayley {1e3 * m['cayley']:.3f} ms, adamw {1e3 * m['adamw']:.3f} ms; "
+          f"cayley/adamw {m['cayley'] / m['adamw']:.2f}")
     rows.append({"d": 0, "r": 32, **m})
     return rows
 

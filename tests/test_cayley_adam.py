@@ -1,6 +1,8 @@
-"""CayleyAdam: a dense n x n transcription of Li et al.'s Algorithm 2, Hypothesis properties of
-step(), known optima on the Stiefel manifold, manifold drift, state_dict resume, errors;
-build_optimizers: the A/B split, its betas and its guards.
+"""CayleyAdam under the earlier rule (``step_cap=q``: the row-orthonormal-A ablation) on wide A
+parameters: a dense n x n transcription of that rule, Hypothesis properties of step(), known
+optima on the Stiefel manifold, manifold drift, state_dict resume, errors; build_optimizers for
+the ablation: the A/B split, its betas and its guards. The authors' rule (FoRA's default, on tall
+B parameters) is tests/test_cayley_adam_authors.py.
 
 Everything goes through the public class (parameters, .grad, step(), state_dict()), so the
 tests hold whatever the optimizer's internal buffers look like.
@@ -21,6 +23,12 @@ from fora.optim import build_optimizers
 from fora.stiefel import random_stiefel, stiefel_error
 
 F64 = torch.float64
+EARLIER = dict(solver="closed_form", iters=2, step_cap=0.5)  # the ablation's rule
+
+
+def earlier(params, **kw):
+    """CayleyAdam with the ablation's rule (``kw`` overrides)."""
+    return CayleyAdam(params, **{**EARLIER, **kw})
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,7 +81,7 @@ def test_maximises_trace_and_finds_top_eigenspace(solver, seed):
     n, r = 20, 3
     C = spd_with_gap(n, r, seed)
     A = stiefel_param(n, r, seed + 100, F64)
-    opt = CayleyAdam([A], lr=0.2, solver=solver, qr_every=0)    # no QR: the iteration's own accuracy
+    opt = earlier([A], lr=0.2, solver=solver, qr_every=0)    # no QR: the iteration's own accuracy
     for _ in range(300):
         opt.zero_grad()
         loss = -torch.trace(A @ C @ A.T)               # maximise tr(A C Aᵀ)
@@ -133,7 +141,7 @@ def test_step_equals_dense_algorithm_2(solver, lr, qr_every, cap_binds):
     A = stiefel_param(n, r, 11, F64)
     g = torch.Generator().manual_seed(12)
     grads = [torch.randn(n, r, generator=g, dtype=F64) * (1 + k) for k in range(steps)]
-    opt = CayleyAdam([A], lr=lr, solver=solver, qr_every=qr_every)
+    opt = earlier([A], lr=lr, solver=solver, qr_every=qr_every)
     capped = []
     for G, (X_ref, was_capped) in zip(grads, dense_cayley_adam(A.detach().T.clone(), grads, lr=lr,
                                                                 solver=solver, qr_every=qr_every)):
@@ -155,7 +163,7 @@ def test_step_keeps_A_on_the_manifold_and_the_moment_tangent(n, data, steps, see
     r = data.draw(st.integers(1, n))
     g = torch.Generator().manual_seed(seed)
     A = nn.Parameter(random_stiefel(n, r, generator=g, dtype=F64).mT.contiguous())
-    opt = CayleyAdam([A], lr=lr, solver=solver, qr_every=0 if solver == "closed_form" else 1)
+    opt = earlier([A], lr=lr, solver=solver, qr_every=0 if solver == "closed_form" else 1)
     for _ in range(steps):
         X_old = A.detach().T.clone()
         A.grad = torch.randn(A.shape, generator=g, dtype=F64) * 10 ** log_scale
@@ -173,7 +181,7 @@ def test_nearest_point_is_the_polar_factor():
     T = torch.randn(r, n, generator=torch.Generator().manual_seed(7), dtype=F64)
     U, _, Vh = torch.linalg.svd(T, full_matrices=False)
     A = stiefel_param(n, r, 8, F64)
-    opt = CayleyAdam([A], lr=0.2)
+    opt = earlier([A], lr=0.2)
     for _ in range(300):
         opt.zero_grad()
         (A - T).pow(2).sum().backward()
@@ -185,7 +193,7 @@ def test_nearest_point_is_the_polar_factor():
 def test_stays_on_manifold_over_thousands_of_fp32_steps(qr_every):
     g = torch.Generator().manual_seed(0)
     A = stiefel_param(64, 8, 1)
-    opt = CayleyAdam([A], lr=0.05, qr_every=qr_every)
+    opt = earlier([A], lr=0.05, qr_every=qr_every)
     worst = 0.0
     for _ in range(3000):
         A.grad = torch.randn(A.shape, generator=g)
@@ -207,18 +215,18 @@ def _run(A, opt, steps, start):
 def test_resume_from_state_dict_is_bit_identical(solver):
     kw = dict(lr=0.05, qr_every=7, solver=solver)
     A = stiefel_param(16, 4, 5)
-    opt = CayleyAdam([A], **kw)
+    opt = earlier([A], **kw)
     _run(A, opt, 40, 0)
 
     B = stiefel_param(16, 4, 5)
-    opt_b = CayleyAdam([B], **kw)
+    opt_b = earlier([B], **kw)
     _run(B, opt_b, 20, 0)
     buf = io.BytesIO()
     torch.save({"A": B.detach().clone(), "opt": opt_b.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf)
     B2 = nn.Parameter(saved["A"])
-    opt_b2 = CayleyAdam([B2], **kw)
+    opt_b2 = earlier([B2], **kw)
     opt_b2.load_state_dict(saved["opt"])
     _run(B2, opt_b2, 20, 20)
 
@@ -231,8 +239,8 @@ def test_batched_update_equals_one_optimizer_per_parameter():
     # Same-shape A's are stacked into one (P, n, r) update; different shapes go separately.
     params = [stiefel_param(12, 3, s, F64) for s in range(3)] + [stiefel_param(20, 4, 9, F64)]
     singles = [nn.Parameter(p.detach().clone()) for p in params]
-    joint = CayleyAdam(params, lr=0.1, qr_every=3)
-    alone = [CayleyAdam([p], lr=0.1, qr_every=3) for p in singles]
+    joint = earlier(params, lr=0.1, qr_every=3)
+    alone = [earlier([p], lr=0.1, qr_every=3) for p in singles]
     g = torch.Generator().manual_seed(0)
     for _ in range(10):
         for p, q in zip(params, singles):
@@ -249,14 +257,14 @@ def test_batched_update_equals_one_optimizer_per_parameter():
 
 def test_bf16_parameter_keeps_fp32_moments_and_stays_near_manifold():
     A = nn.Parameter(random_stiefel(64, 8, generator=torch.Generator().manual_seed(0)).mT.to(torch.bfloat16))
-    opt = CayleyAdam([A], lr=0.05, qr_every=10)
+    opt = earlier([A], lr=0.05, qr_every=10)
     g = torch.Generator().manual_seed(1)
     for _ in range(50):
         A.grad = torch.randn(A.shape, generator=g).to(torch.bfloat16)
         opt.step()
     assert A.dtype == torch.bfloat16
     assert stiefel_error(A.detach().mT) < 2e-2
-    opt2 = CayleyAdam([A], lr=0.05)
+    opt2 = earlier([A], lr=0.05)
     opt2.load_state_dict(opt.state_dict())
     assert opt2.state[A]["exp_avg"].dtype == torch.float32
     assert torch.equal(opt2.state[A]["exp_avg"], opt.state[A]["exp_avg"])
@@ -264,9 +272,9 @@ def test_bf16_parameter_keeps_fp32_moments_and_stays_near_manifold():
 
 def test_rejects_a_non_orthonormal_initial_A():
     lora = LoRALinear(nn.Linear(16, 8), rank=4, alpha=8, init="standard")
-    opt = CayleyAdam([lora.lora_A], lr=0.1)
+    opt = earlier([lora.lora_A], lr=0.1)
     lora.lora_A.grad = torch.ones_like(lora.lora_A)
-    with pytest.raises(ValueError, match=r"orthonormal rows.*init='stiefel'"):
+    with pytest.raises(ValueError, match=r"not orthonormal along its short side.*init='stiefel_b'"):
         opt.step()
 
 
@@ -281,21 +289,22 @@ def test_rejects_a_non_orthonormal_initial_A():
     (dict(solver="newton"), "valid solvers are closed_form, fixed_point"),
     (dict(iters=0), "invalid iters"),
     (dict(step_cap=1.5), "invalid step_cap"),
-    (dict(solver="fixed_point", step_cap=None), "needs step_cap"),
+    (dict(step_cap="l2"), "invalid step_cap"),
+    (dict(solver="fixed_point", step_cap=None), "needs a step cap"),
 ])
 def test_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        CayleyAdam([stiefel_param(8, 2, 0)], **kwargs)
+        earlier([stiefel_param(8, 2, 0)], **kwargs)
 
 
-@pytest.mark.parametrize("shape", [(8,), (5, 3)])
-def test_rejects_parameters_that_are_not_an_A(shape):
-    with pytest.raises(ValueError, match=r"\(r, n\) matrices with r <= n"):
+@pytest.mark.parametrize("shape", [(8,), (2, 3, 4)])
+def test_rejects_parameters_that_are_not_matrices(shape):
+    with pytest.raises(ValueError, match=r"must be matrices"):
         CayleyAdam([nn.Parameter(torch.zeros(shape))])
 
 
 class TwoAdapters(nn.Module):
-    def __init__(self, init="stiefel"):
+    def __init__(self, init="stiefel_a"):
         super().__init__()
         self.up = LoRALinear(nn.Linear(8, 32), rank=4, alpha=8, init=init)
         self.down = LoRALinear(nn.Linear(32, 8), rank=4, alpha=8, init=init)
@@ -306,7 +315,7 @@ def test_one_betas_default_for_cayley_adam():
     # β2 = 0.99 (Li et al.) in the class and in build_optimizers; AdamW keeps its (0.9, 0.999).
     model = TwoAdapters()
     freeze_base(model)
-    cayley, adamw = build_optimizers(model, lr=1e-3)
+    cayley, adamw = build_optimizers(model, lr=1e-3, stiefel_factor="A")
     assert cayley.defaults["betas"] == CayleyAdam([stiefel_param(8, 2, 0)]).defaults["betas"] == (0.9, 0.99)
     assert adamw.defaults["betas"] == (0.9, 0.999)
 
@@ -314,17 +323,15 @@ def test_one_betas_default_for_cayley_adam():
 def test_build_optimizers_splits_A_and_B():
     model = TwoAdapters()
     freeze_base(model)
-    cayley, adamw = build_optimizers(model, lr=1e-3, weight_decay=0.1)
+    cayley, adamw = build_optimizers(model, lr=1e-3, weight_decay=0.1, stiefel_factor="A")
+    assert cayley.defaults["step_cap"] == 0.5 and cayley.defaults["solver"] == "closed_form"
     assert isinstance(cayley, CayleyAdam) and isinstance(adamw, torch.optim.AdamW)
     lrs = {p.shape: g["lr"] for g in cayley.param_groups for p in g["params"]}
     assert lrs == {(4, 8): pytest.approx(1e-3 * 32 ** 0.5), (4, 32): pytest.approx(1e-3 * 128 ** 0.5)}
     assert {id(p) for p in adamw.param_groups[0]["params"]} == {id(model.up.lora_B), id(model.down.lora_B)}
     assert adamw.param_groups[0]["weight_decay"] == 0.1 and adamw.defaults["fused"] is True
-    (cayley2, _) = build_optimizers(model, lr=1e-3, stiefel_lr=0.3)
+    (cayley2, _) = build_optimizers(model, lr=1e-3, stiefel_lr=0.3, stiefel_factor="A")
     assert [g["lr"] for g in cayley2.param_groups] == [0.3]
-    assert not any(g["compiled"] for g in cayley.param_groups)
-    (cayley3, _) = build_optimizers(model, lr=1e-3, compiled=True)
-    assert all(g["compiled"] for g in cayley3.param_groups)
     (plain,) = build_optimizers(model, lr=1e-3, stiefel=False)
     assert len(plain.param_groups[0]["params"]) == 4
 
@@ -356,7 +363,7 @@ def test_adamw_is_fused_where_the_kernel_applies_and_steps_as_torch_default():
 def test_build_optimizers_one_training_step_keeps_A_orthonormal():
     model = TwoAdapters()
     freeze_base(model)
-    opts = build_optimizers(model, lr=1e-2)
+    opts = build_optimizers(model, lr=1e-2, stiefel_factor="A")
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         for o in opts:
@@ -369,7 +376,7 @@ def test_build_optimizers_one_training_step_keeps_A_orthonormal():
 
 
 def test_build_optimizers_refuses_stray_trainable_parameters_and_no_adapters():
-    with pytest.raises(ValueError, match=r"not LoRA A/B.*freeze_base"):
+    with pytest.raises(ValueError, match=r"not adapter parameters.*freeze_base"):
         build_optimizers(TwoAdapters(), lr=1e-3)             # the LayerNorm is still trainable
     with pytest.raises(ValueError, match="no LoRA adapters.*inject_lora"):
         build_optimizers(nn.Linear(3, 3), lr=1e-3)
@@ -380,9 +387,9 @@ def test_cuda_matches_cpu():
     C = spd_with_gap(32, 4, 0).float()
     results = []
     for device in ("cpu", "cuda"):
-        lora = LoRALinear(nn.Linear(32, 16, device=device, dtype=torch.bfloat16), 4, 8, init="stiefel",
+        lora = LoRALinear(nn.Linear(32, 16, device=device, dtype=torch.bfloat16), 4, 8, init="stiefel_a",
                           generator=torch.Generator().manual_seed(0))
-        opt = CayleyAdam([lora.lora_A], lr=0.1, qr_every=5)
+        opt = earlier([lora.lora_A], lr=0.1, qr_every=5)
         Cd = C.to(device)
         for _ in range(20):
             opt.zero_grad()
@@ -405,7 +412,7 @@ def test_reloading_a_stepped_optimizer_uses_the_loaded_moments():
     # The moments live in one stacked buffer per shape; loading a state_dict into an optimizer
     # that has already stepped must replace them, not keep stepping the stale buffer.
     params = [stiefel_param(12, 3, s) for s in range(3)]
-    opt = CayleyAdam(params, lr=0.1, qr_every=0)
+    opt = earlier(params, lr=0.1, qr_every=0)
     _steps(params, opt, 3, 0)
     snap = ([p.detach().clone() for p in params], io.BytesIO())
     torch.save(opt.state_dict(), snap[1])
@@ -423,39 +430,8 @@ def test_reloading_a_stepped_optimizer_uses_the_loaded_moments():
 
 
 @pytest.mark.parametrize("solver", ["closed_form", "fixed_point"])
-def test_compiled_update_equals_eager(solver):
-    shapes = [(3, 12), (3, 12), (4, 20)]
-    eager = [stiefel_param(n, r, s) for s, (r, n) in enumerate(shapes)]
-    comp = [nn.Parameter(p.detach().clone()) for p in eager]
-    kw = dict(lr=0.1, qr_every=3, solver=solver)
-    opt_e, opt_c = CayleyAdam(eager, **kw), CayleyAdam(comp, compiled=True, **kw)
-    _steps(eager, opt_e, 5, 0)
-    _steps(comp, opt_c, 5, 0)
-    import fora.cayley_adam as ca
-
-    assert opt_c._compiled_update not in (None, ca.cayley_adam_update)  # compiled, not the fallback
-    for p, q in zip(eager, comp):
-        torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=1e-5)
-        torch.testing.assert_close(opt_c.state[q]["exp_avg"], opt_e.state[p]["exp_avg"], rtol=0, atol=1e-5)
-
-
-def test_compiled_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
-    import fora.cayley_adam as ca
-
-    monkeypatch.setattr(ca, "compile_supported", lambda device: (False, "no C++ compiler"))
-    eager = [stiefel_param(12, 3, 0)]
-    comp = [nn.Parameter(eager[0].detach().clone())]
-    opt_e, opt_c = CayleyAdam(eager, lr=0.1), CayleyAdam(comp, lr=0.1, compiled=True)
-    with caplog.at_level("WARNING", logger="fora.cayley_adam"):
-        _steps(eager, opt_e, 3, 0)
-        _steps(comp, opt_c, 3, 0)
-    assert "torch.compile does not work on cpu here (no C++ compiler); stepping eagerly" in caplog.text
-    assert torch.equal(comp[0], eager[0])
-
-
-@pytest.mark.parametrize("solver", ["closed_form", "fixed_point"])
-def test_cayley_adam_update_on_a_stack_equals_dense_algorithm_2_per_point(solver):
-    from fora.cayley_adam import cayley_adam_update
+def test_cayley_adam_step_on_a_stack_equals_dense_algorithm_2_per_point(solver):
+    from fora.cayley_adam import cayley_adam_step
 
     n, r, steps = 9, 3, 4
     g = torch.Generator().manual_seed(3)
@@ -464,8 +440,8 @@ def test_cayley_adam_update_on_a_stack_equals_dense_algorithm_2_per_point(solver
     refs = [list(dense_cayley_adam(X[i].clone(), [G[i] for G in grads], lr=0.3, solver=solver)) for i in range(2)]
     M, v = torch.zeros_like(X), torch.zeros(2, dtype=F64)
     for k, G in enumerate(grads, 1):
-        X, M, v = cayley_adam_update(X, G, M, v, 1 - 0.9 ** k, 1 - 0.99 ** k, 0.3, beta1=0.9, beta2=0.99,
-                                     eps=1e-8, step_cap=0.5, solver=solver, iters=2)
+        X, M, v = cayley_adam_step(X, G, M, v, k, 0.3, betas=(0.9, 0.99), eps=1e-8, step_cap=0.5,
+                                   solver=solver, iters=2, qr_every=0)
         for i in range(2):
             torch.testing.assert_close(X[i], refs[i][k - 1][0], rtol=0, atol=1e-10)
 
@@ -474,8 +450,8 @@ def test_a_parameter_skipping_a_step_keeps_every_moment_right():
     # Buckets regroup when an A has no gradient for a step; each A's moments must follow it.
     params = [stiefel_param(12, 3, s, F64) for s in range(3)]
     singles = [nn.Parameter(p.detach().clone()) for p in params]
-    joint = CayleyAdam(params, lr=0.1, qr_every=0)
-    alone = [CayleyAdam([q], lr=0.1, qr_every=0) for q in singles]
+    joint = earlier(params, lr=0.1, qr_every=0)
+    alone = [earlier([q], lr=0.1, qr_every=0) for q in singles]
     g = torch.Generator().manual_seed(4)
     for step in range(6):
         for i, (p, q) in enumerate(zip(params, singles)):
@@ -488,4 +464,42 @@ def test_a_parameter_skipping_a_step_keeps_every_moment_right():
     for p, q, o in zip(params, singles, alone):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
         torch.testing.assert_close(joint.state[p]["exp_avg"], o.state[q]["exp_avg"], rtol=0, atol=1e-12)
-    assert len(joint._stacks) == 2  # {A0, A2} and {A1} (its step count now differs); no stale {A0, A1, A2}
+
+
+
+def _nearest_point(monkeypatch, erratum, steps, dtype=torch.float32):
+    """min ‖A − T‖² over St(64, 8) (optimum: the polar factor of T) under the ablation's rule;
+    returns ‖A − A*‖_F and ‖M‖_F after each step (stops once the iterate is not finite)."""
+    import fora.cayley_adam as ca
+
+    if erratum:  # the literal W = M̂ Xᵀ − X M̂ᵀ, i.e. the direction M̂ itself
+        monkeypatch.setattr(ca, "canonical_direction", lambda X, G: G)
+    n, r = 64, 8
+    T = torch.randn(r, n, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    U, _, Vh = torch.linalg.svd(T.double(), full_matrices=False)
+    A = stiefel_param(n, r, 8, dtype)
+    opt = earlier([A], lr=0.2)
+    dist, moment = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        (A - T).pow(2).sum().backward()
+        opt.step()
+        dist.append(float((A.detach().double() - U @ Vh).norm()))
+        moment.append(float(opt.state[A]["exp_avg"].norm()))
+        if not math.isfinite(dist[-1]):
+            break
+    return dist, moment
+
+
+def test_the_erratum_generator_never_approaches_the_optimum_and_diverges(monkeypatch):
+    # With the ½ term (canonical_direction) the iterate reaches the optimum; without it the
+    # re-projection M ← (1 − β1^k) W X multiplies the span(X) part of M by 2β1 = 1.8 per step, so
+    # the moment grows geometrically, the capped steps wander at the starting distance, and the
+    # iterate turns NaN in fp32.
+    dist, _ = _nearest_point(monkeypatch, erratum=False, steps=300)
+    assert dist[-1] < 1e-4
+    dist, moment = _nearest_point(monkeypatch, erratum=True, steps=300)
+    assert moment[39] > 1.5 ** 39 * moment[0]               # at least geometric growth
+    finite = [d for d in dist if math.isfinite(d)]
+    assert min(finite) > 0.5 * dist[0]                       # never halfway to the optimum
+    assert len(dist) < 300 and not math.isfinite(dist[-1])   # and then NaN in fp32

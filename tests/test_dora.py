@@ -95,11 +95,13 @@ def test_magnitude_is_trained_by_adamw():
     model.model.layers = nn.ModuleList([nn.Module()])
     model.model.layers[0].mlp = nn.Module()
     model.model.layers[0].mlp.up_proj = nn.Linear(8, 8)
-    inject_lora(model, [0], targets=["up_proj"], rank=2, dora=True)
+    with pytest.raises(ValueError, match="FoRA's gated Stiefel B.*stiefel=False"):
+        inject_lora(model, [0], targets=["up_proj"], rank=2, dora=True)
+    inject_lora(model, [0], targets=["up_proj"], rank=2, dora=True, stiefel=False)
     freeze_base(model)
     m = lora_modules(model)["model.layers.0.mlp.up_proj"]
     assert m.lora_magnitude_vector.requires_grad
-    assert [id(p) for p in euclidean_parameters(model)] == [id(m.lora_B), id(m.lora_magnitude_vector)]
+    assert [id(p) for p in euclidean_parameters(model, factor="A")] == [id(m.lora_B), id(m.lora_magnitude_vector)]
 
 
 @pytest.fixture(scope="module")

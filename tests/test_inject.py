@@ -50,7 +50,7 @@ def test_llama_3_2_1b_trainable_counts_match_table_1(layers, paper_millions):
     mods = inject_lora(model, layers, rank=32)
     freeze_base(model)
     n = count_trainable(model)
-    assert n == expected_count(LLAMA_32_1B, layers, 32)
+    assert n == expected_count(LLAMA_32_1B, layers, 32) + len(mods)   # + one scalar gate per module
     assert round(n / 1e6, 1) == paper_millions
     assert len(mods) == 5 * len(layers) and adapted_layers(model) == list(layers)
 
@@ -68,7 +68,7 @@ def test_paths_shared_weights_and_state_dict_keys():
     assert mods["model.layers.1.self_attn.q_proj"].weight is q0.weight
     after = model.state_dict()
     assert set(before) <= set(after)
-    assert {k.rsplit(".", 1)[-1] for k in set(after) - set(before)} == {"lora_A", "lora_B"}
+    assert {k.rsplit(".", 1)[-1] for k in set(after) - set(before)} == {"lora_A", "lora_B", "lora_gate"}
     assert model.lm_head.weight is model.model.embed_tokens.weight     # tying untouched
     assert lora_modules(model) == mods
 
@@ -92,7 +92,10 @@ def test_alpha_default_rank_pattern_and_seed():
     assert {m.alpha for m in mods.values()} == {8.0}                  # alpha = 2 · rank, shared
     assert mods["model.layers.0.mlp.up_proj"].scale == 1.0            # α / r_m, as in peft
     for m in mods.values():
-        assert m.init == "stiefel" and stiefel_error(m.lora_A.detach().mT) < 1e-5
+        assert m.init == "stiefel_b" and stiefel_error(m.lora_B.detach()) < 1e-5 and float(m.lora_gate) == 0
+    ablation = inject_lora(tiny(), [0], rank=4, stiefel_factor="A")
+    for m in ablation.values():
+        assert m.init == "stiefel_a" and stiefel_error(m.lora_A.detach().mT) < 1e-5 and m.lora_gate is None
     again = inject_lora(tiny(), [0, 1], rank=4, rank_pattern=pattern, seed=3)
     assert all(torch.equal(a.lora_A, b.lora_A) for a, b in zip(mods.values(), again.values()))
     plain = inject_lora(tiny(), [0], rank=4, alpha=16, stiefel=False, rslora=True)
@@ -104,21 +107,23 @@ def test_freeze_collect_and_count():
     model = tiny()
     inject_lora(model, [2], rank=2)
     with pytest.raises(ValueError, match="freeze_base"):
-        stiefel_parameters(model)
+        stiefel_parameters(model, factor="B")
     freeze_base(model)
-    A, B = stiefel_parameters(model), euclidean_parameters(model)
-    assert [p.shape[0] for p in A] == [2] * 5 and [p.shape[1] for p in B] == [2] * 5
+    B, rest = stiefel_parameters(model, factor="B"), euclidean_parameters(model, factor="B")
+    assert [p.shape[1] for p in B] == [2] * 5                           # the (d_out, r) B's
+    assert [tuple(p.shape[:1]) for p in rest] == [(2,), ()] * 5         # A (r, d_in), then the gate
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in A + B}
-    assert count_trainable(model) == sum(p.numel() for p in A + B) == expected_count(TINY, [2], 2)
+    assert trainable == {id(p) for p in B + rest}
+    assert count_trainable(model) == sum(p.numel() for p in B + rest) == expected_count(TINY, [2], 2) + 5
     assert adapted_layers(model) == [2]
 
 
-def test_end_to_end_training_steps_keep_A_on_the_manifold():
+@pytest.mark.parametrize("factor", ["B", "A"])
+def test_end_to_end_training_steps_keep_the_factor_on_the_manifold(factor):
     model = tiny()
-    inject_lora(model, [1, 2], rank=2, seed=0)
+    inject_lora(model, [1, 2], rank=2, seed=0, stiefel_factor=factor)
     freeze_base(model)
-    opts = build_optimizers(model, lr=1e-2)
+    opts = build_optimizers(model, lr=1e-2, stiefel_factor=factor, stiefel_lr=1e-2)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(5):
@@ -131,7 +136,8 @@ def test_end_to_end_training_steps_keep_A_on_the_manifold():
             o.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert max(stiefel_error(a.detach().mT) for a in stiefel_parameters(model)) < 1e-5
+    points = [p.detach() if factor == "B" else p.detach().mT for p in stiefel_parameters(model, factor=factor)]
+    assert max(stiefel_error(x) for x in points) < 1e-5
 
 
 def test_errors():
@@ -153,7 +159,9 @@ def test_errors():
     inject_lora(model, [0], rank=4)
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         inject_lora(model, [0], rank=4)
-    with pytest.raises(ValueError, match=r"rank 32 > min\(d_in, d_out\) = 16"):
+    with pytest.raises(ValueError, match=r"rank 32 > 16 for a Stiefel B of a 32 -> 16 layer"):
         inject_lora(tiny(), [0])                           # k_proj is 32 -> 16
+    with pytest.raises(ValueError, match="unknown stiefel_factor 'C'"):
+        inject_lora(tiny(), [0], rank=2, stiefel_factor="C")
     with pytest.raises(ValueError, match="has no decoder blocks at model.model.layers"):
         inject_lora(nn.Linear(2, 2), [0])

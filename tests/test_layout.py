@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fora"
-PAPER = {"lora", "inject", "stiefel", "cayley_adam", "cayley_adam_reference", "optim", "fisher", "selection",
+PAPER = {"lora", "inject", "stiefel", "cayley_adam", "optim", "fisher", "selection",
          "cka", "fim_lora", "dora", "adalora"}
 # wing -> the wings it may import (itself always allowed)
 ALLOWED = {

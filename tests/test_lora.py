@@ -42,7 +42,7 @@ def test_forward_equals_dense_formula(d_in, d_out, rank, alpha, rslora, bias, se
     torch.testing.assert_close(lora.delta_weight(), s * lora.lora_B @ lora.lora_A)
 
 
-@pytest.mark.parametrize("init", ["standard", "stiefel"])
+@pytest.mark.parametrize("init", ["standard", "stiefel_a", "stiefel_b"])
 def test_zero_B_equals_the_base_layer_exactly(init):
     base, lora = make(init=init, dropout=0.5)
     lora.train()                        # dropout active on the adapter path only
@@ -114,7 +114,7 @@ def test_matches_peft_lora(rslora, bias):
     base = nn.Sequential(nn.Linear(10, 6, bias=bias))
     ref = peft.get_peft_model(copy.deepcopy(base),
                               peft.LoraConfig(r=4, lora_alpha=12, target_modules=["0"], use_rslora=rslora))
-    ours = LoRALinear(base[0], 4, 12, rslora=rslora, init="stiefel")
+    ours = LoRALinear(base[0], 4, 12, rslora=rslora, init="stiefel_a")
     randomise_B(ours)
     layer = ref.base_model.model[0]
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_matches_peft_lora(rslora, bias):
 def test_gradients_equal_the_dense_formula(shape, rslora):
     """The adapter term accumulated into the base output in place (addmm_) differentiates as
     x (W + s B A)ᵀ + b: gradients of x, A and B against autograd of the dense float64 formula."""
-    base, lora = make(dtype=F64, rslora=rslora, init="stiefel")
+    base, lora = make(dtype=F64, rslora=rslora, init="stiefel_a")
     lora.lora_A.data, lora.lora_B.data = lora.lora_A.data.double(), lora.lora_B.data.double()
     randomise_B(lora)
     g = torch.Generator().manual_seed(3)
@@ -169,7 +169,7 @@ def test_under_cpu_autocast_equals_peft_and_keeps_fp32_adapter_grads():
 
 
 def test_bf16_base_with_fp32_adapter():
-    base, lora = make(dtype=torch.bfloat16, init="stiefel")
+    base, lora = make(dtype=torch.bfloat16, init="stiefel_a")
     randomise_B(lora)
     x = torch.randn(4, 12, dtype=torch.bfloat16)
     y = lora(x)
@@ -184,10 +184,10 @@ def test_bf16_base_with_fp32_adapter():
 
 
 def test_inits():
-    _, st_lora = make(d_in=64, d_out=32, rank=8, init="stiefel")
+    _, st_lora = make(d_in=64, d_out=32, rank=8, init="stiefel_a")
     assert stiefel_error(st_lora.lora_A.detach().mT) < 1e-5
     assert st_lora.lora_B.abs().max() == 0
-    _, again = make(d_in=64, d_out=32, rank=8, init="stiefel")
+    _, again = make(d_in=64, d_out=32, rank=8, init="stiefel_a")
     assert torch.equal(again.lora_A, st_lora.lora_A)          # same generator seed, same A
     _, std = make(d_in=400, d_out=32, rank=16, init="standard")
     bound = 1 / math.sqrt(400)        # kaiming_uniform_(a=√5): gain √(1/3) · √(3 / fan_in)
@@ -198,7 +198,7 @@ def test_inits():
 
 def test_meta_device_construction_skips_init():
     base = nn.Linear(4096, 1024, bias=False, device="meta")
-    lora = LoRALinear(base, 32, 64, init="stiefel")
+    lora = LoRALinear(base, 32, 64, init="stiefel_a")
     assert lora.lora_A.is_meta and lora.lora_A.shape == (32, 4096)
     assert lora.weight is base.weight
 
@@ -209,17 +209,20 @@ def test_errors():
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="positive int"):
             LoRALinear(nn.Linear(8, 8), bad, 4)
-    with pytest.raises(ValueError, match=r"rank 6 > min\(d_in, d_out\) = 5.*at most 5"):
-        LoRALinear(nn.Linear(8, 5), 6, 4, init="stiefel")
+    with pytest.raises(ValueError, match=r"rank 6 > 5 for a Stiefel B of a 8 -> 5 layer.*at most 5"):
+        LoRALinear(nn.Linear(8, 5), 6, 4, init="stiefel_b")      # B: d_out x r, r <= d_out
+    with pytest.raises(ValueError, match=r"rank 6 > 5 for a Stiefel A of a 5 -> 8 layer.*at most 5"):
+        LoRALinear(nn.Linear(5, 8), 6, 4, init="stiefel_a")      # A: r x d_in, r <= d_in
+    LoRALinear(nn.Linear(8, 5), 6, 4, init="stiefel_a")          # A's constraint alone allows it
     LoRALinear(nn.Linear(8, 5), 6, 4, init="standard")          # allowed without the constraint
-    with pytest.raises(ValueError, match="valid inits are standard, stiefel"):
+    with pytest.raises(ValueError, match="valid inits are standard, stiefel_b, stiefel_a"):
         LoRALinear(nn.Linear(8, 8), 2, 4, init="gaussian")
     with pytest.raises(ValueError, match="dropout must be in"):
         LoRALinear(nn.Linear(8, 8), 2, 4, dropout=1.0)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("init", ["standard", "stiefel"])
+@pytest.mark.parametrize("init", ["standard", "stiefel_a", "stiefel_b"])
 def test_cuda_with_cpu_generator_draws_the_cpu_values(init):
     cpu = LoRALinear(nn.Linear(32, 16), 4, 8, init=init, generator=torch.Generator().manual_seed(0))
     gpu = LoRALinear(nn.Linear(32, 16, device="cuda", dtype=torch.bfloat16), 4, 8, init=init,
@@ -234,7 +237,7 @@ def test_cuda_with_cpu_generator_draws_the_cpu_values(init):
 
 def test_lora_inherits_eval_mode_of_the_wrapped_layer():
     base = torch.nn.Linear(8, 6).eval()
-    lora = LoRALinear(base, 2, 4.0, dropout=0.5, init="stiefel")
+    lora = LoRALinear(base, 2, 4.0, dropout=0.5, init="stiefel_a")
     torch.nn.init.normal_(lora.lora_B)
     x = torch.randn(3, 8)
     # eval mode: dropout off, so two calls agree and equal the dense formula

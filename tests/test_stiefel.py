@@ -218,7 +218,7 @@ def test_random_stiefel_is_haar_distributed():
 def test_point_functions_reject_an_untransposed_lora_A(fn, args):
     # A LoRA A is (r, d_in) with orthonormal rows: wide. Each function takes X = Aᵀ (tall).
     A = random_stiefel(10, 3).mT
-    with pytest.raises(ValueError, match=r"n >= r \(orthonormal columns\), got shape \(3, 10\); "
+    with pytest.raises(ValueError, match=r"n >= r \(orthonormal columns, such as a LoRA B\), got shape \(3, 10\); "
                                          r"for a LoRA A of shape \(r, d_in\) pass A.mT"):
         if fn is skew_norm:
             fn(A, A)                                   # skew_norm(G, X): X is the point

@@ -1,10 +1,10 @@
-"""What a trained adapter did: spectra of ΔW = s·B·A, effective rank, Stiefel error, output drift.
+"""What a trained adapter did: spectra of ΔW = g·s·B·A, effective rank, Stiefel error, output drift.
 
 Per adapted module: the singular values of ΔW, computed without forming the dense
 (d_out x d_in) matrix (Aᵀ = Q R, so B A = (B Rᵀ) Qᵀ has the singular values of the small
 d_out x r matrix B Rᵀ); the entropy effective rank (Roy & Vetterli 2007) and its ratio to r; ‖ΔW‖_F;
-max |A Aᵀ − I|. By Lemma 1, when A has orthonormal rows the singular values of ΔW / s are those
-of B, so the Stiefel methods spend their rank exactly as B does.
+the Stiefel factor's max |XᵀX − I|. By Lemma 1, when B has orthonormal columns the singular values
+of ΔW / (g s) are those of A (for the ablation, with A's rows orthonormal, those of B).
 
 A DoRA module's update W′ − W0 = (g − 1) ⊙ W0 + g ⊙ s B A (g = m / ‖W0 + s B A‖_c, per output row)
 is not of rank r, so its singular values come from the dense update (min(d_out, d_in) of them; its
@@ -55,19 +55,26 @@ def dora_update_singular_values(module: DoRALinear) -> Tensor:
 
 
 def module_diagnostics(name: str, module: LoRALinear) -> dict[str, Any]:
-    """One row: singular values of the update (ΔW = s B A, or DoRA's W′ − W0), erank, erank / r,
-    its Frobenius norm, max |A Aᵀ − I|."""
+    """One row: singular values of the update (ΔW = g s B A, or DoRA's W′ − W0), erank, erank / r,
+    its Frobenius norm, and the Stiefel factor's distance from the manifold (``factor_error``)."""
     if isinstance(module, DoRALinear):
         sigma = dora_update_singular_values(module)
     elif isinstance(module, AdaLoRALinear):  # ΔW = s B (A ⊙ E): E scales the rows of A
         sigma = delta_singular_values(module.lora_A * module.lora_E, module.lora_B, module.scale)
     else:
-        sigma = delta_singular_values(module.lora_A, module.lora_B, module.scale)
+        sigma = delta_singular_values(module.lora_A, module.lora_B, module.scale * module.gate())
     erank = effective_rank(torch.diag(sigma)) if sigma.numel() else 0.0
     return {"module": name, "layer": layer_index(name), "rank": module.rank, "scale": module.scale,
             "singular_values": sigma.tolist(), "effective_rank": erank,
             "effective_rank_ratio": erank / module.rank, "fro_norm": float(sigma.norm()),
-            "stiefel_error": stiefel_error(module.lora_A, rows=True)}
+            "stiefel_error": factor_error(module)}
+
+
+def factor_error(module: LoRALinear) -> float:
+    """max |XᵀX − I| of the module's Stiefel factor (B's columns, or A's rows for the ablation); for
+    an adapter loaded from a file, whose factor is not recorded, the smaller of the two."""
+    err_b, err_a = stiefel_error(module.lora_B), stiefel_error(module.lora_A, rows=True)
+    return {"B": err_b, "A": err_a}.get(module.stiefel_factor, min(err_b, err_a))
 
 
 def adapter_diagnostics(model: nn.Module) -> list[dict[str, Any]]:

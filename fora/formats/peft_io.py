@@ -119,13 +119,25 @@ def adapter_config(model: nn.Module, *, base_model_name_or_path: str, r: int | N
     }
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-named LoRA tensors: `base_model.model.<path>.lora_A.weight` [r, d_in] and `.lora_B.weight` [d_out, r]."""
+def adapter_tensors(model: nn.Module, *, fold_gate: bool = True) -> dict[str, torch.Tensor]:
+    """PEFT-named LoRA tensors: `base_model.model.<path>.lora_A.weight` [r, d_in] and `.lora_B.weight` [d_out, r].
+
+    FoRA's gate g is folded into A (the file's A is g · A), so B keeps its orthonormal columns
+    and any LoRA loader computes g · s · B A with the file's ``lora_alpha``. ``fold_gate=False``
+    (checkpoints) keeps A as trained and writes g as `<path>.lora_gate` (a 0-d tensor), which
+    only fora reads back.
+    """
     out: dict[str, torch.Tensor] = adalora_tensors(adalora_modules(model), prune=False)  # peft's ADALORA names
     for path, m in lora_modules(model).items():
         if f"{PEFT_PREFIX}{path}.lora_E" in out:
             continue
-        out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A.detach()
+        A = m.lora_A.detach()
+        if m.lora_gate is not None:
+            if fold_gate:
+                A = m.lora_gate.detach().to(A.dtype) * A
+            else:
+                out[f"{PEFT_PREFIX}{path}.lora_gate"] = m.lora_gate.detach()
+        out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A
         out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B.detach()
         if isinstance(m, DoRALinear):  # peft's name for DoRA's magnitude m (d_out,)
             out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
@@ -134,20 +146,21 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
                  r: int | None = None, extra_files: Mapping[str, Any] | None = None,
-                 adalora_schedule: Mapping[str, Any] | None = None) -> Path:
+                 adalora_schedule: Mapping[str, Any] | None = None, fold_gate: bool = True) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT 0.21 layout) into `out_dir`.
 
     Both files are written atomically; `extra_files` maps file names to JSON-serialisable objects
     written alongside (e.g. `selection.json`); `r` as in `adapter_config`. Returns `out_dir`.
     AdaLoRA modules are written in peft's ADALORA format (`fora.formats.adalora_io`): sliced to the
     kept triplets with the run's `adalora_schedule` (peft's AdaLoraConfig fields), whole without.
+    FoRA's gates are folded into A unless ``fold_gate=False`` (checkpoints; see `adapter_tensors`).
     """
     out_dir = Path(out_dir)
     config = adapter_config(model, base_model_name_or_path=base_model_name_or_path, r=r)
     ada = adalora_modules(model)
     if ada:
         config = adalora_config(config, ada, adalora_schedule)
-    tensors = adalora_tensors(ada, prune=adalora_schedule is not None) if ada else adapter_tensors(model)
+    tensors = adalora_tensors(ada, prune=adalora_schedule is not None) if ada else adapter_tensors(model, fold_gate=fold_gate)
     atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     atomic_write_json(out_dir / ADAPTER_CONFIG, config)
     for name, obj in (extra_files or {}).items():
@@ -218,8 +231,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         cls = DoRALinear if config.get("use_dora") else LoRALinear
         lora = cls(base, int(A.shape[0]), alpha, dropout=float(config.get("lora_dropout", 0.0)),
                    rslora=bool(config.get("use_rslora", False)))
+        gate = tensors.get(f"{PEFT_PREFIX}{path}.lora_gate")  # a fora checkpoint's unfolded gate
         with torch.no_grad():
-            lora.lora_A.copy_(A)
+            lora.lora_A.copy_(A if gate is None else gate.to(A.dtype) * A)
             lora.lora_B.copy_(B)
             if isinstance(lora, DoRALinear):
                 m = tensors.get(f"{PEFT_PREFIX}{path}.lora_magnitude_vector")
@@ -263,7 +277,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise ValueError(f"merged_state_dict handles plain LoRA on a full-precision base; {special[0]} is "
                          "DoRA or sits on a 4-bit base: use fora.formats.peft_io.save_merged")
     # An already merged module carries the update in its weight.
-    scales = {p: float(m.scale) for p, m in modules.items() if not getattr(m, "merged", False)}
+    scales = {p: float(m.scale) * m.gate() for p, m in modules.items() if not getattr(m, "merged", False)}
     state = merge_lora_state(model.state_dict(), scales)
     config = getattr(model, "config", None)
     if getattr(config, "tie_word_embeddings", False):

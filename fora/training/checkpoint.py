@@ -101,7 +101,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, *, model: nn.Module,
     A crash while writing leaves the previous checkpoint in place (see `fora.formats.atomic`).
     """
     with staging_dir(ckpt_dir) as tmp:
-        save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
+        save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path, fold_gate=False)
         atomic_torch_save({"optimizers": [o.state_dict() for o in optimizers],
                            "schedulers": [s.state_dict() for s in schedulers]}, tmp / OPTIM_FILE)
         atomic_torch_save(capture_rng(), tmp / RNG_FILE)
@@ -156,10 +156,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 
 
 def restore_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved `A`, `B` (PEFT names) into the model's LoRA modules; the sets must match exactly."""
+    """Copy saved `A`, `B` and gates (PEFT names, gates unfolded) into the model's LoRA modules; the sets must match exactly."""
     from fora.formats.peft_io import adapter_tensors
 
-    live = adapter_tensors(model)
+    live = adapter_tensors(model, fold_gate=False)
     if set(live) != set(tensors):
         extra, lacking = sorted(set(tensors) - set(live)), sorted(set(live) - set(tensors))
         raise ValueError("checkpoint adapter does not match the model's LoRA modules "

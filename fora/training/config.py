@@ -21,6 +21,7 @@ from typing import Any
 from fora.formats.gguf_export import TARGETS as EXPORT_TARGETS
 from fora.formats.loading import QUANTIZE
 from fora.inject import DEFAULT_TARGETS
+from fora.optim import STIEFEL_FACTORS
 from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
 from fora.training.builtin import BUILTIN_TASKS, DEFAULT_TASK, trains_on_builtin_cloze
@@ -57,10 +58,12 @@ class TrainConfig:
     lora_dropout: float = 0.05
     rslora: bool = False
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    lr: float = 3e-4
-    stiefel_lr: float | None = None
-    stiefel_lr_scale: float | None = None  # None: the model family's (fora.optim.default_stiefel_lr_scale)
-    weight_decay: float = 0.0
+    lr: float = 2e-4                # the authors' AdamW: 2e-4 on the schedule, weight decay 0.01
+    stiefel_factor: str = "B"       # B: FoRA as its authors run it; A: the row-orthonormal-A ablation
+    stiefel_lr: float | None = None  # None: fora.optim's default for the factor
+    stiefel_lr_scale: float = 1.0
+    weight_decay: float = 0.01
+    cayley_per_micro_batch: bool = False  # the authors' trainer's stepping (a control), not the default
     max_grad_norm: float = 1.0
     batch_size: int = 16
     grad_accum: int = 1
@@ -68,7 +71,7 @@ class TrainConfig:
     max_steps: int | None = None
     cutoff_len: int = 256
     template: str = "alpaca"
-    fisher_batches: int = 8
+    fisher_batches: int = 128
     fisher_params: str = "block"
     qr_every: int = 100
     warmup_steps: int | None = None
@@ -118,10 +121,14 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.stiefel_lr is not None and not self.stiefel_lr > 0:
-            raise ValueError(f"--stiefel-lr must be > 0, got {self.stiefel_lr}; omit it for lr * sqrt(r * d_in)")
-        if self.stiefel_lr_scale is not None and not self.stiefel_lr_scale > 0:
-            raise ValueError(f"--stiefel-lr-scale must be > 0, got {self.stiefel_lr_scale}; "
-                             "omit it for the model family's default")
+            raise ValueError(f"--stiefel-lr must be > 0, got {self.stiefel_lr}; omit it for the default step")
+        if not self.stiefel_lr_scale > 0:
+            raise ValueError(f"--stiefel-lr-scale must be > 0, got {self.stiefel_lr_scale}")
+        if self.stiefel_factor not in STIEFEL_FACTORS:
+            raise ValueError(f"unknown --stiefel-factor {self.stiefel_factor!r}; choose B (FoRA) or A (the ablation)")
+        if self.cayley_per_micro_batch and self.stiefel_factor != "B":
+            raise ValueError("--cayley-per-micro-batch reproduces the authors' trainer, which constrains B; "
+                             "drop it or use --stiefel-factor B")
         if self.dtype == "float16":
             raise ValueError("--dtype float16 is not supported for training: fp16 autocast without loss "
                              "scaling lets small gradients underflow to zero; use --dtype bfloat16 "
@@ -241,13 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the adapter input")
     a("--rslora", action="store_true", help="rank-stabilised scale alpha / sqrt(r)")
     a("--targets", type=_targets, default=",".join(d.targets), help="comma list of projections to adapt per layer")
-    a("--lr", type=float, default=d.lr, help="AdamW learning rate (B, and A for the plain-LoRA methods)")
-    a("--stiefel-lr", type=float, default=d.stiefel_lr, help="Cayley-Adam step length for A on the "
-      "Stiefel methods; default lr * sqrt(r * d_in) per A (same Frobenius step as AdamW on a plain A)")
+    a("--lr", type=float, default=d.lr, help="AdamW learning rate, on the schedule (A and the gate for FoRA; "
+      "every factor for the plain-LoRA methods)")
+    a("--stiefel-factor", choices=STIEFEL_FACTORS, default=d.stiefel_factor, help="the factor the Stiefel "
+      "methods keep orthonormal: B (FoRA as its authors run it: B column-orthonormal, A ~ N(0, 1/r), a gate "
+      "g = 0) or A (the ablation: A rows orthonormal, B = 0)")
+    a("--cayley-per-micro-batch", action="store_true", help="step Cayley-Adam after every micro-batch's "
+      "backward, before gradient clipping, as the authors' trainer does (a control; default: once per "
+      "optimizer step, after clipping)")
+    a("--stiefel-lr", type=float, default=d.stiefel_lr, help="Cayley-Adam step for the Stiefel factor: with B "
+      "the constant cap of alpha = min(lr, 1/||W||_1), default 1e-3; with A the step length, default "
+      "lr * sqrt(r * d_in) per A (same Frobenius step as AdamW on a plain A)")
     a("--stiefel-lr-scale", type=float, default=d.stiefel_lr_scale, help="multiplies the Cayley-Adam step "
-      "of every A (the default lr * sqrt(r * d_in), or --stiefel-lr): 0.25 for a quarter of it; default "
-      "the model family's measured choice, 0.25 for Gemma 3 and 1 for the others (1 with --stiefel-lr)")
-    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (never on Stiefel A)")
+      "(the default or --stiefel-lr): 0.25 for a quarter of it")
+    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (never on the Stiefel factor)")
     a("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the global grad norm of all "
       "adapter parameters (A and B) before every optimizer sees them; 0 disables")
     a("--batch-size", type=int, default=d.batch_size, help="micro-batch size (sequences per forward)")
@@ -260,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fisher-batches", type=int, default=d.fisher_batches, help="calibration batches N for Fisher (Eq. 2), CKA and FIM-LoRA")
     a("--fisher-params", choices=("block", "targets"), default=d.fisher_params,
       help="theta_l of Eq. 2: every block parameter, or only the target projections")
-    a("--qr-every", type=int, default=d.qr_every, help="Cayley-Adam QR retraction every T steps (0 = never)")
+    a("--qr-every", type=int, default=d.qr_every, help="Cayley-Adam QR retraction every T steps (0 = never; the authors' code: 100, "
+      "the paper's Table 10 may say 200)")
     a("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warmup steps; "
       f"default {WARMUP_FRACTION:.0%}% of the run's optimizer steps")  # %% for argparse
     a("--schedule", choices=SCHEDULES, default=d.schedule, help="decay after warmup")
@@ -297,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--match-init-norm", action="store_true", help="plain-A methods: scale each Kaiming row of A to "
       "unit norm, the row norm of a Stiefel A (Kaiming rows have norm ~1/sqrt(3)), so the 2x2 "
       "ablation starts both arms at the same ||dW|| scale")
-    a("--compile", action="store_true", help="torch.compile each decoder block (regional) and Cayley-Adam's update; falls back to "
+    a("--compile", action="store_true", help="torch.compile each decoder block (regional); falls back to "
       "eager with a warning where torch.compile does not work. Off by default (CPU: 4.5%% faster steps, "
       "compile time not measured; docs/performance.md)")
     a("--activation-checkpointing", action="store_true",

@@ -6,8 +6,8 @@
 
 The parts that follow from the layout are exact: NF4 storage per weight tensor of n values is
 ceil(n/2) + ceil(n/64) bytes of codes plus 4 bytes per 256 block constants plus μ
-(`fora.models.nf4`); adapters are fp32 r x (d_in + d_out) per target; Cayley-Adam keeps one
-r x d_in moment and a scalar per A, AdamW two moments and a step count per B. Activations are an estimate: bf16,
+(`fora.models.nf4`); adapters are fp32 r x (d_in + d_out) plus the gate per target; Cayley-Adam
+keeps one d_out x r moment and a scalar per B, AdamW two moments and a step count per A and gate. Activations are an estimate: bf16,
 per token and layer that backward runs through, the inputs autograd keeps for the attention and
 MLP matmuls, 2 (6 h + 3 i) bytes (less with --activation-checkpointing: 2 h per layer plus
 one layer's full set).
@@ -72,8 +72,9 @@ def qfora_fsdp_memory(config: ModelConfig, world: int, *, k: int, rank: int = 32
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     norms = L * (2 * h + (2 * config.head_dim if config.qk_norm else 0))
     float_weights = float_bytes * (math.ceil((embed + h) / world) + norms)
-    adapter = k * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)  # fp32 values
-    moments = k * sum(rank * shapes[t][1] + 1 + 2 * rank * shapes[t][0] + 1 for t in targets)  # + step counts
+    adapter = k * sum(rank * (shapes[t][0] + shapes[t][1]) + 1 for t in targets)  # fp32 values, + the gate
+    # Cayley-Adam on B (d_out x r moment, scalar v); AdamW on A and on g (two moments and a step count each)
+    moments = k * sum(rank * shapes[t][0] + 1 + (2 * rank * shapes[t][1] + 1) + (2 + 1) for t in targets)
     layers = L if backward_layers is None else backward_layers
     return MemoryPlan(packed_base=packed, float_weights=float_weights, gathered_blocks=2 * block_nf4,
                       adapters=4 * adapter, gradients=2 * 4 * adapter, optimizer=4 * moments,

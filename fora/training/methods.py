@@ -1,20 +1,23 @@
-"""The training methods as a table: which layers, which A constraint, which ranks.
+"""The training methods as a table: which layers, which Stiefel constraint, which ranks.
 
-| method         | layers (selector)              | A                  | ranks                  |
+| method         | layers (selector)              | Stiefel factor     | ranks                  |
 |----------------|--------------------------------|--------------------|------------------------|
-| fora           | Fisher top-K (Eq. 2-3)         | Stiefel, CayleyAdam| r                      |
-| fg-lora        | Fisher top-K                   | plain, AdamW       | r                      |
-| stiefel-lora   | all L                          | Stiefel, CayleyAdam| r                      |
-| lora           | all L                          | plain, AdamW       | r                      |
-| lora-half-rank | all L                          | plain, AdamW       | r/2 (FoRA's budget at K = L/2) |
-| random-k       | K random layers (seeded)       | Stiefel, CayleyAdam| r                      |
-| cka            | K least-similar layers (CKA)   | plain, AdamW       | r                      |
-| fim-lora       | all L                          | plain, AdamW       | FIM pattern (budget L*|targets|*r) |
-| dora           | all L                          | plain, AdamW (+ DoRA magnitude m) | r       |
-| qdora          | all L, 4-bit NF4 base          | plain, AdamW (+ DoRA magnitude m) | r       |
-| adalora        | all L                          | plain, AdamW (+ AdaLoRA E)        | init_r pruned to target_r·M |
+| fora           | Fisher top-K (Eq. 2-3)         | yes, CayleyAdam    | r                      |
+| fg-lora        | Fisher top-K                   | none, AdamW        | r                      |
+| stiefel-lora   | all L                          | yes, CayleyAdam    | r                      |
+| lora           | all L                          | none, AdamW        | r                      |
+| lora-half-rank | all L                          | none, AdamW        | r/2 (FoRA's budget at K = L/2) |
+| random-k       | K random layers (seeded)       | yes, CayleyAdam    | r                      |
+| cka            | K least-similar layers (CKA)   | none, AdamW        | r                      |
+| fim-lora       | all L                          | none, AdamW        | FIM pattern (budget L*|targets|*r) |
+| dora           | all L                          | none, AdamW (+ DoRA magnitude m) | r        |
+| qdora          | all L, 4-bit NF4 base          | none, AdamW (+ DoRA magnitude m) | r        |
+| adalora        | all L                          | none, AdamW (+ AdaLoRA E)        | init_r pruned to target_r·M |
 
-`random-k` keeps FoRA's Stiefel A, so fora vs random-k isolates the *selection* (Fisher vs
+"yes" is B (FoRA as its authors run it: B column-orthonormal, A ~ N(0, 1/r), a gate g = 0) by
+default, or A with `--stiefel-factor A` (the row-orthonormal-A ablation); either way the same
+layers and ranks.
+`random-k` keeps FoRA's Stiefel factor, so fora vs random-k isolates the *selection* (Fisher vs
 chance) with everything else equal. `cka` follows seed 003 (plain LoRA on the layers that
 transform the representation most). The first four rows are PAPER.md §3's 2x2 table. `dora` and
 `qdora` are the DoRA baselines the paper compares with (Table 1 and §4.5; `fora.dora`); QFoRA
@@ -132,7 +135,7 @@ class MethodSpec:
     """One row of the method table."""
 
     selector: str   # key of SELECTORS
-    stiefel: bool   # A on the Stiefel manifold (Stiefel init + CayleyAdam) or plain (AdamW)
+    stiefel: bool   # a factor on the Stiefel manifold (TrainConfig.stiefel_factor, CayleyAdam) or plain (AdamW)
     rank_rule: str  # key of RANK_RULES (the uniform rank; fim adds a per-module pattern)
     description: str
     dora: bool = False           # DoRALinear adapters (trained magnitude per output row)
@@ -141,12 +144,12 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "fora": MethodSpec("fisher", True, "r", "Fisher top-K layers + Stiefel A (CayleyAdam)"),
+    "fora": MethodSpec("fisher", True, "r", "Fisher top-K layers + Stiefel B and gate (CayleyAdam)"),
     "fg-lora": MethodSpec("fisher", False, "r", "Fisher top-K layers, plain LoRA (AdamW)"),
-    "stiefel-lora": MethodSpec("all", True, "r", "all layers + Stiefel A"),
+    "stiefel-lora": MethodSpec("all", True, "r", "all layers + Stiefel B and gate (Park et al.'s Stiefel-LoRA)"),
     "lora": MethodSpec("all", False, "r", "all layers, plain LoRA"),
     "lora-half-rank": MethodSpec("all", False, "r/2", "all layers, plain LoRA at rank r/2"),
-    "random-k": MethodSpec("random", True, "r", "K seeded-random layers + Stiefel A (isolates the selection)"),
+    "random-k": MethodSpec("random", True, "r", "K seeded-random layers + Stiefel B (isolates the selection)"),
     "cka": MethodSpec("cka", False, "r", "K least-similar layers by CKA, plain LoRA"),
     "fim-lora": MethodSpec("fim", False, "r", "all layers, FIM-LoRA per-module rank pattern, plain LoRA"),
     "dora": MethodSpec("all", False, "r", "all layers, DoRA (LoRA direction + trained magnitude)", dora=True),

@@ -38,7 +38,8 @@ from fora.formats.peft_io import save_adapter, save_merged
 from fora.inject import freeze_base, inject_lora, lora_modules
 from fora.models.config import ModelConfig
 from fora.models.speed import checkpoint_blocks, compile_blocks
-from fora.optim import build_optimizers, default_stiefel_lr_scale
+from fora.cayley_adam import CayleyAdam
+from fora.optim import build_optimizers, scheduled
 from fora.stiefel import stiefel_error
 from fora.training.adalora_hooks import AdaLoRAStep, init_rank, schedule_of
 from fora.training.batching import calibration_batches, epoch_steps, make_batches
@@ -125,17 +126,16 @@ def base_model_id(cfg: TrainConfig, folder: Path) -> str:
     return _hub_base_model_id(cfg.model, folder)
 
 
-def with_stiefel_step(cfg: TrainConfig, model_type: str) -> TrainConfig:
-    """`cfg` with `stiefel_lr_scale` set: as given, else 1 beside an explicit `--stiefel-lr`, else
-    the family's measured default (`fora.optim.default_stiefel_lr_scale`), so that
-    train_config.json records the step a run took and a resume takes the same one."""
-    if cfg.stiefel_lr_scale is not None:
-        return cfg
-    scale = 1.0 if cfg.stiefel_lr is not None else default_stiefel_lr_scale(model_type)
-    if scale != 1 and METHODS[cfg.method].stiefel:
-        log.info("Stiefel step: lr * sqrt(r * d_in) x %g, the %s default (--stiefel-lr-scale 1 for x1)",
-                 scale, model_type)
-    return replace(cfg, stiefel_lr_scale=scale)
+def manifold_metrics(model: nn.Module, stiefel: bool) -> dict[str, float]:
+    """For a Stiefel method's log row: the largest distance from the manifold of any Stiefel
+    factor and the largest |gate|; nothing for the plain methods."""
+    mods = list(lora_modules(model).values())
+    if not stiefel or not mods:
+        return {}
+    points = [CayleyAdam.point(p) for m in mods if (p := m.stiefel_parameter()) is not None]
+    row = {"stiefel_error": max(stiefel_error(p) for p in points)} if points else {}
+    gates = [abs(m.gate()) for m in mods if m.lora_gate is not None]
+    return {**row, **({"gate_max": max(gates)} if gates else {})}
 
 
 def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
@@ -161,7 +161,6 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     cfg, device = replace(cfg, world_size=ctx.world), ctx.device(device)
     folder = resolve_checkpoint(cfg.model)
     model_config = ModelConfig.from_json(folder)  # checked before the weights load
-    cfg = with_stiefel_step(cfg, model_config.model_type)  # before it is compared or saved
     with ctx.main_first():  # rank 0 may repair a half-published checkpoint before the others read it
         out, ckpt = prepare_out(cfg)
     t_start -= ckpt.seconds if ckpt is not None else 0.0  # timings continue across a resume
@@ -202,6 +201,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
 
     # 4. adapters, optimizers, schedules
     inject_lora(model, sel.layers, targets=cfg.targets, rank=rank, alpha=cfg.alpha, stiefel=spec.stiefel,
+                stiefel_factor=cfg.stiefel_factor,
                 rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed,
                 dora=spec.dora, adalora=spec.adalora)
     if cfg.match_init_norm and not (spec.stiefel or spec.adalora) and ckpt is None:
@@ -215,13 +215,14 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     engine = wrap_model(ctx, model, device)  # the step calls model, DDP(CausalLMLoss(model)) or model sharded
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("trainable parameters: %d (%d LoRA modules)", sum(p.numel() for p in params), len(lora_modules(model)))
-    optimizers = build_optimizers(model, cfg.lr, stiefel_lr=cfg.stiefel_lr, stiefel_lr_scale=cfg.stiefel_lr_scale,
-                                  weight_decay=cfg.weight_decay, stiefel=spec.stiefel, qr_every=cfg.qr_every,
-                                  compiled=cfg.compile)
+    optimizers = build_optimizers(model, cfg.lr, stiefel=spec.stiefel, stiefel_factor=cfg.stiefel_factor,
+                                  stiefel_lr=cfg.stiefel_lr, stiefel_lr_scale=cfg.stiefel_lr_scale,
+                                  weight_decay=cfg.weight_decay, qr_every=cfg.qr_every)
+    per_micro = optimizers[0] if spec.stiefel and cfg.cayley_per_micro_batch else None
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * ctx.world * cfg.grad_accum))
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     schedule = lr_lambda(cfg.schedule, warmup_steps(cfg, total), total)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in scheduled(optimizers)]
     adalora = AdaLoRAStep(model, schedule_of(cfg, total)) if spec.adalora else None
     schedulers += [adalora] if adalora else []  # it steps where they do: after the optimizers, before zero_grad
     position = DataPosition(0, 0, 0)
@@ -271,6 +272,9 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
             loss_sum, _ = forward_loss(engine, batch, device, grad_from_layer=grad_from, autocast=autocast)
             loss = loss_sum / max(n_tokens, 1)  # token-weighted mean over the whole accumulated batch
             (loss * ctx.world).backward()  # DDP / FSDP average the gradients over ranks
+            if per_micro is not None:  # the authors' trainer: unclipped, per micro-batch
+                per_micro.step()
+                per_micro.zero_grad(set_to_none=True)
             step_loss += loss.detach()  # checked for NaN / inf on the device, synced by `health`
             speed.tokens += int(batch["attention_mask"].sum())
         if adalora is not None:
@@ -279,7 +283,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         health.record(step + 1, ctx.all_sum_(step_loss), grad_norm)  # the global batch's loss
         for opt in optimizers:
-            opt.step()
+            if opt is not per_micro:
+                opt.step()
         for sched in schedulers:
             sched.step()
         for opt in optimizers:
@@ -300,9 +305,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         row, eta = {}, 0.0
         if logging_now:
             tok_s, eta = speed.report(step)
-            errs = [stiefel_error(m.lora_A, rows=True) for m in lora_modules(model).values()]
             row = {"step": step, "loss": sum(window) / len(window), "lr": optimizers[-1].param_groups[0]["lr"],
-                   "tok_s": tok_s, "grad_norm": float(grad_norm), "stiefel_error": max(errs),
+                   "tok_s": tok_s, "grad_norm": float(grad_norm), **manifold_metrics(model, spec.stiefel),
                    **(adalora.metrics() if adalora else {})}
             result.train_losses.append((step, row["loss"]))
             window = []

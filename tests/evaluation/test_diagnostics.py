@@ -66,7 +66,7 @@ def test_rows_equal_rank_for_equal_singular_values():
     lin = torch.nn.Linear(16, 12)
     from fora.lora import LoRALinear
 
-    m = LoRALinear(lin, 4, 8.0, init="stiefel", generator=torch.Generator().manual_seed(1))
+    m = LoRALinear(lin, 4, 8.0, init="stiefel_a", generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         m.lora_B.copy_(torch.linalg.qr(torch.randn(12, 4))[0] * 3.0)  # orthogonal columns, equal norms
     (row,) = [r for r in adapter_diagnostics(torch.nn.ModuleDict({"model": torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.ModuleDict({"q": m})])})}))]
@@ -85,14 +85,14 @@ def test_lemma1_end_to_end_on_trained_fora(fora_run, tiny):
     assert sorted({r["layer"] for r in rows}) == json.loads((fora_run / "selection.json").read_text())["selected"]
     for row in rows:
         m = modules[row["module"]]
-        assert row["stiefel_error"] < 1e-4  # A stayed on the manifold through Cayley-Adam
-        sigma_b = torch.linalg.svdvals(m.lora_B.detach().double())
-        assert float(sigma_b.max()) > 1e-3  # trained: B moved away from zero
-        # Lemma 1: sigma(dW / s) = sigma(B) when A A^T = I
-        torch.testing.assert_close(torch.tensor(row["singular_values"], dtype=torch.float64) / m.scale, sigma_b, rtol=1e-4, atol=1e-6)
+        assert row["stiefel_error"] < 1e-4  # B stayed on the manifold through Cayley-Adam
+        sigma_a = torch.linalg.svdvals(m.lora_A.detach().double())   # the file's A is g·A
+        assert float(sigma_a.max()) > 1e-4  # trained: the gate opened away from zero
+        # Lemma 1: sigma(dW / s) = sigma(g A) when B^T B = I
+        torch.testing.assert_close(torch.tensor(row["singular_values"], dtype=torch.float64) / m.scale, sigma_a, rtol=1e-4, atol=1e-6)
         dense = torch.linalg.svdvals(m.delta_weight().double())[: m.rank]
         torch.testing.assert_close(torch.tensor(row["singular_values"], dtype=torch.float64), dense, rtol=1e-4, atol=1e-7)
-        assert row["effective_rank"] == pytest.approx(effective_rank(m.lora_B), rel=1e-4)
+        assert row["effective_rank"] == pytest.approx(effective_rank(m.lora_A), rel=1e-4)
 
 
 def test_summaries_combine_rows():

@@ -54,8 +54,9 @@ def test_reproduce_all_arms_then_skip(reproduce, tmp_path):
     assert {r["method"] for r in report["runs"]} == set(reproduce.ARMS)
     by = {r["method"]: r for r in report["runs"]}
     assert len(by["fora"]["layers"]) == 2 and len(by["lora"]["layers"]) == 4
-    # same budget rule as the paper: FoRA at K = L/2 has lora-half-rank's parameter count
-    assert by["fora"]["trainable_params"] == by["lora-half-rank"]["trainable_params"] == by["lora"]["trainable_params"] // 2
+    # same budget rule as the paper: FoRA at K = L/2 has lora-half-rank's parameter count, plus one
+    # scalar gate per adapted linear (2 layers x 5 targets)
+    assert by["fora"]["trainable_params"] - 2 * 5 == by["lora-half-rank"]["trainable_params"] == by["lora"]["trainable_params"] // 2
     for r in report["runs"]:
         assert 0 <= r["acc_loglik"] <= 1 and r["n_loglik"] == 6 and r["n_generate"] == 2 and 0 <= r["acc_fill_in"] <= 1
         assert r["kl"] > 0 and r["perplexity"] > 1 and r["perplexity_base"] == report["base"][str(tiny)]["perplexity"]
@@ -247,23 +248,27 @@ def test_stiefel_scales_run_only_the_stiefel_arms_at_each_scale(reproduce, tmp_p
 
 
 def test_stiefel_lr_scale_multiplies_cayley_adams_default_step():
-    """The optimizer's A groups get lr * sqrt(r * d_in) * scale (the default step of fora.optim, scaled)."""
-    model = nn.ModuleDict({"q": LoRALinear(nn.Linear(8, 8), rank=2, alpha=4, init="stiefel"),
-                           "d": LoRALinear(nn.Linear(32, 8), rank=2, alpha=4, init="stiefel")})
+    """Under the ablation the optimizer's A groups get lr * sqrt(r * d_in) * scale (the default step of
+    fora.optim, scaled); FoRA's B's get the constant cap 1e-3 * scale."""
+    model = nn.ModuleDict({"q": LoRALinear(nn.Linear(8, 8), rank=2, alpha=4, init="stiefel_a"),
+                           "d": LoRALinear(nn.Linear(32, 8), rank=2, alpha=4, init="stiefel_a")})
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.values():
         m.lora_A.requires_grad_(True)
         m.lora_B.requires_grad_(True)
     for scale in (1.0, 0.25):
-        cayley, _ = build_optimizers(model, lr=1e-3, stiefel_lr_scale=scale)
+        cayley, _ = build_optimizers(model, lr=1e-3, stiefel_lr_scale=scale, stiefel_factor="A")
         assert sorted(g["lr"] for g in cayley.param_groups) == pytest.approx(
             sorted(1e-3 * math.sqrt(2 * d) * scale for d in (8, 32)))
-    cayley, _ = build_optimizers(model, lr=1e-3, stiefel_lr=0.3, stiefel_lr_scale=0.25)
+    cayley, _ = build_optimizers(model, lr=1e-3, stiefel_lr=0.3, stiefel_lr_scale=0.25, stiefel_factor="A")
     assert [g["lr"] for g in cayley.param_groups] == pytest.approx([0.075])
+    fora_model = nn.ModuleDict({"q": LoRALinear(nn.Linear(8, 8), rank=2, alpha=4, init="stiefel_b")})
+    cayley, _ = build_optimizers(fora_model, lr=2e-4, stiefel_lr_scale=0.25)
+    assert [g["lr"] for g in cayley.param_groups] == pytest.approx([2.5e-4])
     from fora.training.config import TrainConfig
 
-    with pytest.raises(ValueError, match="--stiefel-lr-scale must be > 0, got 0; omit it for the model family's default"):
+    with pytest.raises(ValueError, match="--stiefel-lr-scale must be > 0, got 0"):
         TrainConfig(model="m", stiefel_lr_scale=0)
 
 

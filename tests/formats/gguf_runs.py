@@ -27,11 +27,15 @@ def make_run(root: Path, base: Path, variant: str = "plain", layers: tuple[int, 
         pattern = {f"model.layers.{layers[-1]}.self_attn.q_proj": 2, f"model.layers.{layers[0]}.mlp.down_proj": 6,
                    f"model.layers.{layers[0]}.self_attn.k_proj": 1}
     inject_lora(model, list(layers), targets=TARGETS, rank=4, alpha=8.0, rslora=variant == "rslora",
-                rank_pattern=pattern, seed=0, dora=variant == "dora")
+                rank_pattern=pattern, seed=0, dora=variant == "dora", stiefel=variant != "dora")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in lora_modules(model).values():
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+            if m.lora_gate is not None:  # FoRA: a trained gate and A; B stays column-orthonormal
+                m.lora_gate.fill_(0.5 + float(torch.rand((), generator=g)))
+                m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.3)
+            else:
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
             if variant == "dora":
                 m.lora_magnitude_vector.mul_(1.0 + 0.1 * torch.randn(m.lora_magnitude_vector.shape, generator=g))
     run = root / f"run-{variant}"

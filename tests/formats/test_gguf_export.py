@@ -109,8 +109,8 @@ def test_adapter_gguf_layout_and_scale_folding(bases, tmp_path, variant):
         name = f"blk.{path.split('.')[2]}.{short[path.rsplit('.', 1)[-1]]}.weight"
         A, B = (torch.from_numpy(tensors[f"{name}.lora_{x}"]) for x in "ab")
         assert A.shape == (m.rank, m.in_features) and B.shape == (m.out_features, m.rank)
-        # llama.cpp adds (alpha / r) B A; it must equal fora's s B A, q/k rows in llama.cpp's order
-        want = float(m.scale) * (m.lora_B @ m.lora_A).detach()
+        # llama.cpp adds (alpha / r) B A; it must equal fora's g s B A, q/k rows in llama.cpp's order
+        want = m.delta_weight().detach()
         if name.endswith("attn_q.weight"):
             want = permute_rows(want, 4)
         elif name.endswith("attn_k.weight"):

@@ -24,10 +24,16 @@ def ckpt(request, tmp_path_factory):
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """A trained-looking adapter: FoRA's gets a nonzero gate and a new A (B stays orthonormal),
+    the others a nonzero B."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():
-            m.lora_B.copy_(0.2 * torch.randn(m.lora_B.shape, generator=g))
+            if m.lora_gate is not None:
+                m.lora_gate.fill_(0.3 + float(torch.rand((), generator=g)))
+                m.lora_A.copy_(0.2 * torch.randn(m.lora_A.shape, generator=g))
+            else:
+                m.lora_B.copy_(0.2 * torch.randn(m.lora_B.shape, generator=g))
 
 
 def _adapted(ckpt, **kw):
@@ -66,6 +72,24 @@ def test_adapter_loads_in_peft_with_same_logits(ckpt, tmp_path):
     torch.testing.assert_close(ours[MASK.bool()], theirs[MASK.bool()], atol=1e-4, rtol=1e-4)
 
 
+def test_the_gate_is_folded_into_A_and_B_keeps_orthonormal_columns(ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from fora.stiefel import stiefel_error
+
+    model = _adapted(ckpt)
+    save_adapter(model, tmp_path, base_model_name_or_path=str(ckpt))
+    tensors = load_file(tmp_path / ADAPTER_WEIGHTS)
+    assert not any("gate" in k for k in tensors)                      # an ordinary LoRA file
+    for path, m in lora_modules(model).items():
+        A = tensors[f"base_model.model.{path}.lora_A.weight"]
+        B = tensors[f"base_model.model.{path}.lora_B.weight"]
+        assert stiefel_error(B) < 1e-5
+        torch.testing.assert_close(A, m.gate() * m.lora_A.detach(), rtol=0, atol=0)
+    again = load_adapter(load_model(ckpt, dtype=torch.float32, device="cpu"), tmp_path)
+    torch.testing.assert_close(_logits(again), _logits(model), rtol=1e-5, atol=1e-5)
+
+
 def test_load_adapter_roundtrip_and_partial_targets(ckpt, tmp_path):
     from peft import PeftModel
 
@@ -80,8 +104,8 @@ def test_load_adapter_roundtrip_and_partial_targets(ckpt, tmp_path):
     assert set(lora_modules(fresh)) == set(lora_modules(model))
     for path, m in lora_modules(model).items():
         n = lora_modules(fresh)[path]
-        assert torch.equal(n.lora_A, m.lora_A) and torch.equal(n.lora_B, m.lora_B) and n.scale == m.scale
-    torch.testing.assert_close(_logits(fresh), _logits(model), atol=0, rtol=0)
+        assert torch.equal(n.lora_A, m.gate() * m.lora_A) and torch.equal(n.lora_B, m.lora_B) and n.scale == m.scale
+    torch.testing.assert_close(_logits(fresh), _logits(model), atol=1e-6, rtol=1e-6)  # g folded: (gA)x vs g(Ax)
     peft_model = PeftModel.from_pretrained(hf_reference(ckpt), tmp_path).eval()
     torch.testing.assert_close(_logits(model)[MASK.bool()], _logits(peft_model)[MASK.bool()], atol=1e-4, rtol=1e-4)
 
@@ -138,7 +162,7 @@ def test_merged_export_starts_from_stored_weights(ckpt, tmp_path):
         if path in lora_modules(model):
             m = lora_modules(model)[path]
             assert merged[name].dtype == w0.dtype == torch.float32
-            torch.testing.assert_close(merged[name], w0 + m.scale * (m.lora_B @ m.lora_A), atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(merged[name], w0 + m.gate() * m.scale * (m.lora_B @ m.lora_A), atol=1e-6, rtol=1e-6)
         else:
             assert torch.equal(merged[name], w0)
 

@@ -1,5 +1,5 @@
 """Trainer equivalences and the options of the ablation: gradient accumulation equals one big
-batch, clipping is one global norm over A and B, FIM-LoRA / CKA settings reach selection.json,
+batch, clipping is one global norm over A, B and the gates, FIM-LoRA / CKA settings reach selection.json,
 --match-init-norm gives plain A's the Stiefel row norm. Tiny random checkpoint, CPU, float32."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from fora.formats.loading import load_model, load_tokenizer
 from fora.inject import inject_lora, lora_modules
 from fora.training.config import TrainConfig, parse_args
 from fora.training.init_norm import unit_row_norms
+from fora.training.methods import METHODS
 from fora.training.run import main, prepare_data
 
 L = 4
@@ -85,13 +86,14 @@ def test_grad_accumulation_equals_one_big_batch_and_clipping_is_global(tiny, tmp
             torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5 * float(x.abs().max()))  # fp32 sum order
     for k in adapters["big"]:
         torch.testing.assert_close(adapters["accum"][k], adapters["big"][k], rtol=1e-4, atol=1e-6)
-    # step 2: A has a gradient (B != 0); one factor max_norm / ‖(all A, all B)‖ scales the gradient
-    # that CayleyAdam (A) and AdamW (B) see
+    # step 2: B has a gradient (the gate is no longer 0); one factor max_norm / ‖(all A, B, g)‖
+    # scales the gradient that CayleyAdam (B) and AdamW (A, g) see
     produced, at_step = accum[1], seen[1]
     assert set(produced) == set(at_step)
     total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in produced.values()))
-    a_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in produced.values() if g.shape[0] == 4))
-    assert a_norm > 0.01 * total and total > base.max_grad_norm
+    b_norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in produced.values()
+                           if g.ndim == 2 and g.shape[1] == 4))        # the (d_out, r) B's
+    assert b_norm > 0.01 * total and total > base.max_grad_norm
     for key, g in produced.items():
         torch.testing.assert_close(at_step[key], g * (base.max_grad_norm / (total + 1e-6)), rtol=1e-5, atol=1e-12)
 
@@ -131,10 +133,11 @@ def test_kaiming_rows_are_a_sqrt3_shorter_and_match_init_norm_fixes_it(tiny, cfg
     assert unit_row_norms(model) == 10
     rows = torch.cat([m.lora_A.norm(dim=1) for m in lora_modules(model).values()])
     torch.testing.assert_close(rows, torch.ones_like(rows))
-    # in a run: plain A's start at unit rows (lr tiny, one step), Stiefel A's stay on the manifold
+    # in a run: plain A's start at unit rows (lr tiny, one step), the ablation's Stiefel A's stay on the manifold
     for method, flag, expected in (("lora", True, 1.0), ("lora", False, 1 / math.sqrt(3)), ("fora", True, 1.0)):
         out = Path(cfg.out) / f"{method}-{flag}"
-        main(replace(cfg, method=method, match_init_norm=flag, lr=1e-9, max_steps=1, out=str(out)))
+        main(replace(cfg, method=method, match_init_norm=flag, lr=1e-9, max_steps=1, out=str(out),
+                     stiefel_factor="A", stiefel_lr=1e-9))
         norms = torch.cat([v.norm(dim=1) for k, v in _adapter(out).items() if k.endswith("lora_A.weight")])
         assert norms.mean().item() == pytest.approx(expected, rel=0.15 if not flag else 1e-4), (method, flag)
 
@@ -166,8 +169,9 @@ def test_accumulated_steps_see_the_rows_of_the_large_batch(tiny, tmp_path):
 @pytest.mark.parametrize("method", ["fora", "random-k", "lora"])
 def test_every_selected_layer_receives_gradient(tiny, tmp_path, data_file, monkeypatch, method):
     # The backward is cut below the lowest adapted layer (grad_from_layer); starting it one layer
-    # too high would leave that layer's adapters without gradient. At step 1 B = 0, so every B has a
-    # gradient s·G (x Aᵀ) and, from step 2 on, every A too.
+    # too high would leave that layer's adapters without gradient. At step 1 the plain methods have
+    # B = 0, so every B has a gradient s·G (x Aᵀ); FoRA has g = 0, so every gate has one. From
+    # step 2 on every parameter has one.
     grads: list[dict[str, torch.Tensor | None]] = []
     modules: dict[int, str] = {}
     real_clip = torch.nn.utils.clip_grad_norm_
@@ -182,6 +186,8 @@ def test_every_selected_layer_receives_gradient(tiny, tmp_path, data_file, monke
     def build(model, *args, **kwargs):
         for name, m in lora_modules(model).items():
             modules[id(m.lora_A)], modules[id(m.lora_B)] = f"{name}.A", f"{name}.B"
+            if m.lora_gate is not None:
+                modules[id(m.lora_gate)] = f"{name}.g"
         return real_build(model, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
@@ -194,5 +200,49 @@ def test_every_selected_layer_receives_gradient(tiny, tmp_path, data_file, monke
     assert sorted({int(name.split(".")[2]) for name in modules.values()}) == expected_layers
     for step, seen in enumerate(grads, start=1):
         for name, g in seen.items():
-            if name.endswith(".B") or step > 1:
+            if name.endswith(".g" if METHODS[method].stiefel else ".B") or step > 1:
                 assert g is not None and float(g.abs().sum()) > 0, f"{name} got no gradient at step {step}"
+
+
+@pytest.mark.parametrize("per_micro_batch, expected", [(False, 1), (True, 2)])
+def test_cayley_adam_steps_once_per_optimizer_step_unless_asked_per_micro_batch(cfg, monkeypatch,
+                                                                                 per_micro_batch, expected):
+    """Default: after accumulation and clipping, once per step; the authors' trainer's stepping
+    (--cayley-per-micro-batch): after every micro-batch's backward, before clipping."""
+    from fora.cayley_adam import CayleyAdam
+
+    events: list[str] = []
+    real_step, real_clip = CayleyAdam.step, torch.nn.utils.clip_grad_norm_
+
+    def step(self, *a, **kw):
+        events.append("cayley")
+        return real_step(self, *a, **kw)
+
+    def clip(*a, **kw):
+        events.append("clip")
+        return real_clip(*a, **kw)
+    monkeypatch.setattr(CayleyAdam, "step", step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    main(replace(cfg, grad_accum=2, max_steps=2, cayley_per_micro_batch=per_micro_batch))
+    assert events.count("cayley") == 2 * expected
+    steps = [events[i:i + expected + 1] for i in range(0, len(events), expected + 1)]
+    order = ["cayley"] * expected + ["clip"] if per_micro_batch else ["clip", "cayley"]
+    assert steps == [order, order]
+
+
+def test_the_ablation_runs_end_to_end_with_a_on_the_manifold(cfg):
+    from fora.stiefel import stiefel_error
+
+    main(replace(cfg, stiefel_factor="A", max_steps=3))
+    tensors = _adapter(cfg.out)
+    assert max(stiefel_error(A, rows=True) for k, A in tensors.items() if k.endswith("lora_A.weight")) < 1e-5
+    assert not any("gate" in k for k in tensors)
+
+
+def test_factor_flags_are_checked():
+    with pytest.raises(ValueError, match="unknown --stiefel-factor 'C'; choose B .FoRA. or A"):
+        TrainConfig(model="m", stiefel_factor="C")
+    with pytest.raises(ValueError, match="--cayley-per-micro-batch reproduces the authors' trainer, which constrains B"):
+        TrainConfig(model="m", stiefel_factor="A", cayley_per_micro_batch=True)
+    parsed = parse_args(["--model", "m", "--stiefel-factor", "A"])
+    assert (parsed.stiefel_factor, parsed.cayley_per_micro_batch) == ("A", False)
