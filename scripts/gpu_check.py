@@ -8,7 +8,7 @@ Rows (CUDA sizes: LLaMA-3.2-1B shape, random weights, bf16, 16 x 256 tokens):
   vs_peft    fora vs transformers + peft step time, peak memory, MFU; FoRA / FG-LoRA (bench_vs_peft)
   compile    fora-all with and without regional torch.compile (bench_vs_peft)
   train      FoRA (K = L/2, Cayley-Adam) vs LoRA on all layers (bench_train)
-  cayley     a Cayley-Adam step vs an AdamW step, per A and over all A's of the model (bench_cayley)
+  cayley     a Cayley-Adam step vs an AdamW step, per B (and the ablation's A) and over all B's of the model (bench_cayley)
   fisher     Fisher scoring vs a naive full-gradient Fisher vs one LoRA step (bench_fisher)
   qfora      QFoRA (NF4 base) vs FoRA: memory and step time (bench_qfora)
   ddp        2-process smoke runs of scripts/train.py: DDP, and QFoRA on FSDP2 (2+ GPUs only)
@@ -122,7 +122,7 @@ def row_cayley(s: dict) -> dict:
                         batch=s["batch"], seq_len=s["seq"], warmup=10 if cuda else 1, repeats=20 if cuda else 2,
                         full_layer=cuda, base_dtype=s["dtype"])
     rows = [{"d": d, "r": r, **b.bench_one(cfg, d, r)} for d in cfg.dims for r in cfg.ranks]
-    return {"per_A": rows, "model": b.bench_model(cfg) if cuda else None}
+    return {"per_B": rows, "model": b.bench_model(cfg) if cuda else None}
 
 
 def row_fisher(s: dict) -> dict:
@@ -255,8 +255,8 @@ def _tables(name: str, res: dict) -> list[tuple[str, dict[str, dict]]]:
     if name in ("train", "qfora"):
         return [(name, res["variants"])]
     if name == "cayley":
-        per = {f"d={r['d']} r={r['r']}": {k: v for k, v in r.items() if k not in ("d", "r")} for r in res["per_A"]}
-        return [("seconds per call, per A", per), ("all A's of LLaMA-3.2-1B, r=32", {"model": res["model"]}
+        per = {f"d={r['d']} r={r['r']}": {k: v for k, v in r.items() if k not in ("d", "r")} for r in res.get("per_B", res.get("per_A", []))}  # per_A: reports from before B
+        return [("seconds per call, per B", per), ("all B's of LLaMA-3.2-1B, r=32", {"model": res["model"]}
                                                   if res["model"] else {})]
     if name == "fisher":
         return [(f"one batch of {res['batch']}", res["modes"])]

@@ -36,8 +36,8 @@ def test_dry_run_writes_a_report_with_the_versions_and_every_figure(dry):
     assert list(report["rows"]) == ["tests", "cayley", "qfora"]
     assert all(r["status"] == "ok" for r in report["rows"].values()), report["rows"]
     assert report["rows"]["tests"]["result"]["counts"]["deselected"] > 0  # -m cuda selected
-    (a,) = report["rows"]["cayley"]["result"]["per_A"]
-    assert (a["d"], a["r"]) == (64, 8) and all(a[k] > 0 for k in ("cayley", "adamw", "adapter_fb"))
+    (a,) = report["rows"]["cayley"]["result"]["per_B"]
+    assert (a["d"], a["r"]) == (64, 8) and all(a[k] > 0 for k in ("cayley", "cayley_cf", "cayley_a", "adamw", "adapter_fb"))
     q = report["rows"]["qfora"]["result"]["variants"]
     assert q["fora"]["bytes_per_linear_param"] == 4.0  # float32 base
     assert abs(q["qfora"]["bytes_per_linear_param"] - NF4_BYTES) < 2e-3
