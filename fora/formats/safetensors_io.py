@@ -48,7 +48,8 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
             log.warning("%s names missing shards %s; using %s instead", index, missing, single)
             return [single]
         raise FileNotFoundError(f"shard(s) {missing} listed in {index} are missing; re-download the "
-                                "checkpoint (e.g. huggingface-cli download <repo>)")
+                                'checkpoint (e.g. hf download <repo> --include "*.json" --include "*.safetensors" '
+                                "--local-dir <folder>)")
     if single.is_file():
         return [single]
     raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {folder}; fora reads safetensors weights: "
