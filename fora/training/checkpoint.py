@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,6 +67,28 @@ class Checkpoint:
     selection: dict[str, Any]
     config: dict[str, Any]
     seconds: float = 0.0
+
+
+class SaveClock:
+    """`--save-minutes`: whether that much wall time has passed since the last checkpoint (or the
+    start of the loop), so that a crash costs at most that much training whatever the step time."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = 60.0 * minutes
+        self.since = self.clock()
+
+    def due(self, ctx: Any = None) -> bool:
+        """Time for a checkpoint? Under torchrun, when it is for any rank (`ctx.all_sum`): every rank
+        must take part in the save."""
+        if not self.seconds > 0:
+            return False
+        due = self.clock() - self.since >= self.seconds
+        return ctx.all_sum(int(due)) > 0 if ctx is not None else due
+
+    def restart(self) -> None:
+        self.since = self.clock()
 
 
 def capture_rng() -> dict[str, Any]:

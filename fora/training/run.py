@@ -42,7 +42,7 @@ from fora.optim import build_optimizers, default_stiefel_lr_scale
 from fora.stiefel import stiefel_error
 from fora.training.adalora_hooks import AdaLoRAStep, init_rank, schedule_of
 from fora.training.batching import calibration_batches, epoch_steps, make_batches
-from fora.training.checkpoint import CONFIG_FILE, DataPosition, restore_training_state, save_checkpoint
+from fora.training.checkpoint import CONFIG_FILE, DataPosition, SaveClock, restore_training_state, save_checkpoint
 from fora.training.config import TrainConfig, warmup_steps
 from fora.training.data import encode_records, load_records, split_records
 from fora.training.builtin import builtin_records, is_builtin
@@ -163,7 +163,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     model_config = ModelConfig.from_json(folder)  # checked before the weights load
     cfg = with_stiefel_step(cfg, model_config.model_type)  # before it is compared or saved
     with ctx.main_first():  # rank 0 may repair a half-published checkpoint before the others read it
-        out, ckpt = prepare_out(cfg)
+        out, ckpt = prepare_out(cfg, stack=live.stack, main=ctx.main)  # out locked for this process
     t_start -= ckpt.seconds if ckpt is not None else 0.0  # timings continue across a resume
     torch.manual_seed(cfg.seed)  # dropout; the LoRA init and the data order have their own seeded streams
     random.seed(cfg.seed)
@@ -260,6 +260,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         metrics.write({"step": 0, "val_loss": val, "seconds": time.perf_counter() - t_start})
         log.info("validation loss at start: %.4f", val)
     speed, window = Throughput(step, total), []
+    save_clock = SaveClock(cfg.save_minutes)  # --save-minutes: a checkpoint after that much training
     while step < total:
         ctx.seed_step(cfg.seed, step)  # several processes: dropout streams per (rank, step)
         if live.stop.requested:  # Ctrl-C, deferred to this step boundary
@@ -291,7 +292,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         live.position = DataPosition(epoch, b, step)
         logging_now = step % cfg.log_every == 0 or step == total
         evaluating = bool(data.val_batches) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
-        saving = bool(cfg.save_every) and step % cfg.save_every == 0 and step < total
+        saving = step < total and ((bool(cfg.save_every) and step % cfg.save_every == 0)
+                                   or save_clock.due(ctx))
         if logging_now or evaluating or saving:  # the one device sync of these steps
             losses, last_norm = health.check(ckpt_dir)
             window += losses
@@ -317,6 +319,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         if saving:
             live.save(live.position)
             ckpt_dir = out / "checkpoint"
+            save_clock.restart()
         if on_step is not None:
             on_step(step)
 

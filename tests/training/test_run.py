@@ -200,13 +200,17 @@ def test_out_folder_guard(cfg):
         main(replace(cfg, resume=str(Path(cfg.out) / "merged")))
 
 
-def test_unfinished_run_guard_and_resume_with_other_settings(cfg):
+def test_unfinished_run_guard_and_resume_with_other_settings(cfg, caplog):
     def crash(step: int) -> None:
         raise Killed
-    with pytest.raises(Killed):
+    with pytest.raises(Killed):                                # killed before its first checkpoint
         main(replace(cfg, save_every=0), on_step=crash)
-    with pytest.raises(ValueError, match="saved no checkpoint"):
-        main(replace(cfg, save_every=0))
+    assert not (Path(cfg.out) / "checkpoint").exists()
+    (Path(cfg.out) / "stale.txt").write_text("from the killed attempt")
+    main(replace(cfg, save_every=0))                           # a plain rerun replaces that attempt
+    assert "held an attempt of this run that stopped before its first checkpoint" in caplog.text
+    assert not (Path(cfg.out) / "stale.txt").exists() and (Path(cfg.out) / "adapter_model.safetensors").is_file()
+    assert [r["step"] for r in MetricsLog.read(Path(cfg.out) / "metrics.jsonl") if "loss" in r] == [1, 2]
     cfg = replace(cfg, save_every=1, out=cfg.out + "-2")
     with pytest.raises(Killed):
         main(cfg, on_step=crash)

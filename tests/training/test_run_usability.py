@@ -21,10 +21,12 @@ from script_loader import load_script
 import fora.training.progress
 import fora.training.run
 from fora.formats.hub import PRESETS
+from fora.training.checkpoint import SaveClock
 from fora.training.config import TrainConfig, parse_args, warmup_steps
 from fora.training.interrupt import TrainingInterrupted
 from fora.training.loop import MetricsLog
 from fora.training.model_card import base_model_id, gguf_source
+from fora.training.resume import LOCK_FILE, claim_out
 from fora.training.run import main
 
 L = 4
@@ -112,6 +114,60 @@ def test_resume_refuses_flags_that_differ_and_accepts_neutral_ones(cfg, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--resume", str(Path(cfg.out).parent / "nowhere")])
     assert "no checkpoint in" in capsys.readouterr().err
+
+
+class Killed(BaseException):
+    """A crash that writes nothing (kill -9, out of memory): not an Exception the trainer handles."""
+
+
+def test_checkpoints_every_50_steps_or_10_minutes_whichever_first(cfg, monkeypatch):
+    d = TrainConfig(model="m")
+    assert (d.save_every, d.save_minutes) == (50, 10.0)
+    assert parse_args(["--model", "m", "--save-minutes", "2.5"]).save_minutes == 2.5
+    now = {"t": 0.0}
+    monkeypatch.setattr(SaveClock, "clock", staticmethod(lambda: now["t"]))
+    saved = []
+
+    def seven_minutes_a_step(step: int) -> None:
+        state = Path(cfg.out) / "checkpoint" / "state.json"
+        saved.append(json.loads(state.read_text())["step"] if state.is_file() else None)
+        now["t"] += 7 * 60
+    main(replace(cfg, max_steps=6, save_every=4, save_minutes=10), on_step=seven_minutes_a_step)
+    # 14 minutes after the start: step 3 (by time); step 4 (by steps) restarts the clock; then the end
+    assert saved == [None, None, 3, 4, 4, 4] and _state(cfg.out)["step"] == 6
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_replaced_by_a_rerun_or_resume(cfg, caplog):
+    def kill(step: int) -> None:
+        raise Killed
+    with pytest.raises(Killed):
+        main(cfg, on_step=kill)
+    resumed = parse_args(["--resume", cfg.out])             # what "Resume with" would say: it works too
+    assert resumed.lr == cfg.lr and resumed.out == cfg.out
+    held = []
+    main(resumed, on_step=lambda step: held.append((Path(cfg.out) / LOCK_FILE).is_file()))
+    assert held == [True, True]                             # the replacement kept the run's own lock
+    assert "stopped before its first checkpoint; training it afresh" in caplog.text
+    assert _state(cfg.out)["step"] == 2 and (Path(cfg.out) / "adapter_model.safetensors").is_file()
+    assert not (Path(cfg.out) / LOCK_FILE).exists()        # released with the run
+    with pytest.raises(Killed):
+        main(replace(cfg, out=cfg.out + "-b", batch_size=8), on_step=kill)
+    main(replace(cfg, out=cfg.out + "-b"))                  # after an out-of-memory: smaller batches
+    assert "held an attempt of a run with other settings (batch_size: 4 here vs 8 there)" in caplog.text
+
+
+def test_out_is_locked_while_a_process_trains_into_it(cfg, tmp_path):
+    import contextlib
+
+    with contextlib.ExitStack() as other:
+        claim_out(Path(cfg.out), other)                     # a lock is per open file: as another process
+        with pytest.raises(ValueError, match=rf"--out {cfg.out} is in use: another process \(pid {os.getpid()}\) "
+                                             "is training into it; wait for it to finish"):
+            main(cfg)
+    main(replace(cfg, max_steps=1))
+    with pytest.raises(FileNotFoundError):                  # a run that stops before writing anything
+        main(replace(cfg, data=str(tmp_path / "missing.json"), out=str(tmp_path / "new" / "run")))
+    assert not (tmp_path / "new" / "run").exists()          # leaves no empty folder
 
 
 def test_progress_plain_lines_off_a_terminal(cfg, caplog):
