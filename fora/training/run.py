@@ -246,10 +246,14 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
                    selection=record, config=cfg.to_dict(), base_model_name_or_path=base_model_id(cfg, folder))
     live.out, live.total, live.position = out, total, DataPosition(epoch, b, step)
     health = StepHealth()
+    # losses of the steps since the last logged row: a checkpoint keeps them, so that the row a
+    # resumed run logs averages the same steps as the uninterrupted run's
+    window: list[float] = list(ckpt.loss_window) if ckpt is not None else []
 
     def save_at(position: DataPosition) -> Path | None:
-        health.check(ckpt_dir)  # a diverged step is never checkpointed
-        return ctx.main_only(save, position=position, seconds=time.perf_counter() - t_start)
+        window.extend(health.check(ckpt_dir)[0])  # a diverged step is never checkpointed
+        return ctx.main_only(save, position=position, seconds=time.perf_counter() - t_start,
+                             loss_window=list(window))
 
     live.save = save_at
     live.stop.armed = True
@@ -259,7 +263,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         result.val_losses.append((0, val))
         metrics.write({"step": 0, "val_loss": val, "seconds": time.perf_counter() - t_start})
         log.info("validation loss at start: %.4f", val)
-    speed, window = Throughput(step, total), []
+    speed = Throughput(step, total)
     save_clock = SaveClock(cfg.save_minutes)  # --save-minutes: a checkpoint after that much training
     while step < total:
         ctx.seed_step(cfg.seed, step)  # several processes: dropout streams per (rank, step)
@@ -296,7 +300,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
                                    or save_clock.due(ctx))
         if logging_now or evaluating or saving:  # the one device sync of these steps
             losses, last_norm = health.check(ckpt_dir)
-            window += losses
+            window.extend(losses)
             grad_norm = last_norm if last_norm is not None else grad_norm
 
         row, eta = {}, 0.0
@@ -307,7 +311,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
                    "tok_s": tok_s, "grad_norm": float(grad_norm), "stiefel_error": max(errs),
                    **(adalora.metrics() if adalora else {})}
             result.train_losses.append((step, row["loss"]))
-            window = []
+            window.clear()
         progress.step(step, row or None, eta)
         if evaluating:
             val_batches = progress.validation(data.val_batches, step, data.val_examples)

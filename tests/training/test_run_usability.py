@@ -44,7 +44,7 @@ def _state(out) -> dict:
 
 
 def test_ctrl_c_checkpoints_at_the_step_boundary_and_resume_dir_alone_continues(cfg, tmp_path):
-    cfg = replace(cfg, max_steps=6, grad_accum=2, lora_dropout=0.1)
+    cfg = replace(cfg, max_steps=6, grad_accum=2, lora_dropout=0.1, log_every=4)  # a row at steps 4 and 6
     full = main(replace(cfg, out=str(tmp_path / "full")))
     assert _state(tmp_path / "full")["step"] == 6           # a finished run keeps a final checkpoint
 
@@ -63,6 +63,10 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_resume_dir_alone_continues(
     a, b = _adapter(tmp_path / "full"), _adapter(out)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert full.steps == 6
+    # the row of step 4 averages steps 1-4, three of them before the Ctrl-C: the same losses
+    rows = [[{k: r[k] for k in ("step", "loss", "lr", "grad_norm", "stiefel_error") if k in r}
+             for r in MetricsLog.read(Path(run) / "metrics.jsonl")] for run in (tmp_path / "full", out)]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[0] if "loss" in r] == [4, 6]
 
 
 def test_keyboard_interrupt_mid_step_saves_the_last_finished_step(cfg, monkeypatch, tmp_path):
