@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from fora.formats.cache import cache_root  # noqa: F401 - re-exported: fora.formats.gguf.cache_root
 from fora.formats.gguf_names import hf_tensor_name, unpermute_rows
 from fora.formats.gguf_reader import GGUFFile, read_gguf
 
@@ -218,12 +219,6 @@ def _missing_tensors(config: dict[str, Any], state: dict[str, torch.Tensor]) -> 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def cache_root() -> Path:
-    """`$FORA_CACHE` if set, else `~/.cache/fora`; converted GGUFs live under `<root>/gguf/`."""
-    env = os.environ.get("FORA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fora"
 
 
 def ensure_converted(gguf_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fora.formats.cache import damaged_fix
 from fora.models.config import ModelConfig
 from fora.formats.hub import resolve_checkpoint
 from fora.models.decoder import CausalLM
@@ -107,7 +108,8 @@ def load_weights(folder: Path, config: ModelConfig, *, dtype: torch.dtype, devic
     missing = sorted(set(expected) - set(wanted))
     if missing:
         raise ValueError(f"missing tensor(s) in {folder}: {_show(missing)}; the checkpoint is incomplete or "
-                         "config.json does not match it (e.g. tie_word_embeddings) - re-download it")
+                         "config.json does not match it (e.g. tie_word_embeddings) - "
+                         f"{damaged_fix(folder, 're-download it')}")
     n_bytes = sum(torch.Size(expected[k]).numel() for k in wanted) * dtype.itemsize
     log.info("loading %s: %d tensors, %.2f GB as %s on %s", folder, len(wanted), n_bytes / 1e9, dtype, device)
     quantized = {f"{p}.weight" for p in _block_linears(model)} if quantize else set()

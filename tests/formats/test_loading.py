@@ -198,6 +198,43 @@ def test_corrupt_safetensors(tmp_path, llama_dir):
         load_model(folder)
 
 
+def test_damaged_file_in_foras_cache_names_the_entry_to_delete(tmp_path, llama_dir, monkeypatch):
+    from fora.formats.gguf_reader import read_gguf
+    from fora.formats.loading import load_tokenizer
+    from fora.models.config import ModelConfig
+
+    monkeypatch.setenv("FORA_CACHE", str(tmp_path / "cache"))
+    entry = tmp_path / "cache" / "gguf" / "SmolLM2-135M-Instruct.Q4_1-0123456789ab"  # as ensure_converted names it
+    source = make_tiny_checkpoint(tmp_path / "src", "llama3")
+    fix = (f"it is in fora's cache of converted GGUF files: delete that entry (rm -r {entry}) and run again; "
+           "the GGUF file is converted anew")
+
+    def truncate(f: Path) -> None:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    def drop_a_tensor(f: Path) -> None:
+        save_file(dict(list(load_file(f).items())[1:]), f, metadata={"format": "pt"})
+    for damaged, damage, load in [
+            ("model.safetensors", truncate, load_model), ("model.safetensors", drop_a_tensor, load_model),
+            ("model.safetensors.index.json", lambda f: f.write_text("{not json"), load_model),
+            ("tokenizer.json", lambda f: f.write_text("{not json"), load_tokenizer),
+            ("tokenizer_config.json", lambda f: f.write_text("{not json"), load_tokenizer),
+            ("config.json", lambda f: f.write_text("{not json"), ModelConfig.from_json)]:
+        shutil.rmtree(entry, ignore_errors=True)
+        shutil.copytree(source, entry)
+        damage(entry / damaged)
+        with pytest.raises(ValueError) as err:
+            load(entry)
+        assert str(entry) in str(err.value) and str(err.value).endswith(fix), damaged
+        assert "re-download" not in str(err.value)
+    packaged = tmp_path / "cache" / "gguf" / "packages" / "gemma-3-270m-Q4_K_M.gguf"
+    packaged.parent.mkdir()
+    packaged.write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(ValueError, match=r"truncated \(6 bytes\); it is fora's cached copy of a packaged GGUF: "
+                                         rf"delete it \(rm -f {packaged} {packaged}.sha256\)"):
+        read_gguf(packaged)
+
+
 def test_missing_tensor(tmp_path, llama_dir):
     folder = _copy(llama_dir, tmp_path / "missing")
     _rewrite(folder, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"})

@@ -253,7 +253,7 @@ def test_bad_inputs(cfg, tmp_path):
     with pytest.raises(ValueError, match="malformed JSON"):
         main(replace(cfg, data=str(bad)))
     bad.write_text(json.dumps(_records(10) + [{"instruction": "no answer"}]))
-    with pytest.raises(ValueError, match=r"record 10 lacks \['output'\]"):
+    with pytest.raises(ValueError, match=r"bad.json, line 1: record 11 of 11 lacks \['output'\]"):
         main(replace(cfg, data=str(bad)))
     with pytest.raises(ValueError, match="were dropped.*cutoff_len"):
         main(replace(cfg, cutoff_len=20))
