@@ -209,6 +209,11 @@ def _resume_out(cfg: _RunConfig) -> Path:
     return given.parent if given.name == "checkpoint" or (given / STATE_FILE).is_file() else given
 
 
+def out_folder(cfg: _RunConfig) -> Path:
+    """The folder the run `cfg` writes: `--out`, for `--resume` the run's folder, else `default_out`."""
+    return _resume_out(cfg) if cfg.resume else Path(cfg.out) if cfg.out else default_out(cfg)
+
+
 def prepare_out(cfg: _RunConfig, *, stack: contextlib.ExitStack | None = None,
                 main: bool = True) -> tuple[Path, Checkpoint | None]:
     """Resolve `--out`; refuse to overwrite a run; load the checkpoint for `--resume`.
@@ -216,7 +221,7 @@ def prepare_out(cfg: _RunConfig, *, stack: contextlib.ExitStack | None = None,
     With `stack` (on the process that writes, `main`), `--out` is created and locked until the
     stack closes (`claim_out`), and an attempt that saved nothing is replaced (`replace_attempt`).
     """
-    out = _resume_out(cfg) if cfg.resume else Path(cfg.out) if cfg.out else default_out(cfg)
+    out = out_folder(cfg)
     refuse_foreign_out(out)
     if main and stack is not None:
         claim_out(out, stack)

@@ -1,6 +1,6 @@
 """`main(cfg)`: one fine-tuning run, read top to bottom.
 
-load model + tokenizer -> data -> layer selection (Fisher / CKA / FIM / random / all, see
+data, --out and the final evaluation's data checked -> tokenizer and tokenized data -> model -> layer selection (Fisher / CKA / FIM / random / all, see
 `fora.training.methods`) -> inject LoRA at the selected layers -> freeze the base -> CayleyAdam for the
 Stiefel A's + AdamW for the B's -> warmup + decay -> loop (gradient accumulation, clipping,
 checkpoints, validation) -> PEFT adapter (+ merged model) in `--out`.
@@ -56,7 +56,7 @@ from fora.training.methods import CALIBRATED_SELECTORS, METHODS, SelectArgs, Sel
 from fora.training.model_card import README_FILE, gguf_source, model_card
 from fora.training.model_card import base_model_id as _hub_base_model_id
 from fora.training.progress import Progress
-from fora.training.resume import prepare_out
+from fora.training.resume import out_folder, prepare_out, refuse_foreign_out
 
 log = logging.getLogger("fora.train")
 
@@ -103,10 +103,20 @@ def data_sha256(records: list[dict]) -> str:
     return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool) -> RunData:
-    """Records -> held-out split -> tokenized examples -> validation and calibration batches."""
+def run_records(cfg: TrainConfig) -> list[dict]:
+    """The training records of `cfg.data`, read and checked (the split too): no model needed."""
     records = (builtin_records(cfg.data, task_size=cfg.task_size, seed=cfg.seed) if is_builtin(cfg.data)
                else load_records(cfg.data))
+    if cfg.val_size >= len(records):
+        raise ValueError(f"--val-size {cfg.val_size} leaves no training records out of the {len(records)} of "
+                         f"--data {cfg.data or 'the built-in task'}; pass a smaller --val-size or more data")
+    return records
+
+
+def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool, records: list[dict] | None = None) -> RunData:
+    """Records (`run_records`, unless given) -> held-out split -> tokenized examples -> validation
+    and calibration batches."""
+    records = run_records(cfg) if records is None else records
     train_recs, val_recs = split_records(records, val_size=cfg.val_size, seed=cfg.seed)
     encode = partial(encode_records, tok, cutoff_len=cfg.cutoff_len, template=cfg.template)
     train = encode(train_recs)
@@ -159,6 +169,12 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     device, dtype = resolve_device_dtype(cfg)
     ctx = init_distributed(cfg.distributed, device.type)  # torchrun's process group, or one process
     cfg, device = replace(cfg, world_size=ctx.world), ctx.device(device)
+    # what can be checked without the model, before anything slow (a download, a conversion, the weights)
+    refuse_foreign_out(out_folder(cfg))
+    records = run_records(cfg)
+    check_eval = getattr(final_eval, "check", None)  # the final evaluation's data, read and checked
+    if check_eval is not None and cfg.final_eval_data != "none":
+        check_eval(cfg)
     folder = resolve_checkpoint(cfg.model)
     model_config = ModelConfig.from_json(folder)  # checked before the weights load
     cfg = with_stiefel_step(cfg, model_config.model_type)  # before it is compared or saved
@@ -170,22 +186,22 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     np.random.seed(cfg.seed)
     spec = METHODS[cfg.method]
 
-    # 1. model and tokenizer
+    # 1. tokenizer (the model loads after the data)
     L = model_config.num_hidden_layers
     if cfg.k is not None and cfg.k > L:
         raise ValueError(f"--k {cfg.k} exceeds the number of layers of {cfg.model} (L={L}); "
                          f"choose --k between 1 and {L}")
-    model = load_model(folder, dtype=dtype, device=load_device(ctx, device), quantize=cfg.quantize)
     tok = load_tokenizer(folder)
     k = cfg.k or max(1, L // 2)  # PAPER.md §3: default K = L/2
 
-    # 2. data
+    # 2. data, tokenized before the weights load (so that its errors come first)
     # (calibration and validation batches are global batches: those of the one-process run)
     data = prepare_data(replace(cfg, batch_size=cfg.batch_size * ctx.world), tok,
-                        need_calibration=ckpt is None and spec.selector in CALIBRATED_SELECTORS)
+                        need_calibration=ckpt is None and spec.selector in CALIBRATED_SELECTORS, records=records)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / CONFIG_FILE, cfg.to_dict())
+    model = load_model(folder, dtype=dtype, device=load_device(ctx, device), quantize=cfg.quantize)
 
     # 3. layer selection (computed once on the base model; a resumed run reuses the saved one)
     rank = init_rank(cfg) if spec.adalora else method_rank(cfg.method, cfg.rank)

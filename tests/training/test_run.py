@@ -272,6 +272,6 @@ def test_cli(tiny, data_file, tmp_path, capsys):
         parse_args(["--model", "x", "--method", "vera"])
     assert "invalid choice: 'vera'" in capsys.readouterr().err
     script = load_script("train")
-    argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(tmp_path / "cli"), "--k", "9"]
+    argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(tmp_path / "cli"), "--k", "9", "--val-size", "8"]
     assert script.cli(argv) == 1
     assert "--k 9 exceeds" in capsys.readouterr().err

@@ -234,6 +234,37 @@ def test_k_is_checked_before_the_weights_load(cfg, monkeypatch):
         main(replace(cfg, k=9))
 
 
+def test_data_eval_data_and_out_are_checked_before_anything_slow(cfg, tiny, monkeypatch, tmp_path, capsys):
+    from fora.evaluation.final_eval import final_evaluation
+
+    def no_load(*a, **kw):
+        raise AssertionError("weights loaded before the inputs were checked")
+    monkeypatch.setattr(fora.training.run, "load_model", no_load)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    no_answer = tmp_path / "test.json"
+    no_answer.write_text(json.dumps([{"instruction": "q", "output": "o"}]))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    # before the checkpoint is even looked up (a download, a GGUF conversion)
+    monkeypatch.setattr(fora.training.run, "resolve_checkpoint", lambda name: pytest.fail("resolved the model first"))
+    for change, error in [
+            (dict(data=str(bad)), r"bad.jsonl, line 2: record 2 of 2 lacks \['output'\]"),
+            (dict(val_size=40), f"--val-size 40 leaves no training records out of the 40 of --data {cfg.data}; "
+                                "pass a smaller --val-size"),
+            (dict(eval_data=str(no_answer)), r"test.json, line 1: record 1 of 1 \(and 0 more\) has no 'answer'"),
+            (dict(out=str(a_file / "run")), f"--out {a_file / 'run'} cannot be created: {a_file} is a file, not a folder")]:
+        with pytest.raises(ValueError, match=error):
+            main(replace(cfg, **change), final_eval=final_evaluation)
+    monkeypatch.undo()
+    monkeypatch.setattr(fora.training.run, "load_model", no_load)   # needs the tokenizer, not the weights
+    with pytest.raises(ValueError, match="were dropped.*cutoff_len=20"):
+        main(replace(cfg, cutoff_len=20))
+    assert load_script("train").cli(["--model", str(tiny), "--out", str(a_file / "run"), "--k", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"train.py: error: --out {a_file / 'run'} cannot be created: {a_file} is a file" in err and "Traceback" not in err
+
+
 def test_outputs_honour_the_umask(cfg):
     before = os.umask(0o022)
     try:
