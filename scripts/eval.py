@@ -2,7 +2,7 @@
 """Accuracy on LLM-Adapters-format test sets and sliding-window perplexity, with or without an adapter.
 
     python scripts/eval.py --model smollm2-135m --data dataset/ --limit 100
-    python scripts/eval.py --model smollm2-135m --adapter out/adapter --data dataset/boolq/test.json \\
+    python scripts/eval.py --model smollm2-135m --adapter runs/smollm2-135m-fora-k15 --data dataset/boolq/test.json \\
         --protocol loglik --out results/REPORT.json
     python scripts/eval.py --model gemma-3-270m --ppl wiki.test.raw --window 1024 --stride 512
 

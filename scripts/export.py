@@ -6,7 +6,9 @@
     python scripts/export.py out/run --to merged --type q8_0   # one model file: out/run/merged-q8_0.gguf
     python scripts/export.py smollm2-135m --to gguf --out smollm2.gguf   # any model argument, no adapter
 
-Then: llama-cli -m out/run/base-f16.gguf --lora out/run/adapter-f16.gguf
+Then serve the adapter on its base, which needs exporting too (the adapter export prints these lines):
+    python scripts/export.py out/run --to gguf --type f16
+    llama-cli -m out/run/base-f16.gguf --lora out/run/adapter-f16.gguf
 Thin and importable: argparse -> `ExportConfig` -> `main(cfg)` (fora.formats.gguf_export does the work).
 """
 from __future__ import annotations

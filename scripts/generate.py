@@ -4,7 +4,7 @@
     python scripts/generate.py                                  # smollm2-135m (GGUF preset, offline)
     python scripts/generate.py --model gemma-3-270m --max-new-tokens 40
     python scripts/generate.py --model path/to/folder_or_file.gguf --prompt "Once upon a time"
-    python scripts/generate.py --adapter out/adapter --prompt "$(cat prompt.txt)"
+    python scripts/generate.py --adapter runs/smollm2-135m-fora-k15 --prompt "$(cat prompt.txt)"
 
 Thin and importable: argparse -> `GenerateConfig` -> `main(cfg)`, which returns the results.
 Greedy decoding uses `CausalLM.generate` (KV cache); `greedy` below is the cache-free reference.
