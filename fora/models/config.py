@@ -152,10 +152,7 @@ class ModelConfig:
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            from fora.formats.cache import damaged_fix
-
-            raise ValueError(f"{path} is not valid JSON ({e}); "
-                             f"{damaged_fix(path, 're-download the checkpoint')}") from e
+            raise ValueError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from e
         return cls.from_dict(d)
 
     @classmethod

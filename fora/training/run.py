@@ -15,8 +15,6 @@ it without autograd (`grad_from_layer`), which gives the same gradients for less
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import random
@@ -33,19 +31,16 @@ from torch import nn
 
 from fora.formats.atomic import atomic_write_json, atomic_write_text
 from fora.formats.hub import resolve_checkpoint
-from fora.formats.loading import load_model, load_tokenizer
+from fora.formats.loading import load_model, load_tokenizer, read_config
 from fora.formats.peft_io import save_adapter, save_merged
 from fora.inject import freeze_base, inject_lora, lora_modules
-from fora.models.config import ModelConfig
 from fora.models.speed import checkpoint_blocks, compile_blocks
 from fora.optim import build_optimizers, default_stiefel_lr_scale
 from fora.stiefel import stiefel_error
 from fora.training.adalora_hooks import AdaLoRAStep, init_rank, schedule_of
-from fora.training.batching import calibration_batches, epoch_steps, make_batches
+from fora.training.batching import epoch_steps
 from fora.training.checkpoint import CONFIG_FILE, DataPosition, SaveClock, restore_training_state, save_checkpoint
 from fora.training.config import TrainConfig, warmup_steps
-from fora.training.data import encode_records, load_records, split_records
-from fora.training.builtin import builtin_records, is_builtin
 from fora.training.distributed import (distributed_select, init_distributed, load_device, metrics_log, split_batches,
                                        sync_adapter_grads, wrap_model)
 from fora.training.health import StepHealth
@@ -57,6 +52,7 @@ from fora.training.model_card import README_FILE, gguf_source, model_card
 from fora.training.model_card import base_model_id as _hub_base_model_id
 from fora.training.progress import Progress
 from fora.training.resume import out_folder, prepare_out, refuse_foreign_out
+from fora.training.run_data import RunData, data_sha256, prepare_data, run_records  # noqa: F401 - re-exported
 
 log = logging.getLogger("fora.train")
 
@@ -81,15 +77,6 @@ class TrainResult:
     eval: dict | None = None  # the end-of-run evaluation (OUT/eval.json), when there is one
 
 
-@dataclass
-class RunData:
-    train: list[dict]
-    val_batches: list[dict]
-    calibration: list[dict]
-    sha256: str
-    val_examples: int = 0
-
-
 def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     """`--device auto` = CUDA when available; `--dtype auto` = bf16 on CUDA, fp32 elsewhere."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
@@ -97,37 +84,6 @@ def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.dtype == "auto" \
         else _DTYPES[cfg.dtype]
     return device, dtype
-
-
-def data_sha256(records: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def run_records(cfg: TrainConfig) -> list[dict]:
-    """The training records of `cfg.data`, read and checked (the split too): no model needed."""
-    records = (builtin_records(cfg.data, task_size=cfg.task_size, seed=cfg.seed) if is_builtin(cfg.data)
-               else load_records(cfg.data))
-    if cfg.val_size >= len(records):
-        raise ValueError(f"--val-size {cfg.val_size} leaves no training records out of the {len(records)} of "
-                         f"--data {cfg.data or 'the built-in task'}; pass a smaller --val-size or more data")
-    return records
-
-
-def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool, records: list[dict] | None = None) -> RunData:
-    """Records (`run_records`, unless given) -> held-out split -> tokenized examples -> validation
-    and calibration batches."""
-    records = run_records(cfg) if records is None else records
-    train_recs, val_recs = split_records(records, val_size=cfg.val_size, seed=cfg.seed)
-    encode = partial(encode_records, tok, cutoff_len=cfg.cutoff_len, template=cfg.template)
-    train = encode(train_recs)
-    val_examples = encode(val_recs) if val_recs else []  # what is scored: after cut-off drops
-    val = make_batches(val_examples, cfg.batch_size, pad_id=tok.pad_id, shuffle=False) if val_examples else []
-    calibration = (calibration_batches(train, min(cfg.fisher_batches, len(train) // cfg.batch_size or 1),
-                                       min(cfg.batch_size, len(train)), pad_id=tok.pad_id, seed=cfg.seed)
-                   if need_calibration else [])
-    log.info("data: %d train / %d validation examples, %d calibration batches", len(train),
-             len(val_examples), len(calibration))
-    return RunData(train, val, calibration, data_sha256(records), len(val_examples))
 
 
 def base_model_id(cfg: TrainConfig, folder: Path) -> str:
@@ -176,7 +132,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     if check_eval is not None and cfg.final_eval_data != "none":
         check_eval(cfg)
     folder = resolve_checkpoint(cfg.model)
-    model_config = ModelConfig.from_json(folder)  # checked before the weights load
+    model_config = read_config(folder)  # checked before the weights load
     cfg = with_stiefel_step(cfg, model_config.model_type)  # before it is compared or saved
     with ctx.main_first():  # rank 0 may repair a half-published checkpoint before the others read it
         out, ckpt = prepare_out(cfg, stack=live.stack, main=ctx.main)  # out locked for this process

@@ -200,8 +200,7 @@ def test_corrupt_safetensors(tmp_path, llama_dir):
 
 def test_damaged_file_in_foras_cache_names_the_entry_to_delete(tmp_path, llama_dir, monkeypatch):
     from fora.formats.gguf_reader import read_gguf
-    from fora.formats.loading import load_tokenizer
-    from fora.models.config import ModelConfig
+    from fora.formats.loading import load_tokenizer, read_config
 
     monkeypatch.setenv("FORA_CACHE", str(tmp_path / "cache"))
     entry = tmp_path / "cache" / "gguf" / "SmolLM2-135M-Instruct.Q4_1-0123456789ab"  # as ensure_converted names it
@@ -219,7 +218,7 @@ def test_damaged_file_in_foras_cache_names_the_entry_to_delete(tmp_path, llama_d
             ("model.safetensors.index.json", lambda f: f.write_text("{not json"), load_model),
             ("tokenizer.json", lambda f: f.write_text("{not json"), load_tokenizer),
             ("tokenizer_config.json", lambda f: f.write_text("{not json"), load_tokenizer),
-            ("config.json", lambda f: f.write_text("{not json"), ModelConfig.from_json)]:
+            ("config.json", lambda f: f.write_text("{not json"), read_config)]:
         shutil.rmtree(entry, ignore_errors=True)
         shutil.copytree(source, entry)
         damage(entry / damaged)
