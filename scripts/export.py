@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from fora.training.argparser import ArgumentParser  # noqa: E402
+
 TARGETS = ("gguf-lora", "gguf", "merged")
 TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -37,7 +39,7 @@ class ExportConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag has a help text."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="run folder written by scripts/train.py (for --to gguf also a checkpoint "
                                   "folder, preset name or .gguf file)")

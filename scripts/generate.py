@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from fora.training.argparser import ArgumentParser  # noqa: E402
+
 DEFAULT_PROMPT = "The three primary colours are"
 DEFAULT_PARAGRAPH = (
     "Exceptions are a means of breaking out of the normal flow of control of a code block in order "
@@ -43,7 +45,7 @@ class GenerateConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag has a help text."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=GenerateConfig.model,
                    help="preset name, hub repo id, checkpoint folder or .gguf file")

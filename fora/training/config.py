@@ -25,6 +25,7 @@ from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
 from fora.training.builtin import BUILTIN_TASKS, DEFAULT_TASK, trains_on_builtin_cloze
 from fora.training.adalora_hooks import check_config, parse_betas
+from fora.training.argparser import ArgumentParser
 from fora.training.methods import METHODS
 from fora.training.tasks import PROTOCOLS
 
@@ -213,7 +214,7 @@ def _method_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The `scripts/train.py` command line (every flag maps to a `TrainConfig` field)."""
     d = TrainConfig(model="-")
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Fine-tune a decoder LLM with FoRA (Fisher-selected layers, Stiefel-constrained "
                     "LoRA) or one of its ablations; writes a PEFT LoRA adapter to --out.")

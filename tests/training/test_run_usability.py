@@ -111,7 +111,7 @@ def test_resume_refuses_flags_that_differ_and_accepts_neutral_ones(cfg, capsys):
         main(replace(cfg, max_steps=3), on_step=ctrl_c)
     with pytest.raises(SystemExit):
         parse_args(["--resume", cfg.out, "--lr", "0.001", "--rank", "4", "--seed", "7"])
-    err = capsys.readouterr().err.splitlines()[-1]
+    err = capsys.readouterr().err.splitlines()[0]               # the message first
     assert "--lr (0.001 given, 0.01 saved)" in err and "--seed (7 given, 42 saved)" in err and "--rank" not in err
     again = parse_args(["--resume", cfg.out, "--log-every", "5", "--merge", "--model", cfg.model])
     assert (again.log_every, again.merge, again.lr, again.resume) == (5, True, cfg.lr, cfg.out)
