@@ -45,8 +45,8 @@ def before_after(model: nn.Module, tokenizer: Any, tasks: Mapping[str, Sequence[
                max_new_tokens=max_new_tokens)
     try:
         with adapters_disabled(model):
-            before = evaluate_tasks(model, tokenizer, tasks, **run)
-        after = evaluate_tasks(model, tokenizer, tasks, **run)
+            before = evaluate_tasks(model, tokenizer, tasks, label="before training (adapters off)", **run)
+        after = evaluate_tasks(model, tokenizer, tasks, label="after training (adapters on)", **run)
     finally:
         model.train(was_training)
     items = [{"task": b["task"], "index": b["index"], "answer": b["answer"], "before": bool(b["correct"]),

@@ -182,6 +182,11 @@ def test_progress_plain_lines_off_a_terminal(cfg, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [m.split()[1] for m in lines if "loss" in m and "validation" not in m] == ["1/2", "2/2"]
     assert all("lr" in m and "tok/s" in m and "eta" in m for m in lines if "validation" not in m)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fora.progress"):
+        assert list(fora.training.progress.tracked([7], "one pass")) == [7]
+        assert list(fora.training.progress.tracked("ab", "windows", unit="window", units="windows")) == ["a", "b"]
+    assert caplog.messages[0] == "one pass: 1 batch..." and caplog.messages[2] == "windows: 2 windows..."
 
 
 def test_progress_bar_on_a_terminal(cfg, capsys, monkeypatch):
