@@ -160,7 +160,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_replaced_by_a_rerun_or_resu
     assert "held an attempt of a run with other settings (batch_size: 4 here vs 8 there)" in caplog.text
 
 
-def test_out_is_locked_while_a_process_trains_into_it(cfg, tmp_path):
+def test_out_is_locked_while_a_process_trains_into_it(cfg, tmp_path, monkeypatch):
     import contextlib
 
     with contextlib.ExitStack() as other:
@@ -172,6 +172,13 @@ def test_out_is_locked_while_a_process_trains_into_it(cfg, tmp_path):
     with pytest.raises(FileNotFoundError):                  # a run that stops before writing anything
         main(replace(cfg, data=str(tmp_path / "missing.json"), out=str(tmp_path / "new" / "run")))
     assert not (tmp_path / "new" / "run").exists()          # leaves no empty folder
+
+    def denied(self, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(PermissionError, match=rf"--out {tmp_path / 'ro'} cannot be created \(Permission denied: "
+                                              rf"{tmp_path / 'ro'}\); choose a folder you can write to"):
+        main(replace(cfg, out=str(tmp_path / "ro")))
 
 
 def test_progress_plain_lines_off_a_terminal(cfg, caplog):
@@ -258,7 +265,8 @@ def test_data_eval_data_and_out_are_checked_before_anything_slow(cfg, tiny, monk
             (dict(val_size=40), f"--val-size 40 leaves no training records out of the 40 of --data {cfg.data}; "
                                 "pass a smaller --val-size"),
             (dict(eval_data=str(no_answer)), r"test.json, line 1: record 1 of 1 \(and 0 more\) has no 'answer'"),
-            (dict(out=str(a_file / "run")), f"--out {a_file / 'run'} cannot be created: {a_file} is a file, not a folder")]:
+            (dict(out=str(a_file / "run")), f"--out {a_file / 'run'} cannot be created: {a_file} is a file, not a folder"),
+            (dict(out=str(a_file)), f"--out {a_file} is a file; choose a folder for --out")]:
         with pytest.raises(ValueError, match=error):
             main(replace(cfg, **change), final_eval=final_evaluation)
     monkeypatch.undo()
