@@ -267,7 +267,8 @@ def test_missing_shard(tmp_path, sharded_dir):
     folder = _copy(sharded_dir, tmp_path / "noshard")
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=f"shard\\(s\\) \\['{shard.name}'\\] .* missing; re-download"):
+    with pytest.raises(FileNotFoundError, match=f"shard\\(s\\) \\['{shard.name}'\\] .* missing; re-download the checkpoint "
+                                                 '\\(e.g. hf download <repo> --include "\\*.json" --include'):
         load_model(folder)
 
 
@@ -372,7 +373,7 @@ def test_repo_not_found(fake_hub):
         raise RepositoryNotFoundError("404 Client Error", response=_response(404))
     state["online"] = missing
     with pytest.raises(FileNotFoundError, match="hub repo someone/nothing-here not found.*check the repo id.*"
-                                                "no local folder ./someone/nothing-here exists either"):
+                                                "`hf auth login`.*no local folder ./someone/nothing-here exists either"):
         resolve_checkpoint("someone/nothing-here")
 
 
