@@ -10,7 +10,6 @@ fisher_profile.png, spectrum.png, val_loss.png; prints the per-layer table.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fora.training.argparser import ArgumentParser  # noqa: E402
 
 log = logging.getLogger("analyze")
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
@@ -34,7 +35,7 @@ class AnalyzeConfig:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> AnalyzeConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, help="a folder written by scripts/train.py")
     p.add_argument("--text", type=Path, default=None,
                    help="held-out text for the KL drift (default: the cloze task's test paragraphs)")

@@ -2,7 +2,7 @@
 """Accuracy on LLM-Adapters-format test sets and sliding-window perplexity, with or without an adapter.
 
     python scripts/eval.py --model smollm2-135m --data dataset/ --limit 100
-    python scripts/eval.py --model smollm2-135m --adapter out/adapter --data dataset/boolq/test.json \\
+    python scripts/eval.py --model smollm2-135m --adapter runs/smollm2-135m-fora-k15 --data dataset/boolq/test.json \\
         --protocol loglik --out results/REPORT.json
     python scripts/eval.py --model gemma-3-270m --ppl wiki.test.raw --window 1024 --stride 512
 
@@ -14,7 +14,6 @@ Thin and importable: argparse -> `EvalConfig` -> `main(cfg)`, which returns the 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from fora.training.argparser import ArgumentParser  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class EvalConfig:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=EvalConfig.model,
                    help="preset name, hub repo id, checkpoint folder or .gguf file (default: %(default)s)")
     p.add_argument("--adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")

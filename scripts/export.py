@@ -6,7 +6,9 @@
     python scripts/export.py out/run --to merged --type q8_0   # one model file: out/run/merged-q8_0.gguf
     python scripts/export.py smollm2-135m --to gguf --out smollm2.gguf   # any model argument, no adapter
 
-Then: llama-cli -m out/run/base-f16.gguf --lora out/run/adapter-f16.gguf
+Then serve the adapter on its base, which needs exporting too (the adapter export prints these lines):
+    python scripts/export.py out/run --to gguf --type f16
+    llama-cli -m out/run/base-f16.gguf --lora out/run/adapter-f16.gguf
 Thin and importable: argparse -> `ExportConfig` -> `main(cfg)` (fora.formats.gguf_export does the work).
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fora.training.argparser import ArgumentParser  # noqa: E402
 
 TARGETS = ("gguf-lora", "gguf", "merged")
 TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -35,7 +39,7 @@ class ExportConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag has a help text."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("source", help="run folder written by scripts/train.py (for --to gguf also a checkpoint "
                                   "folder, preset name or .gguf file)")

@@ -4,7 +4,7 @@
     python scripts/generate.py                                  # smollm2-135m (GGUF preset, offline)
     python scripts/generate.py --model gemma-3-270m --max-new-tokens 40
     python scripts/generate.py --model path/to/folder_or_file.gguf --prompt "Once upon a time"
-    python scripts/generate.py --adapter out/adapter --prompt "$(cat prompt.txt)"
+    python scripts/generate.py --adapter runs/smollm2-135m-fora-k15 --prompt "$(cat prompt.txt)"
 
 Thin and importable: argparse -> `GenerateConfig` -> `main(cfg)`, which returns the results.
 Greedy decoding uses `CausalLM.generate` (KV cache); `greedy` below is the cache-free reference.
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fora.training.argparser import ArgumentParser  # noqa: E402
 
 DEFAULT_PROMPT = "The three primary colours are"
 DEFAULT_PARAGRAPH = (
@@ -43,7 +45,7 @@ class GenerateConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every flag has a help text."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=GenerateConfig.model,
                    help="preset name, hub repo id, checkpoint folder or .gguf file")

@@ -20,7 +20,6 @@ at most that many training items per task (default: all the rest).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from fora.training.argparser import ArgumentParser  # noqa: E402
 from fora.training.cloze import STYLES, cloze_task  # noqa: E402
 from fora.training.commonsense import DEFAULT_N_VAL, DEFAULT_TEST_CAP, build_suite, write_suite  # noqa: E402
 from fora.training.data import write_jsonl  # noqa: E402
@@ -52,7 +52,7 @@ class MakeTaskConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> MakeTaskConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the JSONL files")
     p.add_argument("--task", choices=TASKS, default="arithmetic",
                    help="arithmetic (synthetic), cloze (fill-in-the-blank on CPython's documentation) or "

@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from fora.training.argparser import ArgumentParser  # noqa: E402
 from fora.evaluation.measure import EvalSizes, arm_row, base_row  # noqa: E402
 
 log = logging.getLogger("reproduce")
@@ -81,7 +82,7 @@ class ReproduceConfig:
 
 def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
     d = ReproduceConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--models", nargs="+", default=list(d.models), help="presets, folders or .gguf files")

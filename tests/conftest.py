@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def fora_cache(tmp_path_factory):
-    """One GGUF conversion cache for the whole session (FORA_CACHE, unless the caller set one to
+    """One GGUF conversion cache for the whole test run (FORA_CACHE, unless the caller set one to
     keep), so each packaged checkpoint is converted once per run and never into the user's cache."""
     if os.environ.get("FORA_CACHE"):
         yield Path(os.environ["FORA_CACHE"])
@@ -63,7 +63,7 @@ def gemma_gguf(fora_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def smol_folder(smol_gguf) -> Path:
-    """SmolLM2-135M converted to a checkpoint folder (once per session)."""
+    """SmolLM2-135M converted to a checkpoint folder (once per test run)."""
     from fora.formats.gguf import ensure_converted
 
     return ensure_converted(smol_gguf)
@@ -71,7 +71,7 @@ def smol_folder(smol_gguf) -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_folder(gemma_gguf) -> Path:
-    """Gemma-3-270M converted to a checkpoint folder (once per session)."""
+    """Gemma-3-270M converted to a checkpoint folder (once per test run)."""
     from fora.formats.gguf import ensure_converted
 
     return ensure_converted(gemma_gguf)

@@ -142,3 +142,9 @@ def test_the_checks_catch_a_cycle(tmp_path):
     target = copy / "formats" / "tokenizer.py"   # gguf -> tokenizer already; close the loop
     target.write_text(target.read_text() + "\n\ndef _probe():\n    from fora.formats import gguf\n")
     assert find_cycle(import_graph(copy)) is not None
+
+
+def test_what_the_readme_commands_write_is_ignored_by_git():
+    # train.py writes runs/<run>, make_task.py data/<task> (README, "The scripts")
+    ignored = (PACKAGE.parent / ".gitignore").read_text().splitlines()
+    assert {"/runs/", "/data/"} <= set(ignored)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fora.evaluation.choice_logprobs import batch_order, choice_logprobs, pad_rows
+from fora.evaluation.choice_logprobs import batch_order, choice_logprobs, pad_rows, pass_label
 from fora.evaluation.tasks_io import limit_tasks, record_choices
 from fora.training.data import TokenizerLike, build_prompt
 from fora.training.tasks import PROTOCOLS, extract_answer
@@ -47,7 +47,7 @@ def _check(records: Sequence[Mapping[str, Any]]) -> None:
 @torch.no_grad()
 def evaluate_generate(model: nn.Module, tokenizer: TokenizerLike, records: Sequence[Mapping[str, Any]],
                       *, template: str = "alpaca", batch_size: int = 8, max_new_tokens: int = 32,
-                      progress: bool = True, task: str | None = None) -> dict[str, Any]:
+                      progress: bool = True, task: str | None = None, label: str | None = None) -> dict[str, Any]:
     """Accuracy of greedy generations (the `generate` protocol).
 
     Args:
@@ -64,7 +64,7 @@ def evaluate_generate(model: nn.Module, tokenizer: TokenizerLike, records: Seque
     order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
     pad = getattr(tokenizer, "pad_id", tokenizer.eos_id)
     texts: dict[int, str] = {}
-    for idx in batch_order(order, batch_size, f"generate {task or ''}".strip(), progress):
+    for idx in batch_order(order, batch_size, pass_label("generate", task, label), progress):
         ids, mask = pad_rows([prompts[i] for i in idx], pad, True, _device(model))
         new = model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                              pad_id=pad).tolist()
@@ -120,7 +120,7 @@ def _argmax_first(values: Sequence[float]) -> int:
 @torch.no_grad()
 def evaluate_loglik(model: nn.Module, tokenizer: TokenizerLike, records: Sequence[Mapping[str, Any]],
                     *, template: str = "alpaca", batch_size: int = 8, progress: bool = True,
-                    task: str | None = None) -> dict[str, Any]:
+                    task: str | None = None, label: str | None = None) -> dict[str, Any]:
     """Accuracy of log-likelihood ranking of the choices (the `loglik` protocol).
 
     Returns:
@@ -134,7 +134,8 @@ def evaluate_loglik(model: nn.Module, tokenizer: TokenizerLike, records: Sequenc
         choices_of.append(record_choices(rec, task))
         items.append((prompt, [tokenizer.encode(RESPONSE.format(choice=c), bos=False) for c in choices_of[-1]]))
     scores = choice_logprobs(model, items, pad_id=getattr(tokenizer, "pad_id", tokenizer.eos_id),
-                             batch_size=batch_size, progress=progress)  # the prompt runs once per record
+                             batch_size=batch_size, progress=progress,  # the prompt runs once per record
+                             desc=pass_label("loglik", task, label))
     per_record = [dict(zip(cs, ss)) for cs, ss in zip(choices_of, scores)]
     predictions = []
     for i, rec in enumerate(records):
@@ -154,13 +155,14 @@ def evaluate_loglik(model: nn.Module, tokenizer: TokenizerLike, records: Sequenc
 def evaluate_tasks(model: nn.Module, tokenizer: TokenizerLike, tasks: Mapping[str, Sequence[Mapping[str, Any]]],
                    *, protocol: str = "generate", template: str = "alpaca", batch_size: int = 8,
                    limit: int | None = None, progress: bool = True,
-                   max_new_tokens: int = 32) -> dict[str, Any]:
+                   max_new_tokens: int = 32, label: str | None = None) -> dict[str, Any]:
     """Evaluate every task by one protocol.
 
     Args:
         tasks: task name -> records (`fora.evaluation.tasks_io.load_eval_tasks`).
         protocol: "generate" or "loglik".
         limit: evaluate only the first `limit` records of each task (>= 1), all for None.
+        label: what this pass is, in its progress ("before training (adapters off)").
     Returns:
         The report `{"protocol", "template", "tasks": {name: {"accuracy", "n"[, "acc_norm"]}},
         "average"[, "average_acc_norm"], "predictions"}`: `average` is the unweighted mean over
@@ -178,10 +180,10 @@ def evaluate_tasks(model: nn.Module, tokenizer: TokenizerLike, tasks: Mapping[st
     for name, records in tasks.items():
         if protocol == "generate":
             res = evaluate_generate(model, tokenizer, records, template=template, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, progress=progress, task=name)
+                                    max_new_tokens=max_new_tokens, progress=progress, task=name, label=label)
         else:
             res = evaluate_loglik(model, tokenizer, records, template=template, batch_size=batch_size,
-                                  progress=progress, task=name)
+                                  progress=progress, task=name, label=label)
         report["tasks"][name] = {k: res[k] for k in ("accuracy", "acc_norm", "n") if k in res}
         predictions += [{"task": name, **p} for p in res["predictions"]]
     rows = list(report["tasks"].values())

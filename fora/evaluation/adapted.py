@@ -20,8 +20,12 @@ def adapter_base(adapter_dir: str | os.PathLike[str]) -> str | None:
     """The `base_model_name_or_path` an adapter folder names (None if it names none)."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; --adapter must be a folder written by fora's "
-                                "trainer (out/adapter) or by peft's save_pretrained")
+        parent = Path(adapter_dir).parent
+        hint = (f"; {parent} holds one: a train.py run's adapter is its run folder itself, --adapter {parent}"
+                if (parent / ADAPTER_CONFIG).is_file() else "")
+        raise FileNotFoundError(f"{path} not found; --adapter must be a folder written by fora's trainer (the "
+                                "run folder itself, train.py's --out, e.g. runs/smollm2-135m-fora-k15) or by "
+                                f"peft's save_pretrained{hint}")
     try:
         return json.loads(path.read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as err:

@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from fora.models.generation import KVCache, positions_from_mask
+from fora.training.progress import tracked
 
 Item = tuple[Sequence[int], Sequence[Sequence[int]]]  # (prefix ids, [continuation ids per choice])
 
@@ -45,23 +45,30 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool, device: tor
 
 
 def batch_order(order: Sequence[int], batch_size: int, desc: str, progress: bool) -> Iterator[Sequence[int]]:
-    """Consecutive slices of `order`, `batch_size` at a time, with a progress bar."""
+    """Consecutive slices of `order`, `batch_size` at a time, the pass labelled `desc` in its progress
+    (`fora.training.progress.tracked`: a bar on a terminal, plain log lines otherwise)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+    for s in tracked(starts, desc, enabled=progress):
         yield order[s:s + batch_size]
+
+
+def pass_label(protocol: str, task: str | None = None, label: str | None = None) -> str:
+    """What a scoring pass is called in its progress: "loglik cloze, before training (adapters off)"."""
+    return " ".join(filter(None, [protocol, task])) + (f", {label}" if label else "")
 
 
 @torch.no_grad()
 def choice_logprobs(model: nn.Module, items: Sequence[Item], *, pad_id: int = 0, batch_size: int = 8,
-                    progress: bool = False) -> list[list[float]]:
+                    progress: bool = False, desc: str = "loglik") -> list[list[float]]:
     """sum_t log p(cont_t | prefix, cont_<t) for every continuation of every (prefix, continuations) item.
 
     Args:
         model: a CausalLM (its `model` decoder and `_head`).
         items: (prefix ids, [continuation ids, ...]); every sequence non-empty.
         batch_size: items per forward (each item's prefix once, then one pass per choice index).
+        desc: the pass's name in its progress (`pass_label`).
     Returns:
         per item, the summed log-probability of each continuation, in the given order.
     """
@@ -71,7 +78,7 @@ def choice_logprobs(model: nn.Module, items: Sequence[Item], *, pad_id: int = 0,
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
     out: list[list[float]] = [[] for _ in items]
-    for idx in batch_order(order, batch_size, "loglik", progress):
+    for idx in batch_order(order, batch_size, desc, progress):
         common = [_common_length(items[i][1]) for i in idx]
         shared = [list(items[i][0]) + list(items[i][1][0][:c]) for i, c in zip(idx, common)]
         rests = [[list(cont[c:]) for cont in items[i][1]] for i, c in zip(idx, common)]

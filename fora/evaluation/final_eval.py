@@ -45,8 +45,8 @@ def before_after(model: nn.Module, tokenizer: Any, tasks: Mapping[str, Sequence[
                max_new_tokens=max_new_tokens)
     try:
         with adapters_disabled(model):
-            before = evaluate_tasks(model, tokenizer, tasks, **run)
-        after = evaluate_tasks(model, tokenizer, tasks, **run)
+            before = evaluate_tasks(model, tokenizer, tasks, label="before training (adapters off)", **run)
+        after = evaluate_tasks(model, tokenizer, tasks, label="after training (adapters on)", **run)
     finally:
         model.train(was_training)
     items = [{"task": b["task"], "index": b["index"], "answer": b["answer"], "before": bool(b["correct"]),
@@ -56,16 +56,27 @@ def before_after(model: nn.Module, tokenizer: Any, tasks: Mapping[str, Sequence[
     return {"protocol": protocol, "limit": limit, "before": before, "after": after, "items": items}
 
 
-def final_evaluation(model: nn.Module, tokenizer: Any, cfg: Any,
-                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                     ) -> tuple[dict[str, Any], str]:
-    """`before_after` on `cfg.final_eval_data` with the run's protocol, limit and template, and its table
-    (the `final_eval` hook of `fora.training.run.main`)."""
-    tasks = eval_tasks(cfg.final_eval_data)
-    with autocast():
-        report = before_after(model, tokenizer, tasks, protocol=cfg.protocol, limit=cfg.eval_limit,
-                              template=cfg.template, batch_size=min(cfg.batch_size, 8))
-    return report, eval_table(report)
+class FinalEvaluation:
+    """`before_after` on `cfg.final_eval_data` with the run's protocol, limit and template, and its
+    table: the `final_eval` hook of `fora.training.run.main`, which calls `check(cfg)` first, before
+    the model loads, so that a bad test file fails in seconds, not after the training."""
+
+    def check(self, cfg: Any) -> None:
+        """Read and check `cfg.final_eval_data` (a test file or folder; "builtin" needs no check)."""
+        if cfg.final_eval_data not in ("none", "builtin"):
+            eval_tasks(cfg.final_eval_data)
+
+    def __call__(self, model: nn.Module, tokenizer: Any, cfg: Any,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                 ) -> tuple[dict[str, Any], str]:
+        tasks = eval_tasks(cfg.final_eval_data)
+        with autocast():
+            report = before_after(model, tokenizer, tasks, protocol=cfg.protocol, limit=cfg.eval_limit,
+                                  template=cfg.template, batch_size=min(cfg.batch_size, 8))
+        return report, eval_table(report)
+
+
+final_evaluation = FinalEvaluation()
 
 
 def eval_table(report: Mapping[str, Any]) -> str:

@@ -2,7 +2,7 @@
 every protocol, each item's result kept for paired statistics (`fora.evaluation.paired`), perplexity on
 held-out paragraphs, the adapter's diagnostics; and the base model's row, cached for every invocation.
 
-Everything runs in float32 on the CPU, so arms measured by different invocations (or sessions) compare.
+Everything runs in float32 on the CPU, so arms measured by different invocations compare.
 """
 from __future__ import annotations
 

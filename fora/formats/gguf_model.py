@@ -19,6 +19,7 @@ import torch
 from fora.formats.gguf_names import gguf_tensor_name, permute_rows
 from fora.formats.gguf_vocab import gguf_vocab
 from fora.formats.gguf_writer import FILE_TYPES, GGML_TYPES, gguf_architecture, write_gguf
+from fora.formats.loading import read_config
 from fora.models.config import SLIDING, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def export_model_gguf(folder: str | os.PathLike, out: str | os.PathLike, *, dtyp
     if dtype not in GGML_TYPES:
         raise ValueError(f"tensor type {dtype!r} is not supported; use one of {', '.join(GGML_TYPES)}")
     folder = Path(folder)
-    cfg = ModelConfig.from_json(folder)
+    cfg = read_config(folder)
     arch = gguf_architecture({"model_type": cfg.model_type})
     meta: dict[str, Any] = {"general.architecture": arch, "general.type": "model",
                             "general.name": name or folder.name, "general.file_type": FILE_TYPES[dtype]}

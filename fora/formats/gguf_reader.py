@@ -120,7 +120,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
                          "pass a llama.cpp .gguf checkpoint")
     if size < 24:
-        raise ValueError(f"{path} is truncated ({size} bytes); re-download it / re-install its package")
+        raise ValueError(f"{path} is truncated ({size} bytes); {_fix(path)}")
     # a plain ndarray view: slicing an np.memmap creates memmap objects, slow in the dequant loops
     data = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
     cur = _Cursor(memoryview(data))
@@ -141,8 +141,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             dims = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
             infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
     except EOFError:
-        raise ValueError(f"{path} is truncated (its header ends after {size} bytes); "
-                         "re-download it / re-install its package") from None
+        raise ValueError(f"{path} is truncated (its header ends after {size} bytes); {_fix(path)}") from None
     align = int(metadata.get("general.alignment", 32))
     data_start = -(-cur.pos // align) * align
     gguf = _require_gguf()
@@ -158,6 +157,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         tensors[name] = GGUFTensorInfo(name, ggml_type, tuple(reversed(dims)), data_start + offset, nbytes)
     end = max((t.offset + t.nbytes for t in tensors.values()), default=cur.pos)
     if end > size:
-        raise ValueError(f"{path} is truncated ({size} bytes, its tensors need {end}); "
-                         "re-download it / re-install its package")
+        raise ValueError(f"{path} is truncated ({size} bytes, its tensors need {end}); {_fix(path)}")
     return GGUFFile(path, metadata, tensors, data)
+
+
+def _fix(path: Path) -> str:
+    from fora.formats.cache import damaged_fix
+
+    return damaged_fix(path, "re-download it / re-install its package")

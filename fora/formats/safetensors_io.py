@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from fora.formats.cache import damaged_fix
+
 log = logging.getLogger(__name__)
 
 SINGLE = "model.safetensors"
@@ -39,7 +41,8 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index ({e}); re-download it") from e
+            raise ValueError(f"{index} is not a valid safetensors index ({e}); "
+                             f"{damaged_fix(index, 're-download it')}") from e
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if not missing:
@@ -48,7 +51,8 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
             log.warning("%s names missing shards %s; using %s instead", index, missing, single)
             return [single]
         raise FileNotFoundError(f"shard(s) {missing} listed in {index} are missing; re-download the "
-                                "checkpoint (e.g. huggingface-cli download <repo>)")
+                                'checkpoint (e.g. hf download <repo> --include "*.json" --include "*.safetensors" '
+                                "--local-dir <folder>)")
     if single.is_file():
         return [single]
     raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {folder}; fora reads safetensors weights: "
@@ -56,7 +60,7 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
 
 
 def _corrupt(path: Path, err: Exception) -> ValueError:
-    return ValueError(f"{path} is truncated or corrupt ({err}); delete and re-download it")
+    return ValueError(f"{path} is truncated or corrupt ({err}); {damaged_fix(path, 'delete and re-download it')}")
 
 
 def read_index(files: list[Path]) -> dict[str, TensorEntry]:

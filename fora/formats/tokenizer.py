@@ -28,6 +28,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from fora.formats.cache import damaged_fix
+
 log = logging.getLogger(__name__)
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -80,7 +82,7 @@ def tokenizer_from_folder(folder: Path) -> LoadedTokenizer:
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise ValueError(f"{file} is not a valid tokenizer.json ({e}); re-download it") from e
+        raise ValueError(f"{file} is not a valid tokenizer.json ({e}); {damaged_fix(file, 're-download it')}") from e
     tok_cfg, special_map, config, gen = (_read_json(folder / n) for n in (
         "tokenizer_config.json", "special_tokens_map.json", "config.json", "generation_config.json"))
 
@@ -119,7 +121,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-download it") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); {damaged_fix(path, 're-download it')}") from e
     return data if isinstance(data, dict) else {}
 
 

@@ -5,8 +5,9 @@ A checkpoint is a directory (published atomically, see `fora.formats.atomic.stag
     adapter_config.json, adapter_model.safetensors   the LoRA A, B (PEFT layout, loadable as is)
     optim.pt        state dicts of every optimizer (CayleyAdam for A, AdamW for B) and scheduler
     rng.pt          torch CPU / CUDA, python `random` and numpy generator states
-    state.json      data position: epoch, optimizer-step index within the epoch, global step; and the
-                    seconds the run had taken (so timings continue across a resume)
+    state.json      data position: epoch, optimizer-step index within the epoch, global step; the
+                    seconds the run had taken (so timings continue across a resume); and the losses
+                    of the steps since the last metrics row (so the next row averages the same steps)
     selection.json  the layer selection (so a resumed run does not recompute Fisher scores)
     train_config.json
 
@@ -18,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,29 @@ class Checkpoint:
     selection: dict[str, Any]
     config: dict[str, Any]
     seconds: float = 0.0
+    loss_window: list[float] = field(default_factory=list)
+
+
+class SaveClock:
+    """`--save-minutes`: whether that much wall time has passed since the last checkpoint (or the
+    start of the loop), so that a crash costs at most that much training whatever the step time."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = 60.0 * minutes
+        self.since = self.clock()
+
+    def due(self, ctx: Any = None) -> bool:
+        """Time for a checkpoint? Under torchrun, when it is for any rank (`ctx.all_sum`): every rank
+        must take part in the save."""
+        if not self.seconds > 0:
+            return False
+        due = self.clock() - self.since >= self.seconds
+        return ctx.all_sum(int(due)) > 0 if ctx is not None else due
+
+    def restart(self) -> None:
+        self.since = self.clock()
 
 
 def capture_rng() -> dict[str, Any]:
@@ -95,7 +120,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_checkpoint(ckpt_dir: str | os.PathLike, *, model: nn.Module,
                     optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any],
                     position: DataPosition, selection: dict[str, Any], config: dict[str, Any],
-                    base_model_name_or_path: str, seconds: float = 0.0) -> Path:
+                    base_model_name_or_path: str, seconds: float = 0.0,
+                    loss_window: Sequence[float] = ()) -> Path:
     """Write a checkpoint to `ckpt_dir`, replacing any previous one atomically.
 
     A crash while writing leaves the previous checkpoint in place (see `fora.formats.atomic`).
@@ -105,7 +131,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, *, model: nn.Module,
         atomic_torch_save({"optimizers": [o.state_dict() for o in optimizers],
                            "schedulers": [s.state_dict() for s in schedulers]}, tmp / OPTIM_FILE)
         atomic_torch_save(capture_rng(), tmp / RNG_FILE)
-        atomic_write_json(tmp / STATE_FILE, {**asdict(position), "seconds": seconds, "batch_unit": BATCH_UNIT})
+        atomic_write_json(tmp / STATE_FILE, {**asdict(position), "seconds": seconds, "batch_unit": BATCH_UNIT,
+                                             "loss_window": [float(x) for x in loss_window]})
         atomic_write_json(tmp / SELECTION_FILE, selection)
         atomic_write_json(tmp / CONFIG_FILE, config)
     return Path(ckpt_dir)
@@ -136,6 +163,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     optim = torch.load(ckpt / OPTIM_FILE, map_location=map_location, weights_only=True)
     state = json.loads((ckpt / STATE_FILE).read_text())
     seconds = float(state.pop("seconds", 0.0))
+    loss_window = [float(x) for x in state.pop("loss_window", [])]
     config = json.loads((ckpt / CONFIG_FILE).read_text())
     if state.pop("batch_unit", None) != BATCH_UNIT and int(config.get("grad_accum", 1)) > 1:
         # such a checkpoint counted micro-batches drawn at the micro-batch size: no step of ours matches it
@@ -152,6 +180,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         selection=json.loads((ckpt / SELECTION_FILE).read_text()),
         config=config,
         seconds=seconds,
+        loss_window=loss_window,
     )
 
 

@@ -26,6 +26,7 @@ from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
 from fora.training.builtin import BUILTIN_TASKS, DEFAULT_TASK, trains_on_builtin_cloze
 from fora.training.adalora_hooks import check_config, parse_betas
+from fora.training.argparser import ArgumentParser
 from fora.training.methods import METHODS
 from fora.training.tasks import PROTOCOLS
 
@@ -34,7 +35,7 @@ FIM_STATISTICS = ("second_moment", "variance")
 DTYPES = ("auto", "float32", "bfloat16")  # no float16: autocast without loss scaling underflows
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.
-RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "device",
+RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "save_minutes", "device",
                               "distributed", "activation_checkpointing", "eval_data", "eval_limit", "protocol",
                               "export"})
 
@@ -80,7 +81,8 @@ class TrainConfig:
     seed: int = 42
     dtype: str = "auto"
     device: str = "auto"
-    save_every: int = 200
+    save_every: int = 50
+    save_minutes: float = 10.0
     resume: str | None = None
     merge: bool = False
     log_every: int = 10
@@ -109,7 +111,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("epochs", "qr_every", "warmup_steps", "val_size", "save_every", "eval_every"):
+        for name in ("epochs", "qr_every", "warmup_steps", "val_size", "save_every", "eval_every", "save_minutes"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.k is not None and self.k < 1:
@@ -219,7 +221,7 @@ def _method_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The `scripts/train.py` command line (every flag maps to a `TrainConfig` field)."""
     d = TrainConfig(model="-")
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Fine-tune a decoder LLM with FoRA (Fisher-selected layers, Stiefel-constrained "
                     "LoRA) or one of its ablations; writes a PEFT LoRA adapter to --out.")
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
       "loss scaling its small gradients underflow")
     a("--device", default=d.device, help="cpu, cuda, cuda:1, ...; auto = cuda when available")
     a("--save-every", type=int, default=d.save_every, help="checkpoint every N steps into OUT/checkpoint (0 = never)")
+    a("--save-minutes", type=float, default=d.save_minutes, help="also checkpoint when this many minutes of "
+      "training have passed since the last checkpoint, whichever of the two comes first (0 = never by time)")
     a("--resume", default=d.resume, help="continue the run whose --out folder (or checkpoint/ folder) is given")
     a("--merge", action="store_true", help="also write OUT/merged: the base with W0 + s B A folded in")
     a("--log-every", type=int, default=d.log_every, help="progress line + metrics.jsonl row every N steps")

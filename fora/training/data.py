@@ -6,12 +6,13 @@ Batching lives in `fora.training.batching`.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +66,7 @@ TEMPLATES: dict[str, tuple[str, str]] = {"alpaca": _ALPACA, "llm-adapters": _LLM
 # `owner/name` or `owner/name:path/in/repo.json` (hub dataset repo ids)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::(?P<file>.+))?$")
 _DATA_SUFFIXES = (".json", ".jsonl", ".ndjson")
+_JSON_GAP = re.compile(r"[\s,]*")  # between two elements of a JSON list
 
 
 class TokenizerLike(Protocol):
@@ -102,7 +104,7 @@ def load_records(source: str | os.PathLike[str], *, limit: int | None = None) ->
     if path.is_dir():
         raise ValueError(f"{path} is a folder; pass the .json/.jsonl file inside it")
     records = _parse_file(path)
-    validate_records(records, source=str(path))
+    validate_records(records, source=str(path), where=lambda i: record_location(path, i, len(records)))
     if limit is not None:
         records = records[:limit]
     if not records:
@@ -183,20 +185,52 @@ def _unreachable(repo_id: str, err: Exception) -> str:
             f"file is not cached ({type(err).__name__}); pass a local .json/.jsonl file instead")
 
 
-def validate_records(records: Sequence[Any], *, source: str = "data") -> None:
-    """Raise ValueError naming the first record that is not an instruction record."""
+def validate_records(records: Sequence[Any], *, source: str = "data",
+                     where: Callable[[int], str] | None = None) -> None:
+    """Raise ValueError naming the first record that is not an instruction record.
+
+    `where(i)` says where record `i` (0-based) is, e.g. `record_location`'s "file, line 8: record
+    8 of 40"; by default "`source`: record i+1 of n".
+    """
+    def at(i: int) -> str:
+        return where(i) if where is not None else f"{source}: record {i + 1} of {len(records)}"
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
-            raise ValueError(f"{source}: record {i} is a {type(rec).__name__}, not an object; "
+            raise ValueError(f"{at(i)} is a {type(rec).__name__}, not an object; "
                              "every record must be {instruction, input, output[, answer]}")
         missing = [k for k in REQUIRED_KEYS if k not in rec]
         if missing:
-            raise ValueError(f"{source}: record {i} lacks {missing} (it has keys {sorted(rec)}); "
+            raise ValueError(f"{at(i)} lacks {missing} (it has keys {sorted(rec)}); "
                              "every record needs 'instruction' and 'output'")
         for key in ("instruction", "input", "output"):
             if rec.get(key) is not None and not isinstance(rec[key], str):
-                raise ValueError(f"{source}: record {i} field {key!r} is a "
+                raise ValueError(f"{at(i)}: field {key!r} is a "
                                  f"{type(rec[key]).__name__}, expected a string; fix the record")
+
+
+def record_location(path: str | os.PathLike[str], index: int, count: int) -> str:
+    """"PATH, line L: record index+1 of count": where record `index` (0-based) of a file that
+    `load_records` read begins (re-read here: only errors need it)."""
+    line = _record_line(Path(path).read_text(encoding="utf-8"), index)
+    return f"{path}{f', line {line}' if line is not None else ''}: record {index + 1} of {count}"
+
+
+def _record_line(text: str, index: int) -> int | None:
+    """The 1-based line on which record `index` starts: element `index` of a JSON list, else the
+    `index`-th non-blank line (JSONL, or a one-object file)."""
+    if not text.lstrip().startswith("["):
+        nonblank = (n for n, line in enumerate(text.splitlines(), start=1) if line.strip())
+        return next(itertools.islice(nonblank, index, None), None)
+    decoder, pos = json.JSONDecoder(), text.index("[") + 1
+    for k in range(index + 1):
+        pos = _JSON_GAP.match(text, pos).end()
+        if k == index:
+            return text.count("\n", 0, pos) + 1
+        try:
+            _, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+    return None
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:

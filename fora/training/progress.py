@@ -3,14 +3,16 @@
 On a terminal (stderr, where the bar is drawn, is a TTY) the bar shows step / total, ETA and, every
 `--log-every` steps, loss, lr and tok/s; log messages are routed around it. Redirected to a file,
 there is no bar: one log line per `--log-every` steps with the same figures and the ETA. The
-validation pass shows progress the same way (a transient bar, or a line saying what it scores).
+validation pass shows progress the same way (a transient bar, or a line saying what it scores), and so
+do the evaluation passes (`tracked`): a log file never gets a bar's carriage returns.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from fora.training.loop import format_eta
@@ -67,3 +69,21 @@ class Progress(contextlib.AbstractContextManager):
                         file=sys.stderr, dynamic_ncols=True)
         log.info("validation at step %d: %d examples in %d batches...", step, examples, len(batches))
         return batches
+
+
+def tracked(items: Sequence[T], desc: str, *, enabled: bool = True, unit: str = "batch",
+            units: str = "batches") -> Iterator[T]:
+    """`items`, showing progress when `enabled`: a transient tqdm bar labelled `desc` on a terminal,
+    else a plain log line when the pass starts ("`desc`: 24 batches...") and one when it ends."""
+    if not enabled:
+        yield from items
+        return
+    if is_terminal():
+        from tqdm.auto import tqdm
+
+        yield from tqdm(items, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+        return
+    plain, t0 = logging.getLogger("fora.progress"), time.perf_counter()
+    plain.info("%s: %d %s...", desc, len(items), unit if len(items) == 1 else units)
+    yield from items
+    plain.info("%s: done in %.1f s", desc, time.perf_counter() - t0)

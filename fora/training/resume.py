@@ -4,19 +4,31 @@
 `train_config.json`. Flags given together with it must agree with that file, except the ones that
 do not change the trajectory (`RESUMABLE_FIELDS`: --out, --merge, --log-every, ...), which
 override it; any other difference is refused with the differing keys named.
+
+An `--out` folder is locked for the run (`OUT/.train.lock`, released when the process ends, even
+by `kill -9`), so a second process cannot train into it at the same time. A folder holding an
+attempt that stopped before its first checkpoint (a crash, an out-of-memory kill) holds nothing
+to continue: a plain rerun, or `--resume` of it, replaces that attempt and says so in the log.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from fora.formats.peft_io import ADAPTER_WEIGHTS
-from fora.training.checkpoint import CONFIG_FILE, Checkpoint, find_checkpoint, load_checkpoint
+from fora.formats.atomic import recover_dir
+from fora.training.checkpoint import CONFIG_FILE, STATE_FILE, Checkpoint, find_checkpoint, load_checkpoint
 
+log = logging.getLogger("fora.train")
+LOCK_FILE = ".train.lock"  # held by the process training into the folder (`claim_out`)
 
 class _Config(Protocol):
     @classmethod
@@ -65,7 +77,12 @@ def config_for_resume(given: dict[str, Any], config_cls: type[C], resumable: fro
         FileNotFoundError when DIR holds no checkpoint.
     """
     resume = given["resume"]
-    out, ckpt = run_folder(resume)
+    try:
+        out, ckpt = run_folder(resume)
+    except FileNotFoundError:
+        if not unsaved_attempt(Path(resume)):
+            raise
+        out = ckpt = Path(resume)  # stopped before its first checkpoint: its settings, to start afresh
     saved = config_cls.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     differing = {k: (v, getattr(saved, k)) for k, v in given.items()
                  if k not in resumable and v != getattr(saved, k)}
@@ -94,11 +111,76 @@ def resume_from_cli(build_parser: Callable[[], argparse.ArgumentParser], argv: S
 
 def refuse_foreign_out(out: Path) -> None:
     """An existing, non-empty `--out` must hold a fora run (its train_config.json)."""
-    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
-        raise ValueError(f"--out {out} is a non-empty folder that holds no fora run (no {CONFIG_FILE}); "
-                         "choose a new or empty folder for --out")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a folder for --out")
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise ValueError(f"--out {out} is a non-empty folder that holds no fora run (no {CONFIG_FILE}); "
+                         "choose a new or empty folder for --out")
+    blocker = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"--out {out} cannot be created: {blocker} is a file, not a folder; choose an "
+                         "--out whose parents are folders (or move that file)")
+
+
+def claim_out(out: Path, stack: contextlib.ExitStack) -> None:
+    """Create `out` and lock it for this process until `stack` closes (a second process training
+    into the same folder is refused). The kernel drops the lock when the process dies, however."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except PermissionError as err:
+        raise PermissionError(f"--out {out} cannot be created ({err.strerror}: {err.filename}); "
+                              "choose a folder you can write to") from err
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    path = out / LOCK_FILE
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"--out {out} is in use: another process (pid {holder}) is training into it; "
+                         "wait for it to finish, stop it, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+
+    def release() -> None:
+        with contextlib.suppress(OSError):
+            path.unlink()  # before the unlock: a waiting process then finds no stale file
+        f.close()
+        if created:  # a run that stopped before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+    stack.callback(release)
+
+
+def unsaved_attempt(out: Path) -> bool:
+    """Whether `out` holds a run that stopped before writing anything to continue or keep: its
+    train_config.json, but neither a checkpoint nor an adapter."""
+    if not (out / CONFIG_FILE).is_file() or (out / ADAPTER_WEIGHTS).is_file():
+        return False
+    recover_dir(out / "checkpoint")
+    return not (out / "checkpoint").exists()
+
+
+def replace_attempt(out: Path, diff: dict) -> None:
+    """Empty `out`, which holds an `unsaved_attempt` (of a run with the settings `diff` names other)."""
+    what = f"a run with other settings ({_differences(diff)})" if diff else "this run"
+    log.warning("--out %s held an attempt of %s that stopped before its first checkpoint; nothing to "
+                "continue there, so this run replaces it", out, what)
+    for p in out.iterdir():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def refuse_finished(out: Path, resume: str) -> None:
@@ -119,31 +201,59 @@ def _differences(diff: dict) -> str:
     return ", ".join(f"{k}: {a!r} here vs {b!r} there" for k, (a, b) in sorted(diff.items()))
 
 
-def prepare_out(cfg: _RunConfig) -> tuple[Path, Checkpoint | None]:
-    """Resolve `--out`; refuse to overwrite a run; load the checkpoint for `--resume`."""
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
-        diff = cfg.trajectory_diff(type(cfg).from_dict(ckpt.config))
-        if diff:
-            raise ValueError(f"--resume {cfg.resume}: the checkpoint belongs to a run with other settings "
-                             f"({_differences(diff)}); resume with the same flags, or start a new run "
-                             "with another --out")
-        out = Path(cfg.out) if cfg.out else ckpt.path.parent
-        refuse_finished(out, cfg.resume)
-        return out, ckpt
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
+def _resume_out(cfg: _RunConfig) -> Path:
+    """The folder a `--resume` run writes: `--out`, else the run folder of the checkpoint."""
+    if cfg.out:
+        return Path(cfg.out)
+    given = Path(cfg.resume)
+    return given.parent if given.name == "checkpoint" or (given / STATE_FILE).is_file() else given
+
+
+def out_folder(cfg: _RunConfig) -> Path:
+    """The folder the run `cfg` writes: `--out`, for `--resume` the run's folder, else `default_out`."""
+    return _resume_out(cfg) if cfg.resume else Path(cfg.out) if cfg.out else default_out(cfg)
+
+
+def prepare_out(cfg: _RunConfig, *, stack: contextlib.ExitStack | None = None,
+                main: bool = True) -> tuple[Path, Checkpoint | None]:
+    """Resolve `--out`; refuse to overwrite a run; load the checkpoint for `--resume`.
+
+    With `stack` (on the process that writes, `main`), `--out` is created and locked until the
+    stack closes (`claim_out`), and an attempt that saved nothing is replaced (`replace_attempt`).
+    """
+    out = out_folder(cfg)
     refuse_foreign_out(out)
+    if main and stack is not None:
+        claim_out(out, stack)
+    if cfg.resume:
+        try:
+            ckpt = load_checkpoint(cfg.resume)
+        except FileNotFoundError:
+            if not unsaved_attempt(Path(cfg.resume)):
+                raise
+            log.warning("--resume %s: that run stopped before its first checkpoint; training it afresh",
+                        cfg.resume)
+            ckpt = None
+        if ckpt is not None:
+            diff = cfg.trajectory_diff(type(cfg).from_dict(ckpt.config))
+            if diff:
+                raise ValueError(f"--resume {cfg.resume}: the checkpoint belongs to a run with other settings "
+                                 f"({_differences(diff)}); resume with the same flags, or start a new run "
+                                 "with another --out")
+            refuse_finished(out, cfg.resume)
+            return out, ckpt
     if (out / CONFIG_FILE).is_file():
         diff = cfg.trajectory_diff(type(cfg).from_dict(json.loads((out / CONFIG_FILE).read_text())))
+        if unsaved_attempt(out):
+            if main:
+                replace_attempt(out, diff)
+            return out, None
         if diff:
             raise ValueError(f"--out {out} already holds a different run ({_differences(diff)}); "
                              "choose another --out or delete that folder")
         if (out / ADAPTER_WEIGHTS).is_file():
             raise ValueError(f"--out {out} already holds this run, finished; choose another --out "
                              "(or delete that folder to train it again)")
-        if (out / "checkpoint").is_dir():
-            raise ValueError(f"--out {out} already holds this run; pass --resume {out} to continue it "
-                             "from its last checkpoint, or choose another --out")
-        raise ValueError(f"--out {out} already holds an attempt of this run that saved no checkpoint "
-                         "(nothing to resume); delete that folder or choose another --out")
+        raise ValueError(f"--out {out} already holds this run; pass --resume {out} to continue it "
+                         "from its last checkpoint, or choose another --out")
     return out, None

@@ -1,6 +1,6 @@
 """`main(cfg)`: one fine-tuning run, read top to bottom.
 
-load model + tokenizer -> data -> layer selection (Fisher / CKA / FIM / random / all, see
+data, --out and the final evaluation's data checked -> tokenizer and tokenized data -> model -> layer selection (Fisher / CKA / FIM / random / all, see
 `fora.training.methods`) -> inject LoRA at the selected layers -> freeze the base -> CayleyAdam for the
 Stiefel A's + AdamW for the B's -> warmup + decay -> loop (gradient accumulation, clipping,
 checkpoints, validation) -> PEFT adapter (+ merged model) in `--out`.
@@ -15,8 +15,6 @@ it without autograd (`grad_from_layer`), which gives the same gradients for less
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import random
@@ -33,20 +31,17 @@ from torch import nn
 
 from fora.formats.atomic import atomic_write_json, atomic_write_text
 from fora.formats.hub import resolve_checkpoint
-from fora.formats.loading import load_model, load_tokenizer
+from fora.formats.loading import load_model, load_tokenizer, read_config
 from fora.formats.peft_io import save_adapter, save_merged
 from fora.inject import freeze_base, inject_lora, lora_modules
-from fora.models.config import ModelConfig
 from fora.models.speed import checkpoint_blocks, compile_blocks
 from fora.cayley_adam import CayleyAdam
 from fora.optim import build_optimizers, scheduled
 from fora.stiefel import stiefel_error
 from fora.training.adalora_hooks import AdaLoRAStep, init_rank, schedule_of
-from fora.training.batching import calibration_batches, epoch_steps, make_batches
-from fora.training.checkpoint import CONFIG_FILE, DataPosition, restore_training_state, save_checkpoint
+from fora.training.batching import epoch_steps
+from fora.training.checkpoint import CONFIG_FILE, DataPosition, SaveClock, restore_training_state, save_checkpoint
 from fora.training.config import TrainConfig, warmup_steps
-from fora.training.data import encode_records, load_records, split_records
-from fora.training.builtin import builtin_records, is_builtin
 from fora.training.distributed import (distributed_select, init_distributed, load_device, metrics_log, split_batches,
                                        sync_adapter_grads, wrap_model)
 from fora.training.health import StepHealth
@@ -57,7 +52,8 @@ from fora.training.methods import CALIBRATED_SELECTORS, METHODS, SelectArgs, Sel
 from fora.training.model_card import README_FILE, gguf_source, model_card
 from fora.training.model_card import base_model_id as _hub_base_model_id
 from fora.training.progress import Progress
-from fora.training.resume import prepare_out
+from fora.training.resume import out_folder, prepare_out, refuse_foreign_out
+from fora.training.run_data import RunData, data_sha256, prepare_data, run_records  # noqa: F401 - re-exported
 
 log = logging.getLogger("fora.train")
 
@@ -82,15 +78,6 @@ class TrainResult:
     eval: dict | None = None  # the end-of-run evaluation (OUT/eval.json), when there is one
 
 
-@dataclass
-class RunData:
-    train: list[dict]
-    val_batches: list[dict]
-    calibration: list[dict]
-    sha256: str
-    val_examples: int = 0
-
-
 def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     """`--device auto` = CUDA when available; `--dtype auto` = bf16 on CUDA, fp32 elsewhere."""
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
@@ -98,27 +85,6 @@ def resolve_device_dtype(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if cfg.dtype == "auto" \
         else _DTYPES[cfg.dtype]
     return device, dtype
-
-
-def data_sha256(records: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool) -> RunData:
-    """Records -> held-out split -> tokenized examples -> validation and calibration batches."""
-    records = (builtin_records(cfg.data, task_size=cfg.task_size, seed=cfg.seed) if is_builtin(cfg.data)
-               else load_records(cfg.data))
-    train_recs, val_recs = split_records(records, val_size=cfg.val_size, seed=cfg.seed)
-    encode = partial(encode_records, tok, cutoff_len=cfg.cutoff_len, template=cfg.template)
-    train = encode(train_recs)
-    val_examples = encode(val_recs) if val_recs else []  # what is scored: after cut-off drops
-    val = make_batches(val_examples, cfg.batch_size, pad_id=tok.pad_id, shuffle=False) if val_examples else []
-    calibration = (calibration_batches(train, min(cfg.fisher_batches, len(train) // cfg.batch_size or 1),
-                                       min(cfg.batch_size, len(train)), pad_id=tok.pad_id, seed=cfg.seed)
-                   if need_calibration else [])
-    log.info("data: %d train / %d validation examples, %d calibration batches", len(train),
-             len(val_examples), len(calibration))
-    return RunData(train, val, calibration, data_sha256(records), len(val_examples))
 
 
 def base_model_id(cfg: TrainConfig, folder: Path) -> str:
@@ -159,32 +125,38 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     device, dtype = resolve_device_dtype(cfg)
     ctx = init_distributed(cfg.distributed, device.type)  # torchrun's process group, or one process
     cfg, device = replace(cfg, world_size=ctx.world), ctx.device(device)
+    # what can be checked without the model, before anything slow (a download, a conversion, the weights)
+    refuse_foreign_out(out_folder(cfg))
+    records = run_records(cfg)
+    check_eval = getattr(final_eval, "check", None)  # the final evaluation's data, read and checked
+    if check_eval is not None and cfg.final_eval_data != "none":
+        check_eval(cfg)
     folder = resolve_checkpoint(cfg.model)
-    model_config = ModelConfig.from_json(folder)  # checked before the weights load
+    model_config = read_config(folder)  # checked before the weights load
     with ctx.main_first():  # rank 0 may repair a half-published checkpoint before the others read it
-        out, ckpt = prepare_out(cfg)
+        out, ckpt = prepare_out(cfg, stack=live.stack, main=ctx.main)  # out locked for this process
     t_start -= ckpt.seconds if ckpt is not None else 0.0  # timings continue across a resume
     torch.manual_seed(cfg.seed)  # dropout; the LoRA init and the data order have their own seeded streams
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     spec = METHODS[cfg.method]
 
-    # 1. model and tokenizer
+    # 1. tokenizer (the model loads after the data)
     L = model_config.num_hidden_layers
     if cfg.k is not None and cfg.k > L:
         raise ValueError(f"--k {cfg.k} exceeds the number of layers of {cfg.model} (L={L}); "
                          f"choose --k between 1 and {L}")
-    model = load_model(folder, dtype=dtype, device=load_device(ctx, device), quantize=cfg.quantize)
     tok = load_tokenizer(folder)
     k = cfg.k or max(1, L // 2)  # PAPER.md §3: default K = L/2
 
-    # 2. data
+    # 2. data, tokenized before the weights load (so that its errors come first)
     # (calibration and validation batches are global batches: those of the one-process run)
     data = prepare_data(replace(cfg, batch_size=cfg.batch_size * ctx.world), tok,
-                        need_calibration=ckpt is None and spec.selector in CALIBRATED_SELECTORS)
+                        need_calibration=ckpt is None and spec.selector in CALIBRATED_SELECTORS, records=records)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / CONFIG_FILE, cfg.to_dict())
+    model = load_model(folder, dtype=dtype, device=load_device(ctx, device), quantize=cfg.quantize)
 
     # 3. layer selection (computed once on the base model; a resumed run reuses the saved one)
     rank = init_rank(cfg) if spec.adalora else method_rank(cfg.method, cfg.rank)
@@ -247,10 +219,14 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
                    selection=record, config=cfg.to_dict(), base_model_name_or_path=base_model_id(cfg, folder))
     live.out, live.total, live.position = out, total, DataPosition(epoch, b, step)
     health = StepHealth()
+    # losses of the steps since the last logged row: a checkpoint keeps them, so that the row a
+    # resumed run logs averages the same steps as the uninterrupted run's
+    window: list[float] = list(ckpt.loss_window) if ckpt is not None else []
 
     def save_at(position: DataPosition) -> Path | None:
-        health.check(ckpt_dir)  # a diverged step is never checkpointed
-        return ctx.main_only(save, position=position, seconds=time.perf_counter() - t_start)
+        window.extend(health.check(ckpt_dir)[0])  # a diverged step is never checkpointed
+        return ctx.main_only(save, position=position, seconds=time.perf_counter() - t_start,
+                             loss_window=list(window))
 
     live.save = save_at
     live.stop.armed = True
@@ -260,7 +236,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         result.val_losses.append((0, val))
         metrics.write({"step": 0, "val_loss": val, "seconds": time.perf_counter() - t_start})
         log.info("validation loss at start: %.4f", val)
-    speed, window = Throughput(step, total), []
+    speed = Throughput(step, total)
+    save_clock = SaveClock(cfg.save_minutes)  # --save-minutes: a checkpoint after that much training
     while step < total:
         ctx.seed_step(cfg.seed, step)  # several processes: dropout streams per (rank, step)
         if live.stop.requested:  # Ctrl-C, deferred to this step boundary
@@ -296,10 +273,11 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         live.position = DataPosition(epoch, b, step)
         logging_now = step % cfg.log_every == 0 or step == total
         evaluating = bool(data.val_batches) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
-        saving = bool(cfg.save_every) and step % cfg.save_every == 0 and step < total
+        saving = step < total and ((bool(cfg.save_every) and step % cfg.save_every == 0)
+                                   or save_clock.due(ctx))
         if logging_now or evaluating or saving:  # the one device sync of these steps
             losses, last_norm = health.check(ckpt_dir)
-            window += losses
+            window.extend(losses)
             grad_norm = last_norm if last_norm is not None else grad_norm
 
         row, eta = {}, 0.0
@@ -309,7 +287,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
                    "tok_s": tok_s, "grad_norm": float(grad_norm), **manifold_metrics(model, spec.stiefel),
                    **(adalora.metrics() if adalora else {})}
             result.train_losses.append((step, row["loss"]))
-            window = []
+            window.clear()
         progress.step(step, row or None, eta)
         if evaluating:
             val_batches = progress.validation(data.val_batches, step, data.val_examples)
@@ -321,6 +299,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
         if saving:
             live.save(live.position)
             ckpt_dir = out / "checkpoint"
+            save_clock.restart()
         if on_step is not None:
             on_step(step)
 

@@ -111,7 +111,14 @@ def test_bad_command_lines(setup, tmp_path, capsys):
     assert ev.cli(["--model", str(ckpt), "--data", str(tmp_path / "junk")]) == 1
     assert "unknown task layout" in capsys.readouterr().err
     assert ev.cli(["--model", str(ckpt), "--adapter", str(tmp_path), "--data", str(root / "dataset")]) == 1
-    assert "adapter_config.json not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "adapter_config.json not found; --adapter must be a folder written by fora's trainer (the run folder " \
+           "itself, train.py's --out, e.g. runs/smollm2-135m-fora-k15)" in err and "out/adapter" not in err
+    assert "holds one" not in err
+    inside = root / "adapter" / "adapter"                  # one level too deep: the run folder is meant
+    assert ev.cli(["--model", str(ckpt), "--adapter", str(inside), "--data", str(root / "dataset")]) == 1
+    assert f"{root / 'adapter'} holds one: a train.py run's adapter is its run folder itself, " \
+           f"--adapter {root / 'adapter'}" in capsys.readouterr().err
 
 
 def test_generate_script_with_adapter_matches_peft(setup, capsys, one_thread):

@@ -93,7 +93,8 @@ def test_unknown_layout_and_bad_files(tmp_path):
         load_eval_tasks(tmp_path / "notes.txt")
     no_answer = tmp_path / "t.json"
     no_answer.write_text(json.dumps([_rec(), {k: v for k, v in _rec().items() if k != "answer"}]))
-    with pytest.raises(ValueError, match="record 1 .* has no 'answer'"):
+    no_answer.write_text(json.dumps([_rec(), {k: v for k, v in _rec().items() if k != "answer"}], indent=0))
+    with pytest.raises(ValueError, match=r"t.json, line 8: record 2 of 2 \(and 0 more\) has no 'answer'"):
         load_eval_tasks(no_answer)
 
 

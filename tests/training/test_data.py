@@ -17,7 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from fora.training.batching import (batch_indices, calibration_batches, collate, count_tokens,
                            epoch_batches, epoch_seed, epoch_steps, make_batches)
 from fora.training.data import (IGNORE_INDEX, build_prompt, encode_record, encode_records, load_records,
-                       split_records, write_jsonl)
+                                record_location, split_records, write_jsonl)
 from fora.formats.loading import load_tokenizer
 from fora.formats.tokenizer import LoadedTokenizer
 
@@ -215,15 +215,25 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="top level is int"):
         load_records(top)
     for content, pattern in [
-        ([RECORDS[0], "text"], r"record 1 is a str, not an object"),
+        ([RECORDS[0], "text"], r"top.json, line 1: record 2 of 2 is a str, not an object"),
         ([RECORDS[0], {"instruction": "q", "answer": "a"}],
-         r"record 1 lacks \['output'\] \(it has keys \['answer', 'instruction'\]\)"),
-        ([{"output": "o"}], r"record 0 lacks \['instruction'\]"),
-        ([{"instruction": "q", "output": 3}], r"record 0 field 'output' is a int"),
+         r"record 2 of 2 lacks \['output'\] \(it has keys \['answer', 'instruction'\]\)"),
+        ([{"output": "o"}], r"line 1: record 1 of 1 lacks \['instruction'\]"),
+        ([{"instruction": "q", "output": 3}], r"record 1 of 1: field 'output' is a int"),
     ]:
         top.write_text(json.dumps(content))
         with pytest.raises(ValueError, match=pattern):
             load_records(top)
+    # the line a bad record starts on, in a JSON list over many lines and in JSONL with a blank line
+    records = [{"instruction": f"q{i}", "output": "o"} for i in range(7)] + [{"instruction": "x"}]
+    top.write_text(json.dumps(records, indent=1))           # "[" then 4 lines per record
+    with pytest.raises(ValueError, match=r"top.json, line 30: record 8 of 8 lacks \['output'\]"):
+        load_records(top)
+    lines = [json.dumps(r) for r in records]
+    bad_l.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 9: record 8 of 8 lacks \['output'\]"):
+        load_records(bad_l)
+    assert "line 30" in record_location(top, 7, 8) and record_location(top, 0, 8).endswith("line 2: record 1 of 8")
     for empty in ("[]", "", "\n\n"):
         top.write_text(empty)
         with pytest.raises(ValueError, match="contains no records"):

@@ -7,17 +7,19 @@ adapter loaded back from disk (after); the cloze task's own splits.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 
 import pytest
 import torch
 
+import fora.training.progress
 from fora.evaluation.accuracy import evaluate_tasks
 from fora.formats.loading import load_model, load_tokenizer
 from fora.formats.peft_io import load_adapter
 from fora.training.cloze import cloze_task
 from fora.training.config import TrainConfig, parse_args
-from fora.evaluation.final_eval import eval_table, final_evaluation
+from fora.evaluation.final_eval import before_after, eval_table, final_evaluation
 from fora.training.builtin import builtin_records
 from fora.training.run import data_sha256, main, prepare_data
 from script_loader import load_script
@@ -35,10 +37,22 @@ def eval_file(tmp_path):
     return path
 
 
-def test_run_scores_the_base_and_the_adapter_on_the_same_items(cfg, tiny, eval_file):
+def test_run_scores_the_base_and_the_adapter_on_the_same_items(cfg, tiny, eval_file, caplog, capsys, monkeypatch):
     cfg = replace(cfg, eval_data=str(eval_file), eval_limit=10, max_steps=3)
-    result = main(cfg, final_eval=final_evaluation)
+    with caplog.at_level(logging.INFO):
+        result = main(cfg, final_eval=final_evaluation)
     out = result.out
+    # off a terminal: no bar (no carriage returns in a log), one plain line per pass, each labelled
+    assert "\r" not in capsys.readouterr().err
+    passes = [m for m in caplog.messages if m.startswith("loglik parity")]
+    assert passes[0] == "loglik parity, before training (adapters off): 3 batches..."  # 10 records, 4 a batch
+    assert passes[1].startswith("loglik parity, before training (adapters off): done in ")
+    assert passes[2] == "loglik parity, after training (adapters on): 3 batches..." and len(passes) == 4
+    monkeypatch.setattr(fora.training.progress, "is_terminal", lambda: True)  # on a terminal: labelled bars
+    before_after(load_model(tiny, dtype=torch.float32, device="cpu"), load_tokenizer(tiny),
+                 {"parity": json.loads(eval_file.read_text())}, protocol="loglik", limit=2, template="alpaca")
+    err = capsys.readouterr().err
+    assert "loglik parity, before training (adapters off):" in err and "loglik parity, after training (adapters on):" in err
     report = json.loads((out / "eval.json").read_text())
     assert report == {"eval_data": str(eval_file), **result.eval}
     tok = load_tokenizer(tiny)

@@ -99,7 +99,8 @@ def test_end_to_end_fora(cfg, tiny):
 
 def test_kill_and_resume_equals_uninterrupted(cfg, tmp_path):
     # 32 train records / batch 4 = 8 batches, 2 per step: 4 steps per epoch; 6 steps cross an epoch.
-    cfg = replace(cfg, max_steps=6, grad_accum=2, save_every=2, lora_dropout=0.1, val_size=8)
+    # a metrics row every 3 steps: the row of step 6 averages steps 4-6, across the checkpoint of step 4
+    cfg = replace(cfg, max_steps=6, grad_accum=2, save_every=2, lora_dropout=0.1, val_size=8, log_every=3, eval_every=3)
     main(replace(cfg, out=str(tmp_path / "full")))
 
     def crash(step: int) -> None:
@@ -115,7 +116,12 @@ def test_kill_and_resume_equals_uninterrupted(cfg, tmp_path):
     full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "killed")
     assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
     rows = MetricsLog.read(tmp_path / "killed" / "metrics.jsonl")
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "loss" in r] == [3, 6]
+    # metrics.jsonl too is the uninterrupted run's, but for the timings (tok_s, seconds)
+    timing = ("tok_s", "seconds")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in MetricsLog.read(tmp_path / "full" / "metrics.jsonl")]
+    assert state["loss_window"] and len(state["loss_window"]) == 1  # step 4's loss, logged with 5 and 6
     # time continues across the resume: the checkpoint carries the seconds spent before it
     seconds = [r["seconds"] for r in rows]
     assert state["seconds"] > 0 and seconds == sorted(seconds)
@@ -202,13 +208,17 @@ def test_out_folder_guard(cfg):
         main(replace(cfg, resume=str(Path(cfg.out) / "merged")))
 
 
-def test_unfinished_run_guard_and_resume_with_other_settings(cfg):
+def test_unfinished_run_guard_and_resume_with_other_settings(cfg, caplog):
     def crash(step: int) -> None:
         raise Killed
-    with pytest.raises(Killed):
+    with pytest.raises(Killed):                                # killed before its first checkpoint
         main(replace(cfg, save_every=0), on_step=crash)
-    with pytest.raises(ValueError, match="saved no checkpoint"):
-        main(replace(cfg, save_every=0))
+    assert not (Path(cfg.out) / "checkpoint").exists()
+    (Path(cfg.out) / "stale.txt").write_text("from the killed attempt")
+    main(replace(cfg, save_every=0))                           # a plain rerun replaces that attempt
+    assert "held an attempt of this run that stopped before its first checkpoint" in caplog.text
+    assert not (Path(cfg.out) / "stale.txt").exists() and (Path(cfg.out) / "adapter_model.safetensors").is_file()
+    assert [r["step"] for r in MetricsLog.read(Path(cfg.out) / "metrics.jsonl") if "loss" in r] == [1, 2]
     cfg = replace(cfg, save_every=1, out=cfg.out + "-2")
     with pytest.raises(Killed):
         main(cfg, on_step=crash)
@@ -245,7 +255,7 @@ def test_bad_inputs(cfg, tmp_path):
     with pytest.raises(ValueError, match="malformed JSON"):
         main(replace(cfg, data=str(bad)))
     bad.write_text(json.dumps(_records(10) + [{"instruction": "no answer"}]))
-    with pytest.raises(ValueError, match=r"record 10 lacks \['output'\]"):
+    with pytest.raises(ValueError, match=r"bad.json, line 1: record 11 of 11 lacks \['output'\]"):
         main(replace(cfg, data=str(bad)))
     with pytest.raises(ValueError, match="were dropped.*cutoff_len"):
         main(replace(cfg, cutoff_len=20))
@@ -264,6 +274,6 @@ def test_cli(tiny, data_file, tmp_path, capsys):
         parse_args(["--model", "x", "--method", "vera"])
     assert "invalid choice: 'vera'" in capsys.readouterr().err
     script = load_script("train")
-    argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(tmp_path / "cli"), "--k", "9"]
+    argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(tmp_path / "cli"), "--k", "9", "--val-size", "8"]
     assert script.cli(argv) == 1
     assert "--k 9 exceeds" in capsys.readouterr().err
