@@ -122,10 +122,9 @@ class TrainConfig:
             raise ValueError("--epochs 0 trains nothing; pass --epochs >= 1 or --max-steps")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.stiefel_lr is not None and not self.stiefel_lr > 0:
-            raise ValueError(f"--stiefel-lr must be > 0, got {self.stiefel_lr}; omit it for the default step")
-        if not self.stiefel_lr_scale > 0:
-            raise ValueError(f"--stiefel-lr-scale must be > 0, got {self.stiefel_lr_scale}")
+        for name in ("stiefel_lr", "stiefel_lr_scale"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.stiefel_factor not in STIEFEL_FACTORS:
             raise ValueError(f"unknown --stiefel-factor {self.stiefel_factor!r}; choose B (FoRA) or A (the ablation)")
         if self.cayley_per_micro_batch and self.stiefel_factor != "B":
@@ -261,8 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stiefel-lr", type=float, default=d.stiefel_lr, help="Cayley-Adam step for the Stiefel factor: with B "
       "the constant cap of alpha = min(lr, 1/||W||_1), default 1e-3; with A the step length, default "
       "lr * sqrt(r * d_in) per A (same Frobenius step as AdamW on a plain A)")
-    a("--stiefel-lr-scale", type=float, default=d.stiefel_lr_scale, help="multiplies the Cayley-Adam step "
-      "(the default or --stiefel-lr): 0.25 for a quarter of it")
+    a("--stiefel-lr-scale", type=float, default=d.stiefel_lr_scale, help="multiplies Cayley-Adam's step (0.25: a quarter)")
     a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (never on the Stiefel factor)")
     a("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the global grad norm of all "
       "adapter parameters (A and B) before every optimizer sees them; 0 disables")
@@ -316,9 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--match-init-norm", action="store_true", help="plain-A methods: scale each Kaiming row of A to "
       "unit norm, the row norm of a Stiefel A (Kaiming rows have norm ~1/sqrt(3)), so the 2x2 "
       "ablation starts both arms at the same ||dW|| scale")
-    a("--compile", action="store_true", help="torch.compile each decoder block (regional); falls back to "
-      "eager with a warning where torch.compile does not work. Off by default (CPU: 4.5%% faster steps, "
-      "compile time not measured; docs/performance.md)")
+    a("--compile", action="store_true", help="torch.compile each decoder block (regional); eager with a "
+      "warning where torch.compile does not work (docs/performance.md)")
     a("--activation-checkpointing", action="store_true",
       help="recompute each block's activations in backward: less activation memory, about one more forward")
     return p

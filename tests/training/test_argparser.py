@@ -24,7 +24,7 @@ def test_negative_numbers_are_values(capsys):
         # the value reaches --lr's own check, not argparse's "expected one argument"
         assert _error(capsys, argv) == ["train.py: error: --lr must be > 0, got -0.001", HINT]
     assert _error(capsys, ["--model", "m", "--stiefel-lr-scale", "-.5"])[0] == \
-        "train.py: error: --stiefel-lr-scale must be > 0, got -0.5; omit it for the model family's default"
+        "train.py: error: --stiefel-lr-scale must be > 0, got -0.5"
     parser = build_parser()
     assert join_negative_values(parser, ["--lr", "-1e-3", "--merge", "--k", "-2", "--", "--rank", "-4"]) == \
         ["--lr=-1e-3", "--merge", "--k=-2", "--", "--rank", "-4"]
