@@ -191,8 +191,8 @@ def accuracy_table(model: str, rows: Sequence[Mapping[str, Any]], items: Mapping
         else:
             found = [arm_interval(v, model, arm, metric, n_boot=n_boot) for v in views]
             seeds = max(s for s, _ in found) or len(group)
-            lr = group[0].get("lr")
-            lines.append(f"| {arm} | {seeds} | {'-' if lr is None else format(lr, 'g')} | "
+            lrs = "/".join(format(x, "g") for x in sorted({r["lr"] for r in group if r.get("lr") is not None})) or "-"
+            lines.append(f"| {arm} | {seeds} | {lrs} | "
                          f"{group[0]['trainable_params'] / 1e6:.2f} M | " + " | ".join(_pct(iv) for _, iv in found) + " |")
         paper = TABLE_B.get(model, {}).get(arm)
         if paper is not None:
@@ -293,6 +293,7 @@ def suite_report(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple, Any], 
         "claims": the claims rows}.
     """
     models = list(dict.fromkeys([*base_items, *(r["model"] for r in rows)]))
+    models += [m for m in TABLE_B if m not in {slug(x) for x in models}]  # the paper's models: "not run" until they land
     claims = suite_claims(rows, items, models, n_boot=n_boot)
     parts, briefs = [], {}
     for model in models:

@@ -245,3 +245,18 @@ def test_suite_report_equals_a_direct_computation_beside_table_b(reproduce, tmp_
     assert table6["fora"][4] == "0.88, 80.6, 0.053" and table6["fora-a"][4] == "-"
     assert [a for a in SUITE_ARMS if table6[a][0] == "not run"] == \
         ["lora-half-rank", "random-k", "dora", "adalora", "stiefel-lora-a"]
+
+
+def test_the_papers_model_shows_its_table_b_rows_before_any_of_its_arms_lands(reproduce, tmp_path):
+    out = tmp_path / "store"
+    _store(out, model="smollm2-135m", seeds=(0,))
+    page = tmp_path / "README.md"  # holds only the Gemma block, as the README does
+    page.write_text("<!-- commonsense_brief gemma-3-270m -->\nold\n<!-- end commonsense_brief -->\n")
+    reproduce.main(reproduce.parse_args(["--task", "commonsense", "--out", str(out), "--report", "--n-boot", "50",
+                                         "--sync-docs", str(page)]))
+    md = (out / "commonsense.md").read_text()
+    assert md.index("#### smollm2-135m") < md.index("#### gemma-3-270m")
+    gemma = _table_rows(md, "gemma-3-270m, loglik accuracy,")
+    assert gemma["fora"][0] == "not run" and gemma["↳ fora, paper's Table B"][-3:] == ["52.85", "(46.79)", "-"]
+    assert "↳ fora, paper's Table B" not in _table_rows(md, "smollm2-135m, loglik accuracy,")  # not in the paper
+    assert "| fora | not run | | | | | 52.85 |" in page.read_text()
