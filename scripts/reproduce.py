@@ -25,6 +25,23 @@ skipped, a killed run resumes from its last checkpoint.
     --report                    rebuild the tables, plots and claims from finished runs, no training
     --sync-docs README.md docs/reproduction.md   and paste them into those pages' marked blocks
     --method-lr adalora=2e-3    a baseline at its own learning rate: its own arm ("adalora lr 0.002"), not in the claims
+
+The commonsense suite (--task commonsense; docs/reproduction.md#the-commonsense-suite): every arm
+trains on SUITE/commonsense_train.json (`scripts/make_task.py --task commonsense`) at the paper's
+settings (r 32, alpha 64, cutoff 256, 200 steps x 8, bfloat16, K = L/2, targets q k v up down,
+N = 128 Fisher batches), is measured on SUITE/<task>/test.json per task by loglik and, on the first
+--gen-limit records of each task, by generate (`fora.evaluation.measure.measure_tasks`), and the
+report (`fora.evaluation.suite`) gives per-task tables beside the paper's Table B, the 2x2
+contrasts and the claims. `fora-a` and `stiefel-lora-a` are the A-side ablation's arms
+(--stiefel-factor A). --select-lr LR... trains each --methods arm at every LR and keeps the one with
+the best validation accuracy (SUITE/<task>/val.json) in OUT/<model>/lr_choice.json, which later
+runs of that arm use.
+
+    nice -n 10 python scripts/reproduce.py --task commonsense --out results/commonsense --models gemma-3-270m \
+        --methods fora --select-lr 2e-4 1e-3 3e-3
+    nice -n 10 python scripts/reproduce.py --task commonsense --out results/commonsense --models gemma-3-270m \
+        --methods fora lora fg-lora stiefel-lora --seeds 0 1 2
+    python scripts/reproduce.py --task commonsense --out results/commonsense --report --sync-docs README.md docs/reproduction.md
 """
 from __future__ import annotations
 
@@ -42,12 +59,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fora.training.argparser import ArgumentParser  # noqa: E402
 from fora.evaluation.measure import EvalSizes, arm_row, base_row  # noqa: E402
+from fora.evaluation.lr_choice import LR_CHOICE, chosen_lr  # noqa: E402
+from fora.evaluation.suite import VARIANTS  # noqa: E402
 
 log = logging.getLogger("reproduce")
 ARMS = ("fora", "lora", "fg-lora", "stiefel-lora", "lora-half-rank", "random-k")  # the default arms
 BASELINES = ("dora", "adalora")  # Table 1's other baselines, opt-in with --methods
 ALL_ARMS = ARMS + BASELINES
 TEST_SPLITS = ("one-blank", "all-blanks")
+TASKS = ("cloze", "commonsense")
+# --task commonsense's defaults where they differ from the cloze task's (the paper's settings at small scale)
+SUITE_DEFAULTS = {"rank": 32, "cutoff_len": 256, "lr": 2e-4, "dtype": "bfloat16", "fisher_batches": 128,
+                  "gen_limit": 25}
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,11 @@ class ReproduceConfig:
     report: bool = False       # rebuild tables, plots and claims from finished runs only
     n_boot: int = 4000         # bootstrap draws of the claims' intervals
     sync_docs: tuple[Path, ...] = ()  # pages whose marked blocks get the new tables (fora.evaluation.doc_blocks)
+    task: str = "cloze"        # or "commonsense": the suite in `suite` (SUITE_DEFAULTS apply from the command line)
+    suite: Path = Path("data/commonsense")
+    dtype: str = "auto"        # training dtype (train.py --dtype); measurement is float32 either way
+    fisher_batches: int = 4    # calibration batches N of Fisher's Eq. 2 (the authors': 128)
+    select_lr: tuple[float, ...] = ()  # train each --methods arm at these lrs, keep the best on validation
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
@@ -86,12 +114,30 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=d.out)
     p.add_argument("--models", nargs="+", default=list(d.models), help="presets, folders or .gguf files")
-    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=ALL_ARMS)
+    p.add_argument("--task", choices=TASKS, default=d.task,
+                   help="the built-in cloze task, or the commonsense suite in --suite (its own defaults: "
+                        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SUITE_DEFAULTS.items()) + ")")
+    p.add_argument("--suite", type=Path, default=d.suite,
+                   help="--task commonsense: the folder `make_task.py --task commonsense` wrote")
+    p.add_argument("--methods", nargs="+", default=list(d.methods), choices=ALL_ARMS + tuple(VARIANTS),
+                   help="arms; fora-a and stiefel-lora-a (--task commonsense) are fora and stiefel-lora with "
+                        "--stiefel-factor A, the A-side ablation")
     p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
+
+    def task_default(name: str) -> dict:  # shown in --help; filled in after parsing, by --task
+        if name not in SUITE_DEFAULTS:
+            return {"default": getattr(d, name)}
+        return {"default": argparse.SUPPRESS,
+                "help": f"default: {getattr(d, name)} (cloze), {SUITE_DEFAULTS[name]} (commonsense)"}
     for name in ("steps", "batch_size", "cutoff_len", "rank", "warmup_steps", "val_size", "blanks", "eval_limit",
-                 "gen_limit", "max_new_tokens", "ppl_tokens", "kl_windows", "n_boot"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--lr", type=float, default=d.lr)
+                 "gen_limit", "max_new_tokens", "ppl_tokens", "kl_windows", "n_boot", "fisher_batches"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, **task_default(name))
+    p.add_argument("--lr", type=float, **task_default("lr"))
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), **task_default("dtype"))
+    p.add_argument("--select-lr", nargs="+", type=float, default=[], metavar="LR",
+                   help="--task commonsense: train each --methods arm (first --seeds seed) at every LR, score "
+                        "SUITE/<task>/val.json by loglik and keep the LR with the best mean over tasks in "
+                        f"OUT/<model>/{LR_CHOICE} (and lr_choice.md); later runs of that arm train at it")
     p.add_argument("--style", choices=("word", "option"), default=d.style,
                    help="cloze answers: the two words, or WinoGrande's option1/option2 labels")
     p.add_argument("--base-first", action="store_true",
@@ -113,6 +159,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
                    help="after writing the tables, replace the blocks marked <!-- claims.md -->, <!-- results.md -->, "
                         "<!-- stiefel_step.md --> and <!-- claims_brief MODEL --> in these Markdown pages")
     a = vars(p.parse_args(argv))
+    for name, value in SUITE_DEFAULTS.items():
+        a.setdefault(name, value if a["task"] == "commonsense" else getattr(d, name))
+    if a["task"] == "cloze":
+        variants = [m for m in a["methods"] if m in VARIANTS]
+        if variants or a["select_lr"]:
+            p.error(f"{' '.join(variants) or '--select-lr'}: only with --task commonsense")
+    if any(not x > 0 for x in a["select_lr"]):
+        p.error(f"--select-lr takes learning rates > 0, got {a['select_lr']}")
     if any(not x > 0 for x in a["stiefel_scales"]):
         p.error(f"--stiefel-scales must all be > 0, got {a['stiefel_scales']}")
     a["method_lr"] = [_method_lr(p, text) for text in a["method_lr"]]
@@ -156,7 +210,7 @@ def write_data(out: Path, blanks: int = 1, style: str = "word", test_split: str 
 
 
 def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path,
-              stiefel_scale: float = 1.0, lr: float | None = None) -> None:
+              stiefel_scale: float = 1.0, lr: float | None = None, stiefel_factor: str = "B") -> None:
     """Train one arm into `run` unless its adapter exists; resume from a checkpoint when there is one."""
     from fora.formats.peft_io import ADAPTER_WEIGHTS
     from fora.training.config import TrainConfig
@@ -170,9 +224,9 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Re
     main(TrainConfig(model=model_name, method=method, data=str(train_file), out=str(run), seed=seed,
                      rank=cfg.rank, lr=cfg.lr if lr is None else lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
                      cutoff_len=cfg.cutoff_len, warmup_steps=cfg.warmup_steps, val_size=cfg.val_size,
-                     fisher_batches=4, eval_every=max(1, cfg.steps // 4), log_every=10,
+                     fisher_batches=cfg.fisher_batches, eval_every=max(1, cfg.steps // 4), log_every=10,
                      save_every=max(1, cfg.steps // 4), match_init_norm=cfg.match_init_norm, resume=resume,
-                     stiefel_lr_scale=stiefel_scale))
+                     stiefel_lr_scale=stiefel_scale, stiefel_factor=stiefel_factor, dtype=cfg.dtype))
 
 
 def arm_name(method: str, stiefel_scale: float = 1.0, lr: float | None = None) -> str:
@@ -218,14 +272,12 @@ def finish(cfg: ReproduceConfig) -> dict:
     from fora.evaluation.step_choice import choose_stiefel_step, step_choice_markdown
     from fora.formats.atomic import atomic_write_json, atomic_write_text
 
+    if cfg.task == "commonsense":
+        return finish_suite(cfg)
     rows, base, stored = finished_runs(cfg.out)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
-              if k not in ("sync_docs", "method_lr")}  # output options, and per-arm lr kept in each row
-    config = stored if cfg.report and stored else config  # --report keeps the runs' own settings
-    # what the tables hold, whichever invocations trained it (each may have run one arm)
-    config = {**config, "models": sorted({r["model"] for r in rows}), "methods": sorted({r["method"] for r in rows}),
-              "seeds": sorted({r["seed"] for r in rows}),
-              "stiefel_scales": sorted({r.get("stiefel_lr_scale", 1.0) for r in rows})}
+    if any("tasks" in r for r in rows):
+        raise SystemExit(f"the runs under {cfg.out} are the commonsense suite's: add --task commonsense")
+    config = report_config(cfg, rows, stored)
     for model in base:
         plots(cfg, model, rows)
     items = {(r["model"], arm_label(r), r["seed"]):
@@ -248,18 +300,109 @@ def finish(cfg: ReproduceConfig) -> dict:
         atomic_write_text(cfg.out / name, text + "\n")
     print(tables["results.md"])
     if cfg.sync_docs:
-        sync_docs(cfg, tables, claims, base)
+        from fora.evaluation.report import claims_brief
+
+        sync_docs(cfg, {**tables, **{f"claims_brief {slug(m)}": claims_brief(claims, m) for m in base}})
     return {**report, "claims": claims}
 
 
-def sync_docs(cfg: ReproduceConfig, tables: dict[str, str], claims: list[dict], base: dict) -> None:
+def report_config(cfg: ReproduceConfig, rows: list[dict], stored: dict | None) -> dict:
+    """results.json's config: this invocation's settings (--report: the runs' own, as stored), and
+    which models, methods, seeds and scales the tables hold, whichever invocations trained them."""
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+              if k not in ("sync_docs", "method_lr", "select_lr")}  # output options; per-arm lr kept in each row
+    config = stored if cfg.report and stored else config  # --report keeps the runs' own settings
+    return {**config, "models": sorted({r["model"] for r in rows}), "methods": sorted({r["method"] for r in rows}),
+            "seeds": sorted({r["seed"] for r in rows}),
+            "stiefel_scales": sorted({r.get("stiefel_lr_scale", 1.0) for r in rows})}
+
+
+def finish_suite(cfg: ReproduceConfig) -> dict:
+    """The suite's tables, contrasts and claims (`fora.evaluation.suite`) from every finished arm under
+    OUT: OUT/commonsense.md and .json, OUT/results.json; with --sync-docs pasted into the pages'
+    blocks <!-- commonsense.md --> and <!-- commonsense_brief MODEL -->."""
+    from fora.evaluation.report import arm_label, finished_runs, load_items
+    from fora.evaluation.suite import suite_report
+    from fora.formats.atomic import atomic_write_json, atomic_write_text
+
+    rows, base, stored = finished_runs(cfg.out)
+    items = {(r["model"], arm_label(r), r["seed"]): load_items(cfg.out / slug(r["model"]) / r["folder"]) for r in rows}
+    base_items, choices = {}, {}
+    for model in dict.fromkeys([*base, *(r["model"] for r in rows)]):
+        folder = cfg.out / slug(model)
+        if (folder / "base_items.json").is_file():
+            base_items[model] = json.loads((folder / "base_items.json").read_text())
+        if (folder / LR_CHOICE).is_file():
+            choices[model] = json.loads((folder / LR_CHOICE).read_text())
+    suite = suite_report(rows, items, base_items, choices, n_boot=cfg.n_boot, slug=slug)
+    report = {"config": report_config(cfg, rows, stored), "base": base, "runs": rows}
+    atomic_write_json(cfg.out / "results.json", report)
+    atomic_write_json(cfg.out / "commonsense.json", {"claims": suite["claims"], "lr_choices": choices})
+    atomic_write_text(cfg.out / "commonsense.md", suite["markdown"] + "\n")
+    print(suite["markdown"])
+    if cfg.sync_docs:
+        sync_docs(cfg, {"commonsense.md": suite["markdown"],
+                        **{f"commonsense_brief {slug(m)}": text for m, text in suite["briefs"].items()}})
+    return {**report, "claims": suite["claims"], "markdown": suite["markdown"]}
+
+
+def sync_docs(cfg: ReproduceConfig, blocks: dict[str, str]) -> None:
     """The tables just written, pasted into the marked blocks of the pages named by --sync-docs."""
     from fora.evaluation.doc_blocks import sync_files
-    from fora.evaluation.report import claims_brief
 
-    blocks = {**tables, **{f"claims_brief {slug(m)}": claims_brief(claims, m) for m in base}}
     for page, names in sync_files(cfg.sync_docs, blocks).items():
         log.info("%s: %s brought up to date", page, ", ".join(names))
+
+
+def task_data(cfg: ReproduceConfig) -> tuple[Path, list[dict] | dict[str, list[dict]]]:
+    """The training file and the test records: the cloze task's (written into OUT/data), or the
+    suite's commonsense_train.json and its test split per task."""
+    if cfg.task == "cloze":
+        return write_data(cfg.out, cfg.blanks, cfg.style, cfg.test_split)
+    from fora.training.commonsense import read_suite
+
+    train = cfg.suite / "commonsense_train.json"
+    if not train.is_file():
+        raise SystemExit(f"{train} does not exist; build the suite with "
+                         f"`python scripts/make_task.py --task commonsense --out {cfg.suite}`")
+    return train, read_suite(cfg.suite, "test")
+
+
+def select_lr(cfg: ReproduceConfig) -> dict[str, dict]:
+    """--select-lr: each --methods arm trained (first seed, the run's steps) at every learning rate into
+    OUT/<model>/lr-select/<arm>-lr<LR>-s<seed>, its loglik accuracy on the suite's validation split
+    (val_scores.json there), and the best one (`fora.evaluation.lr_choice.choose_lr`) in OUT/<model>/lr_choice.json
+    and lr_choice.md. Resumable like the runs: a scored lr is not trained or scored again."""
+    from fora.evaluation.measure import validation_scores
+    from fora.evaluation.lr_choice import choose_lr, lr_choice_markdown
+    from fora.evaluation.suite import LABELS
+    from fora.formats.atomic import atomic_write_json, atomic_write_text
+    from fora.training.commonsense import read_suite
+
+    train_file, _ = task_data(cfg)
+    val = read_suite(cfg.suite, "val")
+    seed, out = cfg.seeds[0], {}
+    for model in cfg.models:
+        folder = cfg.out / slug(model)
+        path = folder / LR_CHOICE
+        choice = json.loads(path.read_text()) if path.is_file() else {
+            "model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "arms": {}}
+        for arm in cfg.methods:
+            method, factor = VARIANTS.get(arm, (arm, "B"))
+            scores = []
+            for lr in cfg.select_lr:
+                run = folder / "lr-select" / f"{arm}-lr{lr:g}-s{seed}"
+                if not (run / "val_scores.json").is_file():
+                    log.info("%s: training at lr %g for the choice on validation", run, lr)
+                    train_arm(model, method, seed, train_file, cfg, run, lr=lr, stiefel_factor=factor)
+                    atomic_write_json(run / "val_scores.json", {"lr": lr, **validation_scores(model, run, val)})
+                scores.append(json.loads((run / "val_scores.json").read_text()))
+            choice["arms"][arm] = {"chosen": choose_lr(scores), "seed": seed, "steps": cfg.steps, "scores": scores}
+            atomic_write_json(path, choice)
+            log.info("%s %s: lr %g chosen on validation", model, arm, choice["arms"][arm]["chosen"])
+        atomic_write_text(folder / "lr_choice.md", lr_choice_markdown(choice, slug, LABELS) + "\n")
+        out[model] = choice
+    return out
 
 
 def main(cfg: ReproduceConfig) -> dict:
@@ -267,8 +410,10 @@ def main(cfg: ReproduceConfig) -> dict:
 
     if cfg.report:
         return finish(cfg)
+    if cfg.select_lr:
+        return select_lr(cfg)
     t0 = time.perf_counter()
-    train_file, test = write_data(cfg.out, cfg.blanks, cfg.style, cfg.test_split)
+    train_file, test = task_data(cfg)
     sizes = EvalSizes(cfg.eval_limit, cfg.gen_limit, cfg.max_new_tokens, cfg.ppl_tokens, cfg.kl_windows)
     base: dict[str, dict] = {}
     for model in cfg.models:
@@ -277,19 +422,25 @@ def main(cfg: ReproduceConfig) -> dict:
         if cfg.base_first:
             base[model] = base_row(model, test, sizes, folder / "base.json")
         for seed in cfg.seeds:
-            for method, scale in [(m, x) for m in cfg.methods
-                                  for x in (cfg.stiefel_scales if METHODS[m].stiefel else (1.0,))]:
-                lr = dict(cfg.method_lr).get(method)
-                run = run_dir(cfg, model, method, seed, scale, lr)
+            for arm, scale in [(a, x) for a in cfg.methods
+                               for x in (cfg.stiefel_scales if METHODS[VARIANTS.get(a, (a,))[0]].stiefel else (1.0,))]:
+                method, factor = VARIANTS.get(arm, (arm, "B"))
+                lr = dict(cfg.method_lr).get(arm)  # an arm of its own, "<method> lr <LR>"
+                run = run_dir(cfg, model, arm, seed, scale, lr)
                 if (run / "result.json").is_file():
                     log.info("%s: done, skipped", run)
                     continue
+                chosen = None if lr is not None or cfg.task == "cloze" else chosen_lr(folder, arm)
                 log.info("%s: training (%.0f s into this invocation)", run, time.perf_counter() - t0)
-                train_arm(model, method, seed, train_file, cfg, run, scale, lr)
+                train_arm(model, method, seed, train_file, cfg, run, scale, chosen if lr is None else lr,
+                          **({} if factor == "B" else {"stiefel_factor": factor}))
                 if model not in base:  # after training: a parallel invocation may have measured it meanwhile
                     base[model] = base_row(model, test, sizes, folder / "base.json")
-                arm_row(model, run, test, sizes, base[model], method=method, arm=arm_name(method, scale, lr), seed=seed,
-                        stiefel_lr_scale=scale, **({} if lr is None else {"method_lr": lr}))
+                suite = {} if cfg.task == "cloze" else {  # the suite's rows say where and how each arm trained
+                    "folder": run.name, "stiefel_factor": factor, "lr": lr or chosen or cfg.lr,
+                    "lr_source": "--method-lr" if lr else f"{LR_CHOICE} (validation)" if chosen else "--lr"}
+                arm_row(model, run, test, sizes, base[model], method=method, arm=arm_name(arm, scale, lr), seed=seed,
+                        stiefel_lr_scale=scale, **({} if lr is None else {"method_lr": lr}), **suite)
     return finish(cfg)
 
 

@@ -1,6 +1,7 @@
 """One arm of the reproduction measured (`scripts/reproduce.py`): accuracy on the cloze test split by
-every protocol, each item's result kept for paired statistics (`fora.evaluation.paired`), perplexity on
-held-out paragraphs, the adapter's diagnostics; and the base model's row, cached for every invocation.
+every protocol, or on every task of the commonsense suite by loglik and generate, each item's result
+kept for paired statistics (`fora.evaluation.paired`), perplexity on held-out paragraphs, the
+adapter's diagnostics; and the base model's row, cached for every invocation.
 
 Everything runs in float32 on the CPU, so arms measured by different invocations compare.
 """
@@ -11,9 +12,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from torch import nn
 
@@ -23,9 +25,14 @@ from fora.formats.atomic import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 
+# the cloze test records, or a suite's: task -> test records (fora.training.commonsense.read_suite)
+Test = Union[list[dict], Mapping[str, list[dict]]]
+
+
 @dataclass(frozen=True)
 class EvalSizes:
-    """How much of each measurement: test records, generated answers, perplexity tokens, KL windows."""
+    """How much of each measurement: test records, generated answers, perplexity tokens, KL windows.
+    For a suite, the record limits hold per task."""
     eval_limit: int | None = None  # loglik records of the test split (None: all)
     gen_limit: int = 48            # generate records (greedy decoding is the slow protocol); 0: none
     max_new_tokens: int = 12
@@ -38,17 +45,25 @@ def records_sha256(records: list[dict]) -> str:
     return hashlib.sha256(json.dumps([[r["instruction"], r["answer"]] for r in records]).encode()).hexdigest()
 
 
-def measure(model: nn.Module, tok: Any, test: list[dict], sizes: EvalSizes) -> tuple[dict, dict]:
-    """Accuracy by every protocol on the test split and perplexity on held-out paragraphs.
+def evaluated(test: Test, sizes: EvalSizes) -> list[dict]:
+    """The records the loglik protocol scores: the first `eval_limit` of the test split, or of every task."""
+    if isinstance(test, Mapping):
+        return [r for records in test.values() for r in records[:sizes.eval_limit]]
+    return test[:sizes.eval_limit]
+
+
+def measure(model: nn.Module, tok: Any, test: Test, sizes: EvalSizes) -> tuple[dict, dict]:
+    """Accuracy by every protocol on the test split and perplexity on held-out paragraphs
+    (`measure_tasks` for a suite).
 
     Returns the row and the per-item record (`fora.evaluation.report.ITEMS_FILE`): 0/1 correctness
     per protocol in test order, each record's cluster (its own index when it has none).
     """
-    from fora.evaluation import diagnostics
     from fora.evaluation.accuracy import evaluate_generate, evaluate_loglik
     from fora.evaluation.fill_in import fill_in_accuracy, fill_in_options
-    from fora.evaluation.perplexity import perplexity
 
+    if isinstance(test, Mapping):
+        return measure_tasks(model, tok, test, sizes)
     model.eval()
     t0 = time.perf_counter()
     records = test[:sizes.eval_limit]
@@ -68,10 +83,60 @@ def measure(model: nn.Module, tok: Any, test: list[dict], sizes: EvalSizes) -> t
                    answered=sum(p["prediction"] is not None for p in gen["predictions"]) / gen["n"],
                    sample_generation=gen["predictions"][0]["text"])
         items["acc_generate"] = [int(p["correct"]) for p in gen["predictions"]]
-    ids = tok.encode(diagnostics.held_out_text(), bos=True)[:sizes.ppl_tokens]
-    row["perplexity"] = perplexity(model, ids, window=256, stride=192)["perplexity"]
+    row["perplexity"] = held_out_perplexity(model, tok, sizes)
     row["eval_seconds"] = time.perf_counter() - t0
     return row, items
+
+
+def measure_tasks(model: nn.Module, tok: Any, tasks: Mapping[str, list[dict]], sizes: EvalSizes
+                  ) -> tuple[dict, dict]:
+    """Every task of a suite by loglik (acc, acc_norm; its first `eval_limit` records) and generate
+    (its first `gen_limit`), `fora.evaluation.accuracy.evaluate_tasks`; perplexity on held-out paragraphs.
+
+    Returns the row, with the means over tasks on top and each task's figures under "tasks", and
+    the per-item record {"test_sha256", "tasks": {task: {"acc_loglik", "acc_norm"[, "acc_generate"]:
+    0/1 per record in test order}}}.
+    """
+    from fora.evaluation.accuracy import evaluate_tasks
+
+    model.eval()
+    t0 = time.perf_counter()
+    sha = records_sha256(evaluated(tasks, sizes))
+    per_task: dict[str, dict[str, Any]] = {name: {} for name in tasks}
+    items: dict[str, Any] = {"test_sha256": sha, "tasks": {name: {} for name in tasks}}
+    ll = evaluate_tasks(model, tok, tasks, protocol="loglik", limit=sizes.eval_limit, progress=False)
+    for name, r in ll["tasks"].items():
+        per_task[name].update(acc_loglik=r["accuracy"], acc_norm=r["acc_norm"], n_loglik=r["n"])
+    for p in ll["predictions"]:
+        for key, hit in (("acc_loglik", p["correct"]), ("acc_norm", p["correct_norm"])):
+            items["tasks"][p["task"]].setdefault(key, []).append(int(hit))
+    row = {"acc_loglik": ll["average"], "acc_norm": ll["average_acc_norm"],
+           "n_loglik": sum(r["n"] for r in ll["tasks"].values()), "test_sha256": sha}
+    if sizes.gen_limit:
+        gen = evaluate_tasks(model, tok, tasks, protocol="generate", limit=sizes.gen_limit,
+                             max_new_tokens=sizes.max_new_tokens, progress=False)
+        for p in gen["predictions"]:
+            items["tasks"][p["task"]].setdefault("acc_generate", []).append(int(p["correct"]))
+            per_task[p["task"]]["answered"] = per_task[p["task"]].get("answered", 0) + (p["prediction"] is not None)
+        for name, r in gen["tasks"].items():
+            per_task[name].update(acc_generate=r["accuracy"], n_generate=r["n"],
+                                  answered=per_task[name]["answered"] / r["n"])
+        row.update(acc_generate=gen["average"], n_generate=sum(r["n"] for r in gen["tasks"].values()),
+                   answered=sum(p["prediction"] is not None for p in gen["predictions"]) / len(gen["predictions"]),
+                   sample_generation=gen["predictions"][0]["text"])
+    row["tasks"] = per_task
+    row["perplexity"] = held_out_perplexity(model, tok, sizes)
+    row["eval_seconds"] = time.perf_counter() - t0
+    return row, items
+
+
+def held_out_perplexity(model: nn.Module, tok: Any, sizes: EvalSizes) -> float:
+    """Perplexity on the first `ppl_tokens` tokens of the held-out paragraphs (`diagnostics.held_out_text`)."""
+    from fora.evaluation import diagnostics
+    from fora.evaluation.perplexity import perplexity
+
+    ids = tok.encode(diagnostics.held_out_text(), bos=True)[:sizes.ppl_tokens]
+    return perplexity(model, ids, window=256, stride=192)["perplexity"]
 
 
 def load_fp32(model_name: str) -> tuple[nn.Module, Any]:
@@ -85,14 +150,16 @@ def load_fp32(model_name: str) -> tuple[nn.Module, Any]:
     return load_model(folder, dtype=torch.float32, device=torch.device("cpu")), load_tokenizer(folder)
 
 
-def base_row(model_name: str, test: list[dict], sizes: EvalSizes, path: Path) -> dict:
+def base_row(model_name: str, test: Test, sizes: EvalSizes, path: Path) -> dict:
     """The base model's zero-shot row, cached in `path` (its items beside it) for these evaluation sizes.
 
     Another process of the same reproduction computing it (a `.running` marker younger than an
     hour) is waited for rather than duplicated.
     """
-    expected = {"n_loglik": len(test[:sizes.eval_limit]), "n_generate": min(sizes.gen_limit, len(test)) or None,
-                "test_sha256": records_sha256(test[:sizes.eval_limit])}
+    parts = test.values() if isinstance(test, Mapping) else [test]
+    expected = {"n_loglik": len(evaluated(test, sizes)),
+                "n_generate": sum(min(sizes.gen_limit, len(records)) for records in parts) or None,
+                "test_sha256": records_sha256(evaluated(test, sizes))}
     marker = path.with_suffix(".running")
     while True:
         if path.is_file():
@@ -113,7 +180,7 @@ def base_row(model_name: str, test: list[dict], sizes: EvalSizes, path: Path) ->
     return row
 
 
-def arm_row(model_name: str, run: Path, test: list[dict], sizes: EvalSizes, base: dict, **labels: Any) -> dict:
+def arm_row(model_name: str, run: Path, test: Test, sizes: EvalSizes, base: dict, **labels: Any) -> dict:
     """The trained adapter in `run` measured: `measure`'s row, its diagnostics, the run's parameter
     counts, selected layers and validation losses; writes items.json, diagnostics.json and, last
     (it marks the arm finished), result.json. `labels` (method, arm, seed, ...) head the row."""
@@ -137,6 +204,8 @@ def arm_row(model_name: str, run: Path, test: list[dict], sizes: EvalSizes, base
                budget_params=adapter_params(run / ADAPTER_WEIGHTS), val_loss_start=vals[0]["val_loss"],
                val_loss=vals[-1]["val_loss"], train_seconds=metrics[-1]["seconds"],
                erank_ratio=diag["summary"]["overall"]["effective_rank_ratio"],
+               fro_norm=diag["summary"]["overall"]["fro_norm"],  # sqrt of the sum over modules of ||dW||_F^2
+               fro_norm_mean=sum(d["fro_norm"] for d in diag["modules"]) / len(diag["modules"]),
                stiefel_error=diag["summary"]["overall"]["stiefel_error"], kl=diag["drift"]["kl"],
                perplexity_base=base["perplexity"])
     atomic_write_json(run / "result.json", row)
@@ -151,3 +220,17 @@ def adapter_params(weights: Path) -> int:
 
     with safe_open(weights, "pt") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def validation_scores(model_name: str, run: Path, tasks: Mapping[str, list[dict]]) -> dict:
+    """The adapter in `run` scored on a suite's validation split by loglik (float32, every record):
+    {"average": the mean over tasks, "tasks": {task: accuracy}, "n": records}."""
+    from fora.evaluation.accuracy import evaluate_tasks
+    from fora.formats.peft_io import load_adapter
+
+    model, tok = load_fp32(model_name)
+    load_adapter(model, run)
+    model.eval()
+    report = evaluate_tasks(model, tok, tasks, protocol="loglik", progress=False)
+    return {"average": report["average"], "tasks": {t: r["accuracy"] for t, r in report["tasks"].items()},
+            "n": sum(r["n"] for r in report["tasks"].values())}

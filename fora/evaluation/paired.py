@@ -20,6 +20,15 @@ and every seed (that is the pairing), computes each seed's contrast on the resam
 with replacement (counts v_s) and averages: theta* = (1/S) sum_s v_s theta_s*. The interval is the
 percentile interval of theta* over the draws. With one seed only the items are resampled.
 
+Stratified (`strata`: one label per item, e.g. its task): the estimate is an average over the T
+strata of each stratum's accuracy contrast, as an average over tasks is, and one draw resamples
+the clusters of every stratum within it (C_t of them with replacement), so each stratum keeps its
+place in the average:
+
+    theta_s* = (1/T) sum_t sum_{c in t} m_c D_{s,c} / sum_{c in t} m_c n_c
+
+With one stratum this is the unstratified draw above.
+
 McNemar's exact test (`mcnemar_exact`) is the second opinion on one seed: two-sided binomial test
 of the discordant pairs (b items only arm 1 gets right, c only arm 2) against Binomial(b + c, 1/2).
 It treats items as independent, so with clustered records it is optimistic; the bootstrap is the
@@ -91,8 +100,9 @@ def contrast(tables: Mapping[str, Sequence[Sequence[float]] | np.ndarray], weigh
 
 
 def contrast_interval(tables: Mapping[str, Sequence[Sequence[float]] | np.ndarray], weights: Mapping[str, float],
-                      *, clusters: Sequence[Hashable] | None = None, n_boot: int = 4000, seed: int = 0,
-                      level: float = LEVEL, resample_seeds: bool = True) -> Interval:
+                      *, clusters: Sequence[Hashable] | None = None, strata: Sequence[Hashable] | None = None,
+                      n_boot: int = 4000, seed: int = 0, level: float = LEVEL,
+                      resample_seeds: bool = True) -> Interval:
     """The contrast sum_a w_a acc_a, averaged over seeds, with its paired clustered bootstrap interval.
 
     Args:
@@ -100,6 +110,9 @@ def contrast_interval(tables: Mapping[str, Sequence[Sequence[float]] | np.ndarra
             every arm are the same seeds in the same order, the columns the same items.
         weights: arm -> weight, e.g. {"fora": 1, "lora": -1}.
         clusters: one id per item (records of one source sentence share it); None: every item alone.
+        strata: one label per item (its task); the contrast is then the mean over strata of each
+            stratum's contrast, and clusters are resampled within their stratum (a cluster must
+            not span two strata). None: one stratum, the items' pooled mean.
         n_boot: bootstrap draws; seed: the draws' generator seed (same seed, same interval).
         resample_seeds: also resample seeds (the second level), when there are two or more.
     """
@@ -114,8 +127,22 @@ def contrast_interval(tables: Mapping[str, Sequence[Sequence[float]] | np.ndarra
     np.add.at(D.T, cid, d.T)  # cluster sums per seed
     n_c = np.bincount(cid, minlength=C).astype(np.float64)
     rng = np.random.default_rng(seed)
-    m = rng.multinomial(C, np.full(C, 1.0 / C), size=n_boot).astype(np.float64)  # [B, C]
-    per_seed = (m @ D.T) / (m @ n_c)[:, None]  # [B, S]
+    if strata is None:
+        m = rng.multinomial(C, np.full(C, 1.0 / C), size=n_boot).astype(np.float64)  # [B, C]
+        per_seed = (m @ D.T) / (m @ n_c)[:, None]  # [B, S]
+        estimate = float(d.mean())
+    else:
+        sid, T = _cluster_index(strata, N)
+        of_cluster = np.full(C, -1)
+        of_cluster[cid] = sid
+        if (of_cluster[cid] != sid).any():
+            raise ValueError("a cluster spans two strata; give every record of a cluster the same stratum")
+        per_seed = np.zeros((n_boot, S))
+        for t in range(T):  # each stratum resampled within itself, then the strata averaged
+            cs = np.flatnonzero(of_cluster == t)
+            m = rng.multinomial(cs.size, np.full(cs.size, 1.0 / cs.size), size=n_boot).astype(np.float64)
+            per_seed += (m @ D[:, cs].T) / (m @ n_c[cs])[:, None] / T
+        estimate = float(np.mean([d[:, sid == t].mean() for t in range(T)]))
     if resample_seeds and S > 1:
         v = rng.multinomial(S, np.full(S, 1.0 / S), size=n_boot)  # [B, S]
         draws = (v * per_seed).sum(1) / S
@@ -123,8 +150,9 @@ def contrast_interval(tables: Mapping[str, Sequence[Sequence[float]] | np.ndarra
         draws = per_seed.mean(1)
     alpha = (1 - level) / 2
     low, high = np.quantile(draws, [alpha, 1 - alpha])
-    return Interval(float(d.mean()), float(low), float(high), N, C, S,
-                    f"paired bootstrap ({n_boot} draws, {C} clusters{', seeds' if resample_seeds and S > 1 else ''})")
+    strat = "" if strata is None else f" in {T} strata"
+    return Interval(estimate, float(low), float(high), N, C, S,
+                    f"paired bootstrap ({n_boot} draws, {C} clusters{strat}{', seeds' if resample_seeds and S > 1 else ''})")
 
 
 def paired_difference(a: Sequence[Sequence[float]] | np.ndarray, b: Sequence[Sequence[float]] | np.ndarray,

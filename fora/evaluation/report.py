@@ -4,8 +4,9 @@ A run folder `<model>/<method>-s<seed>` of `scripts/reproduce.py` holds `result.
 accuracies, erank/r, KL, ...) and, since per-item recording, `items.json`: the per-item correctness
 of every protocol on the test split and each record's cluster (source sentence). Accuracy claims
 are contrasts of arms on the same items (`fora.evaluation.paired.contrast_interval`: paired,
-clustered by sentence, seeds resampled); per-run quantities (erank/r, KL) use Student's t over the
-seed-paired contrasts (`t_interval`).
+clustered by sentence, seeds resampled; stratified when the item record carries `strata`, one label
+per item, as the commonsense suite's task averages do: `fora.evaluation.suite.view`); per-run
+quantities (erank/r, KL) use Student's t over the seed-paired contrasts (`t_interval`).
 
 Decision rule (written before the runs; `decide`), on the 95 % interval [lo, hi] of the contrast:
 
@@ -154,7 +155,8 @@ def evaluate_claim(claim: Claim, rows: Sequence[Mapping[str, Any]], items: Mappi
             return {**out, "estimate": float(point), "verdict": UNDECIDED,
                     "why": "arms were evaluated on different test items (test_sha256 differs)"}
         tables = {a: [found[a, s][claim.metric] for s in seeds] for a in claim.weights}
-        iv = contrast_interval(tables, claim.weights, clusters=found[next(iter(found))]["clusters"],
+        first = found[next(iter(found))]
+        iv = contrast_interval(tables, claim.weights, clusters=first["clusters"], strata=first.get("strata"),
                                n_boot=n_boot, seed=seed)
         why = iv.method
         if len(claim.weights) == 2:
@@ -225,7 +227,8 @@ def claims_brief(table: Sequence[Mapping[str, Any]], model: str) -> str:
     return "\n".join(lines)
 
 
-def _cell(rows: Sequence[Mapping[str, Any]], key: str, fmt: str) -> str:
+def mean_sd(rows: Sequence[Mapping[str, Any]], key: str, fmt: str) -> str:
+    """"mean ± sd" of `key` over the rows that have it (sample sd over seeds; the mean alone for one; "-" for none)."""
     values = [r[key] for r in rows if r.get(key) is not None]
     if not values:
         return "-"
@@ -246,7 +249,7 @@ def results_table(base: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for model, b in base.items():
         lines.append(f"| {slug(model)} | base (zero-shot) | - | - | 0 | - | {b['acc_loglik']:.3f} | "
-                     f"{b['acc_norm']:.3f} | {_cell([b], 'acc_generate', '.3f')} | {_cell([b], 'acc_fill_in', '.3f')} | "
+                     f"{b['acc_norm']:.3f} | {mean_sd([b], 'acc_generate', '.3f')} | {mean_sd([b], 'acc_fill_in', '.3f')} | "
                      f"{b['perplexity']:.2f} | "
                      "- | - | 0 | - |")
         present = sorted({arm_label(r) for r in rows if r["model"] == model} - set(arms))
@@ -256,10 +259,10 @@ def results_table(base: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[
                 continue
             lines.append(
                 f"| {slug(model)} | {arm} | {len(group)} | {len(group[0]['layers'])} | "
-                f"{group[0]['trainable_params']:,} | {_cell(group, 'val_loss', '.3f')} | "
-                f"{_cell(group, 'acc_loglik', '.3f')} | {_cell(group, 'acc_norm', '.3f')} | "
-                f"{_cell(group, 'acc_generate', '.3f')} | {_cell(group, 'acc_fill_in', '.3f')} | "
-                f"{b['perplexity']:.2f} → {_cell(group, 'perplexity', '.2f')} | "
-                f"{_cell(group, 'erank_ratio', '.3f')} | {max(r['stiefel_error'] for r in group):.1e} | "
-                f"{_cell(group, 'kl', '.4f')} | {_cell(group, 'train_seconds', '.0f')} |")
+                f"{group[0]['trainable_params']:,} | {mean_sd(group, 'val_loss', '.3f')} | "
+                f"{mean_sd(group, 'acc_loglik', '.3f')} | {mean_sd(group, 'acc_norm', '.3f')} | "
+                f"{mean_sd(group, 'acc_generate', '.3f')} | {mean_sd(group, 'acc_fill_in', '.3f')} | "
+                f"{b['perplexity']:.2f} → {mean_sd(group, 'perplexity', '.2f')} | "
+                f"{mean_sd(group, 'erank_ratio', '.3f')} | {max(r['stiefel_error'] for r in group):.1e} | "
+                f"{mean_sd(group, 'kl', '.4f')} | {mean_sd(group, 'train_seconds', '.0f')} |")
     return "\n".join(lines)

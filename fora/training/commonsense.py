@@ -240,6 +240,21 @@ def write_suite(suite: Mapping[str, Mapping[str, Sequence[dict]]], out: str | Pa
     return paths
 
 
+def read_suite(folder: str | Path, split: str) -> dict[str, list[dict[str, Any]]]:
+    """task -> records of one split ("train", "val" or "test") of a suite written by `write_suite`:
+    OUT/<task>/<split>.json for every task of `TASKS` whose folder exists, in `TASKS` order."""
+    from fora.training.data import load_records
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    folder = Path(folder)
+    tasks = {task: load_records(folder / task / f"{split}.json") for task in TASKS if (folder / task).is_dir()}
+    if not tasks:
+        raise FileNotFoundError(f"{folder} holds none of the task folders {', '.join(TASKS)}; build the suite with "
+                                f"`python scripts/make_task.py --task commonsense --out {folder}`")
+    return tasks
+
+
 def _check_task(task: str) -> str:
     if task not in SOURCES:
         raise ValueError(f"unknown commonsense task {task!r}; choose one of {', '.join(TASKS)}")

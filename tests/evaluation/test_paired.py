@@ -168,3 +168,24 @@ def test_bad_input_errors():
         t_interval([])
     with pytest.raises(ValueError, match="t_quantile wants df >= 1"):
         t_quantile(0.975, 0)
+
+
+def test_stratified_interval_is_the_mean_over_strata_with_its_normal_width():
+    """Tasks of unequal sizes and accuracies: the estimate is the mean of the per-task accuracies (not
+    the pooled one), and the interval, items resampled within their task, has that mean's normal width."""
+    sizes, ps = (400, 100, 1000, 250), (0.9, 0.5, 0.3, 0.7)
+    rng = np.random.default_rng(8)
+    y = np.concatenate([(rng.random(n) < p).astype(float) for n, p in zip(sizes, ps)])[None, :]
+    strata = [t for t, n in enumerate(sizes) for _ in range(n)]
+    means = [y[0, np.array(strata) == t].mean() for t in range(4)]
+    direct = float(np.mean(means))
+    half = 1.96 * math.sqrt(sum(m * (1 - m) / n for m, n in zip(means, sizes))) / 4  # var of a mean of 4 means
+    r = contrast_interval({"a": y}, {"a": 1.0}, strata=strata, n_boot=4000, seed=0)
+    assert abs(direct - y.mean()) > 0.05 and r.estimate == pytest.approx(direct)
+    assert r.width == pytest.approx(2 * half, rel=0.08)
+    assert r.low == pytest.approx(direct - half, abs=0.006) and r.high == pytest.approx(direct + half, abs=0.006)
+    one = contrast_interval({"a": y}, {"a": 1.0}, strata=[0] * y.shape[1], n_boot=4000, seed=0)
+    pooled = contrast_interval({"a": y}, {"a": 1.0}, n_boot=4000, seed=0)
+    assert (one.estimate, one.width) == pytest.approx((pooled.estimate, pooled.width), rel=0.08)  # one stratum: pooled
+    with pytest.raises(ValueError, match="a cluster spans two strata"):
+        contrast_interval({"a": y[:, :4]}, {"a": 1.0}, clusters=[0, 0, 1, 1], strata=[0, 1, 1, 1], n_boot=10)
