@@ -146,7 +146,7 @@ def output_drift(model: nn.Module, windows: Sequence[Tensor], *, device: torch.d
 
 def diagnostics_table(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
     """A Markdown table: one line per layer, then the overall summary."""
-    lines = ["| layer | modules | erank / r | erank | ‖ΔW‖_F | max ‖AAᵀ−I‖ |",
+    lines = ["| layer | modules | erank / r | erank | ‖ΔW‖_F | max ‖XᵀX−I‖ of the Stiefel factor |",
              "|---|---|---|---|---|---|"]
     entries = list(summary["layers"].items()) + [("all", summary["overall"])]
     for name, s in entries:
