@@ -1,7 +1,8 @@
 """The package layout stays true: one-way arrows between the wings, no import cycles, small modules.
 
 fora/*.py is the paper (LoRA, injection, Stiefel geometry, Cayley-Adam, Fisher, selection, CKA,
-FIM-LoRA); models/ the decoder; formats/ disk; training/ the run; evaluation/ the measurements.
+FIM-LoRA); models/ the decoder; formats/ disk; training/ the run; evaluation/ the measurements;
+hf/ the Hugging Face stack (the only wing that imports transformers, peft or trl).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ ALLOWED = {
     "formats": {"models", "top"},
     "training": {"models", "top", "formats"},
     "evaluation": {"models", "top", "formats", "training"},
+    "hf": {"models", "top", "formats", "training"},
 }
+HF_STACK = {"transformers", "peft", "trl", "accelerate", "datasets"}
 MAX_LINES = 350
 
 
@@ -93,7 +96,50 @@ def test_top_level_holds_only_the_paper():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert top == PAPER
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == {
-        "models", "formats", "training", "evaluation"}
+        "models", "formats", "training", "evaluation", "hf"}
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of every non-fora package that `path` imports, at module level or inside a function."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out - {"fora"}
+
+
+def hf_stack_violations(root: Path = PACKAGE) -> list[str]:
+    return sorted(f"{module_name(p, root)} imports {sorted(third_party_imports(p) & HF_STACK)}"
+                  for p in root.rglob("*.py")
+                  if third_party_imports(p) & HF_STACK and wing(module_name(p, root)) != "hf")
+
+
+def test_only_fora_hf_imports_the_hugging_face_stack():
+    assert hf_stack_violations() == []
+
+
+def test_the_hf_stack_check_catches_an_import_outside_fora_hf(tmp_path):
+    import shutil
+
+    copy = tmp_path / "fora"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / "fisher.py"
+    target.write_text(target.read_text() + "\n\ndef _probe():\n    from peft import LoraConfig\n")
+    assert hf_stack_violations(copy) == ["fora.fisher imports ['peft']"]
+
+
+def test_importing_fora_hf_imports_none_of_the_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, fora, fora.hf; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(HF_STACK)!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_arrows_point_one_way():
@@ -122,6 +168,7 @@ def test_every_public_name_is_importable():
     ("fora/fisher.py", "from fora.training.data import load_records", "the top level uses models only"),
     ("fora/formats/hub.py", "from fora.training.run import main", "formats does not use training"),
     ("fora/training/run.py", "import fora", "package modules do not import the public API"),
+    ("fora/training/run.py", "from fora.hf import FoRAOptimizer", "nothing outside fora.hf uses it"),
 ])
 def test_the_checks_catch_a_wrong_arrow(tmp_path, src, dst, rule):
     """The checker itself: a copy of the package with one bad import must be flagged."""
