@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+__version__ = "0.2.0"
+
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # fora.models: the decoder and its loss

@@ -2,7 +2,7 @@
 
 fora/*.py is the paper (LoRA, injection, Stiefel geometry, Cayley-Adam, Fisher, selection, CKA,
 FIM-LoRA); models/ the decoder; formats/ disk; training/ the run; evaluation/ the measurements;
-hf/ the Hugging Face stack (the only wing that imports transformers, peft or trl).
+hf/ the Hugging Face stack (the only wing that imports transformers, peft or trl); cli/ the commands.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ ALLOWED = {
     "training": {"models", "top", "formats"},
     "evaluation": {"models", "top", "formats", "training"},
     "hf": {"models", "top", "formats", "training"},
+    "cli": {"models", "top", "formats", "training", "evaluation"},
 }
 HF_STACK = {"transformers", "peft", "trl", "accelerate", "datasets"}
 MAX_LINES = 350
@@ -96,7 +97,15 @@ def test_top_level_holds_only_the_paper():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert top == PAPER
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == {
-        "models", "formats", "training", "evaluation", "hf"}
+        "models", "formats", "training", "evaluation", "hf", "cli"}
+
+
+def test_pyproject_lists_every_package():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert listed == on_disk, f"pyproject.toml's [tool.setuptools] packages must be {sorted(on_disk)}"
 
 
 def third_party_imports(path: Path) -> set[str]:
