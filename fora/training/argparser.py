@@ -13,9 +13,17 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf(inity)?|-nan", re.IGNORECASE)
+
+
+def command_name(script: str) -> str:
+    """What the user typed: `fora-<name>` when running the installed command, else the script's
+    file name (`train.py`), so usage lines and errors name the command in hand."""
+    invoked = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return invoked if invoked == f"fora-{Path(script).stem}" else script
 
 
 class ArgumentParser(argparse.ArgumentParser):

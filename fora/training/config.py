@@ -26,7 +26,7 @@ from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
 from fora.training.builtin import BUILTIN_TASKS, DEFAULT_TASK, trains_on_builtin_cloze
 from fora.training.adalora_hooks import check_config, parse_betas
-from fora.training.argparser import ArgumentParser
+from fora.training.argparser import ArgumentParser, command_name
 from fora.training.methods import METHODS
 from fora.training.tasks import PROTOCOLS
 
@@ -221,16 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The `scripts/train.py` command line (every flag maps to a `TrainConfig` field)."""
     d = TrainConfig(model="-")
     p = ArgumentParser(
-        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=command_name("train.py"), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Fine-tune a decoder LLM with FoRA (Fisher-selected layers, Stiefel-constrained "
                     "LoRA) or one of its ablations; writes a PEFT LoRA adapter to --out.")
     a = p.add_argument
     a("--model", required=True, help="preset name (e.g. smollm2-135m), hub repo id, local folder or .gguf file")
     a("--k", type=int, default=d.k, help="number of layers to adapt for the top-K methods; default L/2")
     a("--method", choices=list(METHODS), default=d.method, help=_method_help())
-    a("--data", default=d.data, help="training records: .json/.jsonl file (Alpaca / LLM-Adapters "
-      f"format), hub dataset 'owner/name[:file]' or a built-in task ({', '.join(BUILTIN_TASKS)}); "
-      f"default: {DEFAULT_TASK} (fill-in-the-blank sentences of CPython's documentation, train split)")
+    a("--data", default=d.data, help="training records: .json/.jsonl file (Alpaca / LLM-Adapters format, or chat "
+      f"records {{'messages': [...]}}, in the checkpoint's chat template), hub dataset 'owner/name[:file]' or a "
+      f"built-in task ({', '.join(BUILTIN_TASKS)}); default: {DEFAULT_TASK} (CPython documentation cloze, train split)")
     a("--task-size", type=int, default=d.task_size, help="records generated for --data arithmetic")
     a("--eval-data", default=d.eval_data, help="scored after training, adapters off (the base) and on: "
       "'builtin' (the cloze task's held-out test split), a test .json/.jsonl file or folder "

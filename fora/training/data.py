@@ -1,8 +1,9 @@
 """Instruction data: load Alpaca / LLM-Adapters records, build prompts, tokenize with loss masks.
 
 A record is a dict in the format of LLM-Adapters' Commonsense-170K (`commonsense_170k.json`):
-`{"instruction": str, "input": str (may be empty or absent), "output": str, "answer": str (optional)}`.
-Batching lives in `fora.training.batching`.
+`{"instruction": str, "input": str (may be empty or absent), "output": str, "answer": str (optional)}`,
+or a chat record `{"messages": [{"role", "content"}, ...]}` (`fora.training.chat`: the checkpoint's
+chat template, loss on assistant turns). Batching lives in `fora.training.batching`.
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 from fora.formats.atomic import atomic_write_text
 from fora.models.loss import IGNORE_INDEX
+from fora.training.chat import ChatTemplate, encode_chats, is_chat, validate_chats
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,7 @@ def _parse_file(path: Path) -> list[Any]:
             return []
         raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: "
                          f"{err.msg}; fix the file (a JSON list of records, or JSONL)") from err
-    if isinstance(data, dict) and all(k in data for k in REQUIRED_KEYS):
+    if isinstance(data, dict) and (all(k in data for k in REQUIRED_KEYS) or "messages" in data):
         return [data]  # a one-line JSONL file
     if not isinstance(data, list):
         what = f"an object with keys {sorted(data)}" if isinstance(data, dict) else type(data).__name__
@@ -187,13 +190,15 @@ def _unreachable(repo_id: str, err: Exception) -> str:
 
 def validate_records(records: Sequence[Any], *, source: str = "data",
                      where: Callable[[int], str] | None = None) -> None:
-    """Raise ValueError naming the first record that is not an instruction record.
+    """Raise ValueError naming the first record that is not an instruction record (chat records: all chats).
 
     `where(i)` says where record `i` (0-based) is, e.g. `record_location`'s "file, line 8: record
     8 of 40"; by default "`source`: record i+1 of n".
     """
     def at(i: int) -> str:
         return where(i) if where is not None else f"{source}: record {i + 1} of {len(records)}"
+    if is_chat(records):
+        return validate_chats(records, source=source, where=where)
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping):
             raise ValueError(f"{at(i)} is a {type(rec).__name__}, not an object; "
@@ -301,6 +306,18 @@ def encode_records(tok: TokenizerLike, records: Sequence[Mapping[str, Any]], cut
         raise ValueError(f"all {len(examples)} records were dropped: no response token fits in "
                          f"cutoff_len={cutoff_len}; raise cutoff_len or shorten the prompts")
     return kept
+
+
+def record_encoder(tok: TokenizerLike, records: Sequence[Mapping[str, Any]], *, cutoff_len: int = 256,
+                   template: str = "alpaca", folder: str | os.PathLike[str] | None = None
+                   ) -> Callable[[Sequence[Mapping[str, Any]]], list[dict[str, list[int]]]]:
+    """How to tokenize `records`: `encode_records` with `template`, or for chat records
+    `encode_chats` with the chat template of the checkpoint `folder` (which `tok` was loaded from)."""
+    if not is_chat(records):
+        return partial(encode_records, tok, cutoff_len=cutoff_len, template=template)
+    if folder is None:
+        raise ValueError("chat records need the checkpoint folder for its chat template; pass folder=")
+    return partial(encode_chats, tok.tokenizer, ChatTemplate.from_folder(folder), cutoff_len=cutoff_len)
 
 
 # ---------------------------------------------------------------------------------- splitting

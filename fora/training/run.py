@@ -152,7 +152,8 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     # 2. data, tokenized before the weights load (so that its errors come first)
     # (calibration and validation batches are global batches: those of the one-process run)
     data = prepare_data(replace(cfg, batch_size=cfg.batch_size * ctx.world), tok,
-                        need_calibration=ckpt is None and spec.selector in CALIBRATED_SELECTORS, records=records)
+                        need_calibration=ckpt is None and spec.selector in CALIBRATED_SELECTORS, records=records,
+                        folder=folder)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / CONFIG_FILE, cfg.to_dict())

@@ -6,12 +6,12 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from functools import partial
+from pathlib import Path
 
 from fora.training.batching import calibration_batches, make_batches
 from fora.training.builtin import builtin_records, is_builtin
 from fora.training.config import TrainConfig
-from fora.training.data import encode_records, load_records, split_records
+from fora.training.data import load_records, record_encoder, split_records
 
 log = logging.getLogger("fora.train")
 
@@ -42,12 +42,14 @@ def run_records(cfg: TrainConfig) -> list[dict]:
     return records
 
 
-def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool, records: list[dict] | None = None) -> RunData:
+def prepare_data(cfg: TrainConfig, tok, *, need_calibration: bool, records: list[dict] | None = None,
+                 folder: Path | None = None) -> RunData:
     """Records (`run_records`, unless given) -> held-out split -> tokenized examples -> validation
-    and calibration batches."""
+    and calibration batches. Chat records are rendered with the chat template of `folder`, the
+    checkpoint `tok` comes from."""
     records = run_records(cfg) if records is None else records
     train_recs, val_recs = split_records(records, val_size=cfg.val_size, seed=cfg.seed)
-    encode = partial(encode_records, tok, cutoff_len=cfg.cutoff_len, template=cfg.template)
+    encode = record_encoder(tok, records, cutoff_len=cfg.cutoff_len, template=cfg.template, folder=folder)
     train = encode(train_recs)
     val_examples = encode(val_recs) if val_recs else []  # what is scored: after cut-off drops
     val = make_batches(val_examples, cfg.batch_size, pad_id=tok.pad_id, shuffle=False) if val_examples else []
