@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-README_MAX_LINES = 300  # the front door; topics live in docs/
+README_MAX_LINES = 330  # the front door (two runnable examples among it); topics live in docs/
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^()\s]+)\)")
 PATH = re.compile(r"(?<![\w./~$-])((?:tests|scripts|fora|docs)/[\w./*<>-]*[\w*/])")
