@@ -89,6 +89,23 @@ def test_accumulating_two_micro_batches_of_2_equals_one_batch_of_4(checkpoints, 
         torch.testing.assert_close(accumulated[name], big[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_cayley_adam_steps_on_the_accumulated_clipped_gradient(checkpoints, tmp_path):
+    model = fora_model(checkpoints["llama"])
+    opt = fora.hf.FoRAOptimizer(model, lr=1e-2)
+    seen, cayley_step = [], opt.cayley.step
+
+    def step(*args, **kwargs):  # the norm of every gradient at the moment Cayley-Adam steps
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return cayley_step(*args, **kwargs)
+
+    opt.cayley.step = step
+    trainer, _ = _train(model, tmp_path, optimizer=opt, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                        max_steps=3, max_grad_norm=1e-3)
+    assert len(seen) == trainer.state.global_step == 3
+    assert all(norm <= 1e-3 * (1 + 1e-4) for norm in seen), seen   # clipped, then stepped
+
+
 def test_resuming_from_a_trainer_checkpoint_equals_the_uninterrupted_run(checkpoints, tmp_path):
     common = dict(max_steps=4, save_strategy="steps", save_steps=2, lr_scheduler_type="linear", warmup_steps=1,
                   max_grad_norm=1.0)
