@@ -83,7 +83,9 @@ def fisher_lora_config(model: nn.Module, batches: Iterable[Mapping[str, torch.Te
                          "remove them from the keyword arguments")
     if isinstance(targets, str) or not targets:
         raise ValueError(f"targets must be a non-empty list of module names such as ['q_proj', 'v_proj'], got {targets!r}")
-    every = list(range(len(decoder_layers(model))))  # first the targets, on every layer: before scoring
+    every = list(range(len(decoder_layers(model))))  # first k and the targets, on every layer: before scoring
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(every):
+        raise ValueError(f"k={k!r} is out of range for a model with {len(every)} layers; choose k in [1, {len(every)}]")
     check_targets(model, _lora_config(peft, lora_kwargs, targets, every), every, targets)
     calibration = list(islice(batches, num_batches))
     scores = fisher_scores(model, calibration)

@@ -64,6 +64,8 @@ def test_owned_fields_a_peft_model_and_bad_targets_are_refused(checkpoints):
         fora.hf.fisher_lora_config(model, calibration(), 1, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="non-empty list of module names"):
         fora.hf.fisher_lora_config(model, calibration(), 1, targets="q_proj")
+    with pytest.raises(ValueError, match=r"k=3 is out of range for a model with 2 layers; choose k in \[1, 2\]"):
+        fora.hf.fisher_lora_config(model, calibration(), 3)
     peft_model = fora_model(checkpoints["llama"])
     with pytest.raises(ValueError, match="already carries peft adapters; score the base model"):
         fora.hf.fisher_lora_config(peft_model, calibration(), 1)
