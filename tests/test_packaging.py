@@ -86,3 +86,7 @@ def test_a_wheel_installs_working_commands(tmp_path):
                               cwd=tmp_path)
         assert done.returncode == 0, (command, done.stderr[-1500:])
         assert done.stdout.startswith(f"usage: {command} "), (command, done.stdout[:200])
+    for command, args in (("fora-train", ["--model", str(tmp_path / "none"), "--k", "1"]),
+                          ("fora-export", [str(tmp_path / "none"), "--to", "merged"])):
+        done = subprocess.run([env / "bin" / command, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 1 and done.stderr.startswith(f"{command}: error: "), (command, done.stderr[-500:])

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fora.training.argparser import ArgumentParser
+from fora.training.argparser import ArgumentParser, command_name
 
 log = logging.getLogger("analyze")
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
@@ -102,7 +102,7 @@ def main(cfg: AnalyzeConfig) -> dict:
 def cli(argv: Sequence[str] | None = None) -> int:
     from fora.evaluation.cli import run_cli
 
-    return run_cli("analyze.py", parse_args, main, argv, errors=USER_ERRORS)
+    return run_cli(command_name("analyze.py"), parse_args, main, argv, errors=USER_ERRORS)
 
 
 if __name__ == "__main__":

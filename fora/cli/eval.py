@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fora.training.argparser import ArgumentParser
+from fora.training.argparser import ArgumentParser, command_name
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def main(cfg: EvalConfig) -> dict:
 def cli(argv: Sequence[str] | None = None) -> int:
     from fora.evaluation.cli import run_cli
 
-    return run_cli("eval.py", parse_args, main, argv)
+    return run_cli(command_name("eval.py"), parse_args, main, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fora.training.argparser import ArgumentParser
+from fora.training.argparser import ArgumentParser, command_name
 
 TARGETS = ("gguf-lora", "gguf", "merged")
 TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -69,7 +69,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         result = main(cfg)
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as err:
-        print(f"export.py: error: {err}", file=sys.stderr)
+        print(f"{command_name('export.py')}: error: {err}", file=sys.stderr)
         return 1
     from fora.formats.gguf_export import export_summary
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fora.training.argparser import ArgumentParser
+from fora.training.argparser import ArgumentParser, command_name
 
 DEFAULT_PROMPT = "The three primary colours are"
 DEFAULT_PARAGRAPH = (
@@ -112,7 +112,7 @@ def main(cfg: GenerateConfig) -> dict:
 def cli(argv: Sequence[str] | None = None) -> int:
     from fora.evaluation.cli import run_cli
 
-    return run_cli("generate.py", parse_args, main, argv)
+    return run_cli(command_name("generate.py"), parse_args, main, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from fora.training.argparser import command_name
 from fora.training.config import parse_args
 from fora.training.interrupt import TrainingInterrupted
 from fora.training.loop import TrainingDiverged
@@ -24,7 +25,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError, PermissionError, 
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
+    """`fora-train` / `python scripts/train.py`: 0 done, 1 a user error (one line), 130 interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    prog = command_name("train.py")
     cfg = parse_args(argv)
     from fora.evaluation.final_eval import eval_table, final_evaluation
     from fora.training.distributed import rank_prefix, shutdown
@@ -40,13 +43,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
             print(export_summary(export_gguf(result.out, to=cfg.export)))
     except USER_ERRORS as err:
-        print(f"train.py: error: {rank_prefix()}{err}", file=sys.stderr)
+        print(f"{prog}: error: {rank_prefix()}{err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as stop:  # Ctrl-C in the loop: a checkpoint was written
-        print(f"train.py: {stop}", file=sys.stderr)
+        print(f"{prog}: {stop}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before the loop (or a second Ctrl-C): nothing to continue from
-        print("train.py: interrupted before a checkpoint could be written; run the same command again",
+        print(f"{prog}: interrupted before a checkpoint could be written; run the same command again",
               file=sys.stderr)
         return 130
     finally:
