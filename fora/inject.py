@@ -20,7 +20,7 @@ from torch import nn
 
 from fora.adalora import AdaLoRALinear
 from fora.dora import DoRALinear
-from fora.lora import LoRALinear
+from fora.lora import STIEFEL_FACTORS, LoRALinear
 from fora.models.nf4 import NF4Linear
 from fora.models.paths import decoder_layers, layer_index, target_path
 
@@ -63,7 +63,7 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
     alpha = 2.0 * rank if alpha is None else float(alpha)
     rank_pattern = dict(rank_pattern or {})
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    if stiefel_factor not in ("B", "A"):
+    if stiefel_factor not in STIEFEL_FACTORS:
         raise ValueError(f"unknown stiefel_factor {stiefel_factor!r}: 'B' (FoRA) or 'A' (the ablation)")
     init = ("stiefel_b" if stiefel_factor == "B" else "stiefel_a") if stiefel else "standard"
     paths = [target_path(blocks[i], f"model.layers.{i}", t) for i in sorted(set(layers)) for t in targets]

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 # stiefel_a: the row-orthonormal-A ablation (A on St(d_in, r) transposed, B = 0).
 INITS = ("standard", "stiefel_b", "stiefel_a")
 STIEFEL_FACTOR = {"standard": None, "stiefel_b": "B", "stiefel_a": "A"}
+STIEFEL_FACTORS = ("B", "A")  # FoRA's factor first, then the ablation's
 
 
 class LoRALinear(nn.Module):

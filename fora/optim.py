@@ -22,9 +22,19 @@ from torch import nn
 
 from fora.cayley_adam import CAYLEY_BETAS, CayleyAdam
 from fora.inject import euclidean_parameters, stiefel_parameters
+from fora.lora import STIEFEL_FACTORS
 
-STIEFEL_FACTORS = ("B", "A")
+__all__ = ["STIEFEL_FACTORS", "STIEFEL_LR", "adamw", "authors_cayley_adam", "build_optimizers", "scheduled"]
 STIEFEL_LR = 1e-3  # the authors' Cayley-Adam cap for B, constant
+
+
+def authors_cayley_adam(params: list[nn.Parameter], lr: float = STIEFEL_LR, *,
+                        betas: tuple[float, float] = CAYLEY_BETAS, eps: float = 1e-8, qr_every: int = 100,
+                        iters: int = 5) -> CayleyAdam:
+    """Cayley-Adam with the authors' rule for FoRA's B's: α = min(lr, 1/‖W‖₁) held constant, the
+    fixed-point Cayley step with ``iters`` sweeps (the one home of these settings)."""
+    return CayleyAdam(params, lr=lr, betas=betas, eps=eps, qr_every=qr_every, solver="fixed_point",
+                      iters=iters, step_cap="l1")
 
 
 def build_optimizers(model: nn.Module, lr: float, *, stiefel: bool = True, stiefel_factor: str = "B",
@@ -52,8 +62,8 @@ def build_optimizers(model: nn.Module, lr: float, *, stiefel: bool = True, stief
     rest = euclidean_parameters(model, factor=stiefel_factor)
     if stiefel_factor == "B":
         step = (STIEFEL_LR if stiefel_lr is None else stiefel_lr) * stiefel_lr_scale
-        cayley = CayleyAdam(on_manifold, lr=step, betas=stiefel_betas, eps=eps, qr_every=qr_every,
-                            solver="fixed_point", iters=iters, step_cap="l1")
+        cayley = authors_cayley_adam(on_manifold, step, betas=stiefel_betas, eps=eps, qr_every=qr_every,
+                                     iters=iters)
     else:
         if stiefel_lr is not None:
             groups = [{"params": on_manifold, "lr": stiefel_lr * stiefel_lr_scale}]

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fora.cayley_adam import CAYLEY_BETAS, CayleyAdam
+from fora.cayley_adam import CAYLEY_BETAS
 from fora.hf.adapter import fora_layers
-from fora.optim import STIEFEL_LR, adamw
+from fora.optim import STIEFEL_LR, adamw, authors_cayley_adam
 
 SPLIT_KEY = "fora_split"
 CAYLEY_KEY = "cayley"
@@ -58,8 +58,8 @@ class FoRAOptimizer(torch.optim.AdamW):
                              "model.train() / peft's set_adapter so lora_A, lora_B and the gates require grad")
         fused = adamw(rest, lr=lr).defaults["fused"]  # fora's rule for the fused kernel
         super().__init__(rest, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-        self.cayley = CayleyAdam(on_manifold, lr=stiefel_lr, betas=stiefel_betas, eps=eps, qr_every=qr_every,
-                                 solver="fixed_point", iters=iters, step_cap="l1")
+        self.cayley = authors_cayley_adam(on_manifold, stiefel_lr, betas=stiefel_betas, eps=eps,
+                                          qr_every=qr_every, iters=iters)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
