@@ -20,8 +20,8 @@ from torch import nn
 
 from fora.inject import DEFAULT_TARGETS
 from fora.models.decoder import CausalLM
+from fora.models.linear import is_packed_linear
 from fora.models.loss import causal_lm_loss
-from fora.models.nf4 import NF4Linear
 from fora.models.paths import decoder_layers, layer_index, target_modules
 from fora.models.weight_grad import quantized_linears, weight_grad_norms
 from fora.selection import validate_batches
@@ -54,10 +54,10 @@ def scoring_parameters(model: nn.Module, params: str = "block",
                 out.append((int(path.split(".")[2]), path, module.weight))
         return out
     for i, block in enumerate(decoder_layers(model)):
-        # a 4-bit weight's codes and constants (Parameters once sharded by FSDP) get no gradient:
-        # fisher_scores' hooks score that weight
-        codes = {id(t) for m in block.modules() if isinstance(m, NF4Linear)
-                 for t in (m.packed, m.absmax_code, m.absmax_scale)}
+        # a packed weight's codes and constants (Parameters once FSDP shards them) get no gradient:
+        # fisher_scores' hooks score that weight; its bias is an ordinary parameter
+        codes = {id(t) for m in block.modules() if is_packed_linear(m)
+                 for name, t in m.named_parameters(recurse=False) if name != "bias"}
         for name, p in block.named_parameters():
             if not _is_adapter_param(name) and id(p) not in codes:
                 module = name.rsplit(".", 1)[0] if "." in name else ""
@@ -125,8 +125,8 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
         batches: N dicts with ``input_ids`` [B, T], ``labels`` [B, T] (-100 = ignored, aligned with
             input_ids) and optionally ``attention_mask`` [B, T].
         params: "block" (θ_l = every parameter of block l, norms included) or "targets" (the
-            base weights of the LoRA target projections). A 4-bit ``NF4Linear`` weight is no
-            Parameter; its ‖∇W‖² is formed exactly from the layer's inputs and output gradients
+            base weights of the LoRA target projections). A packed (4-bit) weight is no Parameter;
+            its ‖∇W‖² is formed exactly from the layer's inputs and output gradients
             (``fora.models.weight_grad``), so a quantized model scores as its dequantized twin.
         targets: target projection names, used when ``params="targets"``.
         per_module: also return {module path: score} (the same mean over batches, per module).
@@ -145,7 +145,7 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
         layer_of[index[path]] = layer
     for path in quantized:
         layer_of[index[path]] = layer_index(path)
-    device = entries[0][2].device if entries else next(iter(quantized.values())).packed.device
+    device = entries[0][2].device if entries else next(next(iter(quantized.values())).buffers()).device
     acc = torch.zeros(len(paths), dtype=torch.float32, device=device)  # this batch, per module
     # float64 sums stay on the device (MPS has no float64) and reach the host once, at the end
     total = torch.zeros(len(paths), dtype=torch.float64, device=device if device.type != "mps" else "cpu")

@@ -12,16 +12,14 @@ so the adapter exports as ``LoraConfig(r=rank, lora_alpha=alpha, rank_pattern=..
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from fora.adalora import AdaLoRALinear
-from fora.dora import DoRALinear
 from fora.lora import STIEFEL_FACTORS, LoRALinear
-from fora.models.nf4 import NF4Linear
+from fora.models.linear import is_linear
 from fora.models.paths import decoder_layers, layer_index, target_path
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
@@ -31,8 +29,8 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 def inject_lora(model: nn.Module, layers: Sequence[int],
                 targets: Sequence[str] = DEFAULT_TARGETS, rank: int = 32, alpha: float | None = None,
                 stiefel: bool = True, rank_pattern: dict[str, int] | None = None, dropout: float = 0.0,
-                rslora: bool = False, seed: int | None = None, dora: bool = False,
-                adalora: bool = False, stiefel_factor: str = "B") -> dict[str, LoRALinear]:
+                rslora: bool = False, seed: int | None = None, stiefel_factor: str = "B",
+                adapter: Callable[..., LoRALinear] = LoRALinear) -> dict[str, LoRALinear]:
     """Replace ``targets`` of blocks ``layers`` by LoRALinear (in place).
 
     Args:
@@ -46,8 +44,8 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
         rank_pattern: full module path -> rank; every key must name an injected module.
         dropout, rslora: as in LoRALinear.
         seed: seeds the CPU generator that draws every A, in sorted layer order then target order.
-        dora: DoRALinear adapters (LoRA plus a trained magnitude per output row, ``fora.dora``).
-        adalora: AdaLoRALinear adapters (triplets P Λ Q, ``fora.adalora``; ``rank`` is init_r, no rslora).
+        adapter: the adapter class, called as ``adapter(base, rank, alpha, dropout=, rslora=, init=,
+            generator=)``: LoRALinear, or a subclass such as ``fora.baselines.dora.DoRALinear``.
     Returns:
         {full module path: LoRALinear} in injection order.
     """
@@ -78,14 +76,11 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
         base = model.get_submodule(path)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{path} already has a LoRA adapter; inject each module once")
-        if not isinstance(base, (nn.Linear, NF4Linear)):
+        if not is_linear(base):
             raise TypeError(f"{path} is a {type(base).__name__}, not an nn.Linear; LoRA targets must "
                             "be linear projections (e.g. q_proj, up_proj)")
-        if adalora:
-            lora = AdaLoRALinear(base, rank_pattern.get(path, rank), alpha, dropout=dropout, generator=generator)
-        else:
-            lora = (DoRALinear if dora else LoRALinear)(base, rank_pattern.get(path, rank), alpha, dropout=dropout,
-                                                        rslora=rslora, init=init, generator=generator)
+        lora = adapter(base, rank_pattern.get(path, rank), alpha, dropout=dropout, rslora=rslora, init=init,
+                       generator=generator)
         parent_path, leaf = path.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), leaf, lora)
         out[path] = lora
@@ -117,27 +112,12 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             m.disabled = flag
 
 
-def _euclidean(m: LoRALinear, factor: str) -> list[nn.Parameter]:
-    """What AdamW trains in module m when ``factor`` is on the manifold: the other factor, the
-    gate, DoRA's magnitude m, AdaLoRA's E."""
-    if isinstance(m, AdaLoRALinear):
-        return [m.lora_E, m.lora_B]
-    other = [m.lora_A] if factor == "B" else [m.lora_B]
-    gate = [m.lora_gate] if m.lora_gate is not None else []
-    return other + gate + ([m.lora_magnitude_vector] if isinstance(m, DoRALinear) else [])
-
-
-def _adapter_parameters(m: LoRALinear) -> list[nn.Parameter]:
-    """Every trainable parameter of adapter m."""
-    return list(dict.fromkeys([m.lora_A, m.lora_B, *_euclidean(m, "B")]))
-
-
 def _check_collection(model: nn.Module) -> dict[str, LoRALinear]:
     """Every trainable parameter must belong to some adapter (nothing silently left out)."""
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters; call fora.inject.inject_lora first")
-    ours = {id(p) for m in mods.values() for p in _adapter_parameters(m)}
+    ours = {id(p) for m in mods.values() for p in m.adapter_parameters()}
     stray = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in ours]
     if stray:
         raise ValueError(f"{len(stray)} trainable parameters are not adapter parameters (e.g. {stray[:3]}); "
@@ -148,18 +128,18 @@ def _check_collection(model: nn.Module) -> dict[str, LoRALinear]:
 def stiefel_parameters(model: nn.Module, *, factor: str) -> list[nn.Parameter]:
     """Every module's ``factor`` ("B": FoRA's, "A": the ablation's), in module order: the
     parameters Cayley-Adam keeps on the Stiefel manifold."""
-    return [m.lora_B if factor == "B" else m.lora_A for m in _check_collection(model).values()]
+    return [m.factor(factor) for m in _check_collection(model).values()]
 
 
 def euclidean_parameters(model: nn.Module, *, factor: str) -> list[nn.Parameter]:
     """Everything AdamW trains when ``factor`` is on the manifold, in module order: the other
     factor, then the gate (FoRA), DoRA's magnitude m or AdaLoRA's E."""
-    return [p for m in _check_collection(model).values() for p in _euclidean(m, factor)]
+    return [p for m in _check_collection(model).values() for p in m.euclidean_parameters(factor)]
 
 
 def freeze_base(model: nn.Module) -> None:
     """requires_grad = False on every parameter except the adapters' (A, B, gate, DoRA's m, AdaLoRA's E)."""
-    ours = {id(p) for m in lora_modules(model).values() for p in _adapter_parameters(m)}
+    ours = {id(p) for m in lora_modules(model).values() for p in m.adapter_parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in ours)
 

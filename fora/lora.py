@@ -9,8 +9,9 @@ g = 0, so ΔW = 0 at step 0); the other inits have no gate (g ≡ 1) and start f
 The dense ``W0 + s B A`` is never formed in ``forward``; it only exists after ``merge()``.
 ``weight`` / ``bias`` are the wrapped layer's own Parameter objects under their own names, so
 the base model's state_dict keys are unchanged and the adapter adds ``lora_A`` / ``lora_B``.
-A 4-bit ``NF4Linear`` base (QLoRA / QFoRA) is kept whole as the child ``base_layer`` and called in
-``forward``; it cannot be merged in place (``save_merged`` writes the dequantized merge instead).
+A packed base (``fora.models.linear.is_packed_linear``: its weight is no Parameter but rebuilt in forward, such as
+``fora.quant.nf4.NF4Linear`` for QLoRA / QFoRA) is kept whole as the child ``base_layer`` and called
+in ``forward``; it cannot be merged in place (``save_merged`` writes the dequantized merge instead).
 ``disabled = True`` (see ``fora.inject.adapters_disabled``) skips the adapter path entirely, so the
 module computes exactly the wrapped layer: the one "adapters off" switch every adapter type honours.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fora.models.nf4 import NF4Linear
+from fora.models.linear import is_linear, is_packed_linear
 from fora.stiefel import random_stiefel
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class LoRALinear(nn.Module):
     """A frozen linear layer with a low-rank adapter (Eq. 1).
 
     Args:
-        base: the nn.Linear (or NF4Linear) to wrap (may live on the meta device; init is then skipped).
+        base: the nn.Linear (or packed linear) to wrap (may live on the meta device; init is then skipped).
         rank: r >= 1.
         alpha: α; the scale is α / r, or α / √r with ``rslora=True``.
         dropout: dropout probability on the adapter input (peft's ``lora_dropout``).
@@ -56,7 +57,7 @@ class LoRALinear(nn.Module):
                  rslora: bool = False, init: str = "standard",
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        if not isinstance(base, (nn.Linear, NF4Linear)):
+        if not is_linear(base):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}; "
                             "target a linear projection such as q_proj")
         d_out, d_in = base.out_features, base.in_features
@@ -77,7 +78,7 @@ class LoRALinear(nn.Module):
         self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
         self.merged = False
         self.disabled = False  # True: forward is the base layer alone (adapters_disabled)
-        self.quantized = isinstance(base, NF4Linear)
+        self.quantized = is_packed_linear(base)
         if self.quantized:
             self.base_layer = base
             self.register_parameter("weight", None)
@@ -91,7 +92,7 @@ class LoRALinear(nn.Module):
                 self.bias.requires_grad_(False)
             else:
                 self.register_parameter("bias", None)
-        device = base.packed.device if self.quantized else base.weight.device
+        device = next(iter([*base.buffers(), *base.parameters()])).device if self.quantized else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
         if factor == "B":
@@ -128,6 +129,19 @@ class LoRALinear(nn.Module):
         """The factor on the Stiefel manifold: B (FoRA), A (the ablation) or None (plain LoRA)."""
         return {"B": self.lora_B, "A": self.lora_A, None: None}[self.stiefel_factor]
 
+    def factor(self, name: str) -> nn.Parameter:
+        """The factor ``name``: "B" (d_out, r) or "A" (r, d_in)."""
+        return self.lora_B if name == "B" else self.lora_A
+
+    def euclidean_parameters(self, factor: str) -> list[nn.Parameter]:
+        """What AdamW trains when ``factor`` is on the manifold: the other factor, then the gate."""
+        other = self.lora_A if factor == "B" else self.lora_B
+        return [other] + ([self.lora_gate] if self.lora_gate is not None else [])
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter of the adapter (subclasses add theirs to ``euclidean_parameters``)."""
+        return list(dict.fromkeys([self.lora_A, self.lora_B, *self.euclidean_parameters("B")]))
+
     def gate(self) -> float:
         """g as a number (1.0 without a gate): ΔW = g · s · B A."""
         return 1.0 if self.lora_gate is None else float(self.lora_gate.detach())
@@ -163,13 +177,13 @@ class LoRALinear(nn.Module):
 
     def _refuse_quantized(self, what: str) -> None:
         if self.quantized:
-            raise ValueError(f"cannot {what} an adapter into a 4-bit NF4 base in place; write the merged "
+            raise ValueError(f"cannot {what} an adapter into a packed (4-bit) base in place; write the merged "
                              "model with fora.formats.peft_io.save_merged (dequantized W0 + s B A), "
                              "or load the base unquantized")
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., d_in) -> (..., d_out) in x's dtype; adapter math in the adapter dtype."""
-        if self.quantized:  # the 4-bit layer's output is left as it is (Fisher's hooks may see it)
+        if self.quantized:  # the packed layer's output is left as it is (Fisher's hooks may see it)
             y = self.base_layer(x)
             return y if self.merged or self.disabled else y + self._scaled_up(self._down(x)).to(y.dtype)
         x2 = x.reshape(-1, self.in_features)  # (N, d_in)

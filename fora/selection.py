@@ -1,7 +1,7 @@
 """Layer selection from per-layer scores (Eq. 3), baselines, and calibration bookkeeping.
 
 Scores come from :func:`fora.fisher.fisher_scores` (higher = more important) or
-:func:`fora.cka.cka_scores` (lower similarity = the layer transforms its input more = more
+:func:`fora.baselines.cka.cka_scores` (lower similarity = the layer transforms its input more = more
 relevant). This module also holds the calibration-batch validation shared by the scorers, so
 every scorer rejects the same malformed input with the same message.
 """

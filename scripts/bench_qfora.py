@@ -39,7 +39,7 @@ VARIANTS = ("fora", "qfora")
 
 def quantize_blocks(model: torch.nn.Module) -> None:
     """Replace every block nn.Linear by its NF4Linear, one at a time (the float weight is freed)."""
-    from fora.models.nf4 import NF4Linear
+    from fora.quant.nf4 import NF4Linear
 
     for layer in model.model.layers:
         for name, m in list(layer.named_modules()):
@@ -50,7 +50,7 @@ def quantize_blocks(model: torch.nn.Module) -> None:
 
 def base_bytes(model: torch.nn.Module) -> dict[str, float]:
     """Bytes of the base weights: block linears (per parameter) and the whole model."""
-    from fora.models.nf4 import NF4Linear
+    from fora.quant.nf4 import NF4Linear
 
     linear_bytes, linear_params = 0, 0
     for layer in model.model.layers:

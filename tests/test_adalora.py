@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tiny_models import hf_reference, make_tiny_checkpoint
 
-from fora.adalora import AdaLoRALinear, RankAllocator, check_schedule, orthogonal_regularizer
+from fora.baselines.adalora import AdaLoRALinear, RankAllocator, check_schedule, orthogonal_regularizer
 from fora.formats.loading import load_model
 from fora.inject import adapters_disabled, euclidean_parameters, freeze_base, inject_lora, lora_modules
 
@@ -50,7 +50,7 @@ def _twins(folder, **schedule):
             if "lora_E" in name:
                 p.normal_(std=0.5)
     ours = load_model(folder, device="cpu")
-    mods = inject_lora(ours, [0, 1], targets=TARGETS, rank=INIT_R, alpha=ALPHA, adalora=True, seed=0)
+    mods = inject_lora(ours, [0, 1], targets=TARGETS, rank=INIT_R, alpha=ALPHA, adapter=AdaLoRALinear, stiefel=False, seed=0)
     freeze_base(ours)
     with torch.no_grad():
         for path, m in mods.items():
@@ -205,7 +205,7 @@ def test_equal_init_and_target_rank_prunes_nothing(tiny):
 
 
 def test_errors(tiny):
-    from fora.models.nf4 import NF4Linear
+    from fora.quant.nf4 import NF4Linear
 
     with pytest.raises(ValueError, match=r"pass --target-r <= --init-r"):
         check_schedule(4, 6, 100, 0, 0, 1)
@@ -221,6 +221,9 @@ def test_errors(tiny):
         orthogonal_regularizer([])
     with pytest.raises(TypeError, match="load the base without --quantize for AdaLoRA"):
         AdaLoRALinear(NF4Linear.from_linear(nn.Linear(64, 64)), 2, 4.0)
+    for options in ({"rslora": True}, {"init": "stiefel_b"}):
+        with pytest.raises(ValueError, match="inject it with stiefel=False and rslora=False"):
+            AdaLoRALinear(nn.Linear(8, 8), 2, 4.0, **options)
     _, _, mods = _twins(tiny)
     a = _allocator(mods, total_step=4, tinit=0, tfinal=0, delta_t=1)
     with pytest.raises(ValueError, match="has no gradient; call RankAllocator.update after backward"):
@@ -313,7 +316,7 @@ def test_export_and_allocator_errors(tiny, tmp_path):
            for p, s in (("lora_A", (4, 5)), ("lora_E", (4, 1)), ("lora_B", (64, 4)))}
     with pytest.raises(ValueError, match="load the adapter into the base it was trained on"):
         load_adalora(load_model(tiny, device="cpu"), {"init_r": 4, "lora_alpha": 8}, bad)
-    with pytest.raises(ValueError, match="found no AdaLoRA modules; inject with adalora=True"):
+    with pytest.raises(ValueError, match="found no AdaLoRA modules; inject with adapter=AdaLoRALinear"):
         AdaLoRAStep(nn.Linear(2, 2), {})
     a = _allocator(mods, total_step=4, tinit=0, tfinal=0, delta_t=1)
     with pytest.raises(ValueError, match="no importance scores yet"):

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tiny_models import hf_reference, make_tiny_checkpoint
 
-from fora.cka import cka_scores, linear_cka
+from fora.baselines.cka import cka_scores, linear_cka
 from fora.formats.loading import load_model
 
 

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from tiny_models import hf_reference, make_tiny_checkpoint
 
-from fora.dora import DoRALinear
+from fora.baselines.dora import DoRALinear
 from fora.formats.loading import load_model
 from fora.formats.peft_io import load_adapter, merged_state_dict, save_adapter, save_merged
 from fora.inject import euclidean_parameters, freeze_base, inject_lora, lora_modules
 from fora.lora import LoRALinear
-from fora.models.nf4 import NF4Linear
+from fora.quant.nf4 import NF4Linear
 
 IDS = torch.tensor([[2, 40, 41, 42, 50, 60, 70, 9], [2, 5, 6, 7, 8, 9, 10, 11]])
 
@@ -96,8 +96,8 @@ def test_magnitude_is_trained_by_adamw():
     model.model.layers[0].mlp = nn.Module()
     model.model.layers[0].mlp.up_proj = nn.Linear(8, 8)
     with pytest.raises(ValueError, match="FoRA's gated Stiefel B.*stiefel=False"):
-        inject_lora(model, [0], targets=["up_proj"], rank=2, dora=True)
-    inject_lora(model, [0], targets=["up_proj"], rank=2, dora=True, stiefel=False)
+        inject_lora(model, [0], targets=["up_proj"], rank=2, adapter=DoRALinear)
+    inject_lora(model, [0], targets=["up_proj"], rank=2, adapter=DoRALinear, stiefel=False)
     freeze_base(model)
     m = lora_modules(model)["model.layers.0.mlp.up_proj"]
     assert m.lora_magnitude_vector.requires_grad
@@ -111,7 +111,7 @@ def tiny(tmp_path_factory):
 
 def _trained_dora(folder, quantize=None):
     model = load_model(folder, device="cpu", quantize=quantize)
-    inject_lora(model, [0, 2], rank=4, stiefel=False, seed=0, dora=True)
+    inject_lora(model, [0, 2], rank=4, stiefel=False, seed=0, adapter=DoRALinear)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in lora_modules(model).values():
@@ -160,7 +160,7 @@ def test_qdora_equals_dora_on_dequantized_twin(tiny):
         for name, m in q.named_modules():
             if isinstance(m, NF4Linear):
                 twin.get_submodule(name.removesuffix(".base_layer")).weight.copy_(m.dequantized_weight())
-    inject_lora(twin, [0, 2], rank=4, stiefel=False, seed=0, dora=True)
+    inject_lora(twin, [0, 2], rank=4, stiefel=False, seed=0, adapter=DoRALinear)
     with torch.no_grad():
         for a, b in zip(lora_modules(q).values(), lora_modules(twin).values()):
             b.lora_B.copy_(a.lora_B)
@@ -179,7 +179,7 @@ def test_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="mix rsLoRA / dropout / DoRA settings"):
         save_adapter(model, tmp_path / "mixed", base_model_name_or_path=str(tiny))
     q = _trained_dora(tiny, "nf4")
-    with pytest.raises(ValueError, match="cannot merge an adapter into a 4-bit NF4 base"):
+    with pytest.raises(ValueError, match="cannot merge an adapter into a packed \\(4-bit\\) base"):
         lora_modules(q)["model.layers.0.self_attn.q_proj"].merge()
 
 

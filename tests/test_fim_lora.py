@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tiny_models import hf_reference, make_tiny_checkpoint
 
-from fora.fim_lora import allocate_ranks, fim_rank_pattern, lora_b_scores
+from fora.baselines.fim_lora import allocate_ranks, fim_rank_pattern, lora_b_scores
 from fora.inject import inject_lora, lora_modules
 from fora.formats.loading import load_model
 

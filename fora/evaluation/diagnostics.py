@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fora.adalora import AdaLoRALinear
-from fora.dora import DoRALinear
+from fora.baselines.adalora import AdaLoRALinear
+from fora.baselines.dora import DoRALinear
 from fora.inject import adapters_disabled, lora_modules
 from fora.lora import LoRALinear
 from fora.models.paths import layer_index

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fora.adalora import AdaLoRALinear
+from fora.baselines.adalora import AdaLoRALinear
 
 PEFT_PREFIX = "base_model.model."
 # AdaLoraConfig's schedule fields (peft names) and the values a checkpoint without a schedule records.

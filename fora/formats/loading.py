@@ -19,7 +19,7 @@ from fora.formats.hub import resolve_checkpoint
 from fora.models.decoder import CausalLM
 from fora.formats.safetensors_io import checkpoint_files, read_index, read_tensors
 from fora.formats.tokenizer import LoadedTokenizer, tokenizer_from_folder
-from fora.models.nf4 import NF4Linear, quantize_nf4
+from fora.quant.nf4 import NF4Linear, quantize_nf4
 from fora.models.paths import decoder_layers
 
 log = logging.getLogger(__name__)

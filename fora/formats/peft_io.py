@@ -30,10 +30,10 @@ from torch import nn
 
 from fora.formats.adalora_io import adalora_config, adalora_modules, adalora_tensors, folded_lora, load_adalora
 from fora.formats.atomic import atomic_save_safetensors, atomic_write_json, staging_dir
-from fora.dora import DoRALinear
+from fora.baselines.dora import DoRALinear
 from fora.inject import lora_modules
 from fora.lora import LoRALinear
-from fora.models.nf4 import NF4Linear, dequantized_weights
+from fora.quant.nf4 import NF4Linear, dequantized_weights
 from fora.models.paths import layer_index
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""‖∂L/∂W‖²_F of linear layers whose weight is no Parameter (the 4-bit NF4 base), from hooks.
+"""‖∂L/∂W‖²_F of packed linear layers (weight no Parameter, e.g. a 4-bit NF4 base), from hooks.
 
 For y_t = W x_t (+ b) at every token t of a batch, the weight gradient is
 
@@ -17,22 +17,22 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from fora.models.nf4 import NF4Linear
+from fora.models.linear import is_packed_linear
 from fora.models.paths import decoder_layers, target_modules
 
 
-def quantized_linears(model: nn.Module, params: str, targets: Sequence[str]) -> dict[str, NF4Linear]:
-    """{module path: NF4Linear} whose weights belong to θ_l of Eq. (2).
+def quantized_linears(model: nn.Module, params: str, targets: Sequence[str]) -> dict[str, nn.Module]:
+    """{module path: packed linear} whose weights belong to θ_l of Eq. (2) (``fora.models.linear.is_packed_linear``).
 
-    ``params="block"``: every NF4Linear of every block; ``"targets"``: the target projections that
-    are NF4Linear (or wrap one as ``base_layer``). Paths are the checkpoint's module paths.
+    ``params="block"``: every packed linear of every block; ``"targets"``: the target projections that
+    are packed (or wrap one as ``base_layer``). Paths are the checkpoint's module paths.
     """
     if params == "targets":
         found = {p: getattr(m, "base_layer", m) for p, m in target_modules(model, targets).items()}
-        return {p: m for p, m in found.items() if isinstance(m, NF4Linear)}
+        return {p: m for p, m in found.items() if is_packed_linear(m)}
     return {name.removesuffix(".base_layer"): m
             for i, block in enumerate(decoder_layers(model))
-            for name, m in block.named_modules(prefix=f"model.layers.{i}") if isinstance(m, NF4Linear)}
+            for name, m in block.named_modules(prefix=f"model.layers.{i}") if is_packed_linear(m)}
 
 
 @contextlib.contextmanager

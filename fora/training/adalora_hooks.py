@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fora.adalora import AdaLoRALinear, RankAllocator, check_schedule, orthogonal_regularizer
+from fora.baselines.adalora import AdaLoRALinear, RankAllocator, check_schedule, orthogonal_regularizer
 
 TINIT_FRACTION, TFINAL_FRACTION = 0.1, 0.2
 
@@ -47,7 +47,7 @@ class AdaLoRAStep:
     def __init__(self, model: nn.Module, schedule: dict[str, Any]) -> None:
         self.modules = {n: m for n, m in model.named_modules() if isinstance(m, AdaLoRALinear)}
         if not self.modules:
-            raise ValueError("AdaLoRAStep found no AdaLoRA modules; inject with adalora=True first")
+            raise ValueError("AdaLoRAStep found no AdaLoRA modules; inject with adapter=AdaLoRALinear first")
         self.schedule = schedule
         self.allocator = RankAllocator({p: m.rank for p, m in self.modules.items()},
                                        target_r=schedule["target_r"], total_step=schedule["total_step"],

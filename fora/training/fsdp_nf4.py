@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from fora.models.nf4 import NF4Linear
+from fora.quant.nf4 import NF4Linear
 from fora.models.paths import decoder_layers
 
 NF4_SHARDED = ("packed", "absmax_code", "absmax_scale")

@@ -6,7 +6,7 @@
 
 The parts that follow from the layout are exact: NF4 storage per weight tensor of n values is
 ceil(n/2) + ceil(n/64) bytes of codes plus 4 bytes per 256 block constants plus μ
-(`fora.models.nf4`); adapters are fp32 r x (d_in + d_out) plus the gate per target; Cayley-Adam
+(`fora.quant.nf4`); adapters are fp32 r x (d_in + d_out) plus the gate per target; Cayley-Adam
 keeps one d_out x r moment and a scalar per B, AdamW two moments and a step count per A and gate. Activations are an estimate: bf16,
 per token and layer that backward runs through, the inputs autograd keeps for the attention and
 MLP matmuls, 2 (6 h + 3 i) bytes (less with --activation-checkpointing: 2 h per layer plus
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from fora.inject import DEFAULT_TARGETS
 from fora.models.config import ModelConfig
-from fora.models.nf4 import BLOCK, STAT_BLOCK
+from fora.quant.nf4 import BLOCK, STAT_BLOCK
 
 
 def nf4_storage_bytes(n: int) -> int:

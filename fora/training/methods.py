@@ -20,7 +20,7 @@ layers and ranks.
 `random-k` keeps FoRA's Stiefel factor, so fora vs random-k isolates the *selection* (Fisher vs
 chance) with everything else equal. `cka` follows seed 003 (plain LoRA on the layers that
 transform the representation most). The first four rows are PAPER.md §3's 2x2 table. `dora` and
-`qdora` are the DoRA baselines the paper compares with (Table 1 and §4.5; `fora.dora`); QFoRA
+`qdora` are the DoRA baselines the paper compares with (Table 1 and §4.5; `fora.baselines.dora`); QFoRA
 itself is `fora` with `--quantize nf4`.
 
 Deviations from the seed methods, recorded in `selection.json` under `deviations` (see
@@ -36,6 +36,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fora.baselines.adalora import AdaLoRALinear
+from fora.baselines.dora import DoRALinear
+from fora.lora import LoRALinear
 
 Batches = Sequence[Mapping[str, torch.Tensor]]
 
@@ -77,7 +81,7 @@ def _fisher_top_k(a: SelectArgs) -> Selection:
 def random_prefixes(batches: Batches, seed: int) -> list[dict[str, torch.Tensor]]:
     """Each (right-padded) sequence cut after a uniformly random number of its tokens (>= 1).
 
-    `fora.cka.cka_scores` reads the residual stream at each sequence's last real token. On
+    `fora.baselines.cka.cka_scores` reads the residual stream at each sequence's last real token. On
     instruction data every sequence ends with the same token (EOS, or the template's last
     character), so the stream entering layer 0 would be one vector repeated and CKA undefined.
     Cutting at random positions makes the samples token representations at varied positions.
@@ -94,7 +98,7 @@ def random_prefixes(batches: Batches, seed: int) -> list[dict[str, torch.Tensor]
 
 
 def _cka_bottom_k(a: SelectArgs) -> Selection:
-    from fora.cka import cka_scores
+    from fora.baselines.cka import cka_scores
     from fora.selection import select_layers
 
     scores = cka_scores(a.model, random_prefixes(a.batches, a.seed))
@@ -112,7 +116,7 @@ def _all(a: SelectArgs) -> Selection:
 
 
 def _all_fim_ranks(a: SelectArgs) -> Selection:
-    from fora.fim_lora import fim_rank_pattern
+    from fora.baselines.fim_lora import fim_rank_pattern
 
     pattern = fim_rank_pattern(a.model, a.batches, rank=a.rank, targets=a.targets,
                                passes=len(a.batches), seed=a.seed, statistic=a.fim_statistic,
@@ -141,6 +145,11 @@ class MethodSpec:
     dora: bool = False           # DoRALinear adapters (trained magnitude per output row)
     quantize: str | None = None  # the --quantize the method requires (qdora: "nf4")
     adalora: bool = False        # AdaLoRALinear triplets, budget-pruned by fora.training.adalora_hooks
+
+    @property
+    def adapter(self) -> type[LoRALinear]:
+        """The adapter class ``inject_lora`` builds for this method."""
+        return AdaLoRALinear if self.adalora else DoRALinear if self.dora else LoRALinear
 
 
 METHODS: dict[str, MethodSpec] = {

@@ -176,7 +176,7 @@ def _main(cfg: TrainConfig, on_step: Callable[[int], None] | None, final_eval: F
     inject_lora(model, sel.layers, targets=cfg.targets, rank=rank, alpha=cfg.alpha, stiefel=spec.stiefel,
                 stiefel_factor=cfg.stiefel_factor,
                 rank_pattern=sel.rank_pattern, dropout=cfg.lora_dropout, rslora=cfg.rslora, seed=cfg.seed,
-                dora=spec.dora, adalora=spec.adalora)
+                adapter=spec.adapter)
     if cfg.match_init_norm and not (spec.stiefel or spec.adalora) and ckpt is None:
         unit_row_norms(model)  # plain A rows at the Stiefel A's unit norm (fora.training.init_norm)
     freeze_base(model)

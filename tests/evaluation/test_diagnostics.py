@@ -178,7 +178,7 @@ def test_analyze_script_writes_report_and_plots(fora_run, tmp_path, monkeypatch,
 def test_dora_spectrum_is_that_of_its_update_not_of_sBA():
     from torch import nn
 
-    from fora.dora import DoRALinear
+    from fora.baselines.dora import DoRALinear
     from fora.evaluation.diagnostics import module_diagnostics
     torch.manual_seed(0)
     base = nn.Linear(16, 8)

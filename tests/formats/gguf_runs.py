@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from fora.baselines.dora import DoRALinear
 from fora.formats.loading import load_model
 from fora.formats.peft_io import save_adapter
 from fora.inject import inject_lora, lora_modules
+from fora.lora import LoRALinear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = ("plain", "rslora", "fim")
@@ -27,7 +29,8 @@ def make_run(root: Path, base: Path, variant: str = "plain", layers: tuple[int, 
         pattern = {f"model.layers.{layers[-1]}.self_attn.q_proj": 2, f"model.layers.{layers[0]}.mlp.down_proj": 6,
                    f"model.layers.{layers[0]}.self_attn.k_proj": 1}
     inject_lora(model, list(layers), targets=TARGETS, rank=4, alpha=8.0, rslora=variant == "rslora",
-                rank_pattern=pattern, seed=0, dora=variant == "dora", stiefel=variant != "dora")
+                rank_pattern=pattern, seed=0, adapter=DoRALinear if variant == "dora" else LoRALinear,
+                stiefel=variant != "dora")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in lora_modules(model).values():

@@ -14,7 +14,7 @@ from fora.fisher import fisher_scores
 from fora.formats.loading import load_model
 from fora.formats.peft_io import save_merged
 from fora.inject import freeze_base, inject_lora, lora_modules
-from fora.models.nf4 import NF4Linear, dequantize_nf4, dequantized_weights, quantize_nf4
+from fora.quant.nf4 import NF4Linear, dequantize_nf4, dequantized_weights, quantize_nf4
 
 IDS = torch.tensor([[2, 40, 41, 42, 50, 60, 70, 9], [2, 5, 6, 7, 8, 9, 10, 11]])
 
@@ -113,9 +113,9 @@ def test_lora_on_nf4_base_equals_dense_twin(tiny):
         assert torch.allclose(q(IDS), twin(IDS), atol=1e-6)
     lora = lora_modules(q)["model.layers.0.self_attn.q_proj"]
     assert lora.quantized and isinstance(lora.base_layer, NF4Linear)
-    with pytest.raises(ValueError, match="cannot merge an adapter into a 4-bit NF4 base"):
+    with pytest.raises(ValueError, match="cannot merge an adapter into a packed \\(4-bit\\) base"):
         lora.merge()
-    with pytest.raises(ValueError, match="cannot unmerge an adapter into a 4-bit NF4 base"):
+    with pytest.raises(ValueError, match="cannot unmerge an adapter into a packed \\(4-bit\\) base"):
         lora.unmerge()
 
 

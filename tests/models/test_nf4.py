@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fora.models.nf4 import (BLOCK, NF4Linear, NF4Weight, dequantize_absmax, dequantize_nf4, dynamic_map,
+from fora.quant.nf4 import (BLOCK, NF4Linear, NF4Weight, dequantize_absmax, dequantize_nf4, dynamic_map,
                              nf4_levels, quantize_nf4)
 
 

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from fora.fisher import fisher_scores
 from fora.formats.loading import load_model
 from fora.inject import freeze_base, inject_lora
-from fora.models.nf4 import NF4Linear
+from fora.quant.nf4 import NF4Linear
 from fora.training.checkpoint import load_checkpoint
 from fora.training.config import TrainConfig
 from fora.training.distributed import distributed_fisher_scores, init_distributed, shutdown, wrap_model

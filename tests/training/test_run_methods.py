@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import fora.training.run
-from fora.fim_lora import fim_rank_pattern
+from fora.baselines.fim_lora import fim_rank_pattern
 from fora.formats.loading import load_model, load_tokenizer
 from fora.inject import inject_lora, lora_modules
 from fora.training.config import TrainConfig, parse_args

@@ -39,6 +39,10 @@ class DoRALinear(LoRALinear):
         self._merge_norm: Tensor | None = None
         self.reset_magnitude()
 
+    def euclidean_parameters(self, factor: str) -> list[nn.Parameter]:
+        """LoRALinear's, then the magnitude m."""
+        return super().euclidean_parameters(factor) + [self.lora_magnitude_vector]
+
     def base_weight(self) -> Tensor:
         """W0 [d_out, d_in] in the adapter dtype (dequantized for a 4-bit base)."""
         w0 = self.base_layer.dequantized_weight() if self.quantized else self.weight

@@ -46,10 +46,13 @@ class AdaLoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, *, dropout: float = 0.0,
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-                 ranknum: int | None = None) -> None:
+                 ranknum: int | None = None, rslora: bool = False, init: str = "standard") -> None:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"AdaLoRALinear wraps a full-precision nn.Linear, got {type(base).__name__}; "
                             "load the base without --quantize for AdaLoRA")
+        if rslora or init != "standard":  # inject_lora passes LoRALinear's options to every adapter
+            raise ValueError(f"AdaLoRA has its own init and scale α / init_r (got rslora={rslora}, init={init!r}); "
+                             "inject it with stiefel=False and rslora=False")
         super().__init__(base, rank, alpha, dropout=dropout, generator=generator, dtype=dtype)
         self.ranknum = rank if ranknum is None else int(ranknum)
         self.scale = self.alpha / (self.ranknum + RANK_EPS)
@@ -70,6 +73,10 @@ class AdaLoRALinear(LoRALinear):
             p.copy_(torch.empty(p.shape, device=src).normal_(0.0, INIT_STD, generator=generator))
         if hasattr(self, "lora_E"):
             self.lora_E.zero_()
+
+    def euclidean_parameters(self, factor: str) -> list[nn.Parameter]:
+        """E and B (AdaLoRA's triplets train under AdamW; A is ``factor("A")``)."""
+        return [self.lora_E, self.lora_B]
 
     def delta_weight(self) -> Tensor:
         """ΔW = s · B (A ⊙ E), shape (d_out, d_in)."""
@@ -105,7 +112,7 @@ def orthogonal_regularizer(modules: Iterable[AdaLoRALinear]) -> Tensor:
             eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
             terms.append(torch.linalg.matrix_norm(cov - eye))
     if not terms:
-        raise ValueError("orthogonal_regularizer got no AdaLoRA modules; inject with adalora=True first")
+        raise ValueError("orthogonal_regularizer got no AdaLoRA modules; inject with adapter=AdaLoRALinear first")
     return torch.stack(terms).mean()
 
 
