@@ -264,8 +264,8 @@ def plots(cfg: ReproduceConfig, model: str, rows: list[dict]) -> None:
 def finish(cfg: ReproduceConfig) -> dict:
     """Tables, plots and claims from every finished arm under OUT (earlier invocations included).
 
-    Without run folders (a docs copy holding only results.json) the rows come from OUT/results.json;
-    such runs have no per-item results, so their accuracy claims stay undecided.
+    Without run folders (a stored copy holding only results.json, such as results/reproduce200) the rows
+    come from OUT/results.json; such runs have no per-item results, so their accuracy claims stay undecided.
     """
     from fora.evaluation.report import (arm_label, claims_markdown, claims_rows, finished_runs, load_items,
                                         results_table)

@@ -1,8 +1,10 @@
-"""README.md and docs/*.md point only at things that exist.
+"""README.md, docs/*.md and results/README.md point only at things that exist.
 
 Every relative link (files and #anchors, GitHub's heading slugs) and every repository path the text
-names (`tests/...`, `scripts/...`, `fora/...`, `docs/...`, code blocks included) must resolve inside
-the repository; a page outside it (e.g. the brief the paper was restated in) is invisible to a clone.
+names (`tests/...`, `scripts/...`, `fora/...`, `docs/...`, `results/...`, code blocks included) must
+resolve inside the repository (under results/ once the named store exists: an --out may name one
+before its first run); a page outside it (e.g. the brief the paper was restated in) is invisible to
+a clone.
 Oracle: the file tree and the target page's own headings.
 """
 from __future__ import annotations
@@ -13,11 +15,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "results" / "README.md"]
 README_MAX_LINES = 330  # the front door (two runnable examples among it); topics live in docs/
 
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^()\s]+)\)")
-PATH = re.compile(r"(?<![\w./~$-])((?:tests|scripts|fora|docs)/[\w./*<>-]*[\w*/])")
+PATH = re.compile(r"(?<![\w./~$-])((?:tests|scripts|fora|docs|results)/[\w./*<>-]*[\w*/])")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
 
@@ -62,6 +64,8 @@ def path_problem(name: str) -> str | None:
     if "<" in name:  # a pattern such as tests/test_<module>.py
         return None
     clean = name.rstrip("/")
+    if clean.startswith("results/") and not (ROOT / "/".join(clean.split("/")[:2])).is_dir():
+        return None  # a store a command will write (an --out), not one in the repository yet
     if "*" in clean:
         return None if list(ROOT.glob(clean)) else f"{name} matches no file"
     if (ROOT / clean).exists():
@@ -107,6 +111,9 @@ def test_checker_catches_a_broken_link_a_bad_anchor_and_a_missing_path(tmp_path)
     assert "leaves the repository" in link_problem(readme, "../shared/PAPER.md")
     assert "does not exist" in path_problem("tests/test_parity.py")
     assert path_problem("tests/models/test_decoder.py") is None
+    assert path_problem("results/claims/claims.md") is None
+    assert "does not exist" in path_problem("results/claims/nope.md")
+    assert path_problem("results/not-written-yet/results.md") is None
     page = tmp_path / "x.md"
     page.write_text("## `scripts/eval.py`\n## Performance: fora vs transformers + peft\n## A\n## A\n")
     assert slugs(page) == {"scriptsevalpy", "performance-fora-vs-transformers--peft", "a", "a-1"}

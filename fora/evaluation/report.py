@@ -97,7 +97,7 @@ def load_items(run: Path) -> dict[str, Any] | None:
 def finished_runs(out: Path) -> tuple[list[dict], dict[str, dict], dict | None]:
     """(result rows, base rows by model, the config stored in out/results.json or None) under `out`.
 
-    The rows are the run folders' result.json; without run folders (a docs copy holding only
+    The rows are the run folders' result.json; without run folders (a stored copy holding only
     results.json) they and the base rows come from out/results.json.
     """
     out = Path(out)

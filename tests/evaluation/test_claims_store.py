@@ -1,7 +1,7 @@
-"""The stored claims runs (docs/claims; the init-norm control's docs/claims-mn): `reproduce.py
+"""The stored claims runs (results/claims; the init-norm control's results/claims-mn): `reproduce.py
 --report` rebuilds the committed tables from them.
 
-docs/claims holds each finished arm's small files (result.json, items.json, ...) in git; the tables
+results/claims holds each finished arm's small files (result.json, items.json, ...) in git; the tables
 beside them (results.md, claims.md, stiefel_step.md) are what `--report` wrote. Rebuilding them from
 the run files alone must give the same text: the tables are the runs' and the current code's, not
 edited by hand nor left behind by a change of the statistics.
@@ -17,7 +17,7 @@ from fora.evaluation.doc_blocks import replace_blocks
 from fora.evaluation.report import claims_brief
 from script_loader import load_script
 
-STORE = Path(__file__).resolve().parents[2] / "docs" / "claims"
+STORE = Path(__file__).resolve().parents[2] / "results" / "claims"
 TABLES = ("results.md", "claims.md", "claims.json", "stiefel_step.md", "stiefel_step.json")
 PAGES = ("README.md", "docs/reproduction.md")  # the pages holding copies of the tables
 BLOCKS = ("claims.md", "results.md", "stiefel_step.md", "claims_brief smollm2-135m", "claims_brief gemma-3-270m")
@@ -55,7 +55,7 @@ def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
 
 
 def test_the_init_norm_control_store_rebuilds_its_tables(tmp_path, monkeypatch):
-    """docs/claims-mn (plain arms with unit-norm A rows) is its own store: the same rebuild, no pages."""
+    """results/claims-mn (plain arms with unit-norm A rows) is its own store: the same rebuild, no pages."""
     store = STORE.parent / "claims-mn"
     runs = sorted(store.glob("*/*-s*/result.json"))
     if not runs:
@@ -84,15 +84,21 @@ def test_the_readme_and_reproduction_page_show_the_stored_tables():
 
 
 def test_the_store_tracks_no_weights():
-    """Only the runs' small files are in git: weights, checkpoints and adapter cards stay ignored, at any depth
+    """Only the runs' small files are in git: weights, checkpoints, adapter cards, generated data and markers stay
+    ignored, at any depth
     (AdaLoRA's folded plain LoRA lives one folder further down, in lora/)."""
     try:
-        tracked = subprocess.run(["git", "ls-files", "docs/claims*"], cwd=STORE.parents[1], capture_output=True,
+        tracked = subprocess.run(["git", "ls-files", "results/claims*"], cwd=STORE.parents[1], capture_output=True,
                                  text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     heavy = [f for f in tracked if f.endswith(".safetensors") or "/checkpoint/" in f or f.endswith("/README.md")]
-    assert tracked and not heavy, f"weights or adapter cards tracked under docs/claims: {heavy}; see .gitignore"
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", "docs/claims/m/adalora-s0/lora/adapter_model.safetensors",
-                              "docs/claims/m/adalora-s0/lora/README.md"], cwd=STORE.parents[1], capture_output=True, text=True)
+    assert tracked and not heavy, f"weights or adapter cards tracked under results/claims: {heavy}; see .gitignore"
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "results/claims/m/adalora-s0/lora/adapter_model.safetensors",
+                              "results/claims/m/adalora-s0/lora/README.md"], cwd=STORE.parents[1], capture_output=True, text=True)
     assert len(ignored.stdout.split()) == 2, "the nested lora/ weights and card must be ignored"
+    generated = ["results/claims/data/train.jsonl", "results/claims-mn/m/base.running"]  # the task's data, a marker
+    kept = ["results/claims/results.md", "results/claims/m/fora-s0/items.json", "results/claims/m/spectrum.png"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *generated, *kept], cwd=STORE.parents[1],
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == generated, f"ignored: {ignored}; the generated data and markers only, not the tables, items or plots"

@@ -168,7 +168,7 @@ def test_report_from_finished_runs_equals_a_direct_computation(reproduce, tmp_pa
 
 
 def test_report_on_runs_without_per_item_results(reproduce, tmp_path, monkeypatch):
-    """A docs copy (only results.json, runs measured before items.json): accuracy claims undecided, saying why."""
+    """A stored copy (only results.json, runs measured before items.json): accuracy claims undecided, saying why."""
     runs = [{"model": "m", "method": m, "seed": s, **_row(0.6 + 0.01 * s, 0.7, 0.2, 50)}
             for m in ("fora", "lora", "fg-lora", "stiefel-lora") for s in (0, 1)]
     out = tmp_path / "docs"
