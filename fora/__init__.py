@@ -11,6 +11,7 @@ else is imported from its module: the baselines (``fora.baselines``), the 4-bit 
 from __future__ import annotations
 
 from fora.cayley_adam import CAYLEY_BETAS, CayleyAdam, cayley_adam_step
+from fora.defaults import FORA, SOURCES, Defaults
 from fora.fisher import fisher_scores
 from fora.formats.hub import resolve_checkpoint
 from fora.formats.loading import load_model, load_tokenizer
@@ -31,6 +32,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     # the method (the core)
+    "FORA", "Defaults", "SOURCES",
     "LoRALinear", "inject_lora", "DEFAULT_TARGETS", "lora_modules", "adapters_disabled", "freeze_base",
     "stiefel_parameters", "euclidean_parameters", "count_trainable", "adapted_layers",
     "fisher_scores", "select_layers", "random_layers", "all_layers", "calibration_fingerprint",

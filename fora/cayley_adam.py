@@ -31,11 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fora.defaults import FORA
 from fora.stiefel import (canonical_direction, cayley_fixed_point, cayley_step, qr_retract, skew_apply,
                           skew_norm, skew_norm_l1, stiefel_error)
 
 SOLVERS = ("closed_form", "fixed_point")
-CAYLEY_BETAS = (0.9, 0.99)  # Li et al.'s: the scalar v averages ~1 / (1 − β2) = 100 steps
+CAYLEY_BETAS = FORA.cayley_betas  # the scalar v averages ~1 / (1 − β2) = 100 steps
 
 
 def math_dtype(p: Tensor) -> torch.dtype:
@@ -115,9 +116,10 @@ class CayleyAdam(torch.optim.Optimizer):
             q in (0, 1) (the earlier rule: τ ≤ 2q / ‖W‖_F) or None (no cap, closed form only).
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
-                 betas: tuple[float, float] = CAYLEY_BETAS, eps: float = 1e-8, qr_every: int = 100,
-                 solver: str = "fixed_point", iters: int = 5, step_cap: str | float | None = "l1") -> None:
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = FORA.stiefel_lr,
+                 betas: tuple[float, float] = CAYLEY_BETAS, eps: float = FORA.eps, qr_every: int = FORA.qr_every,
+                 solver: str = "fixed_point", iters: int = FORA.cayley_iters,
+                 step_cap: str | float | None = FORA.step_cap) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"invalid lr {lr!r}: pass a finite number >= 0")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):

@@ -18,16 +18,17 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fora.defaults import FORA
 from fora.lora import STIEFEL_FACTORS, LoRALinear
 from fora.models.linear import is_linear
 from fora.models.paths import decoder_layers, layer_index, target_path
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = FORA.targets
 
 
 
 def inject_lora(model: nn.Module, layers: Sequence[int],
-                targets: Sequence[str] = DEFAULT_TARGETS, rank: int = 32, alpha: float | None = None,
+                targets: Sequence[str] = DEFAULT_TARGETS, rank: int = FORA.rank, alpha: float | None = None,
                 stiefel: bool = True, rank_pattern: dict[str, int] | None = None, dropout: float = 0.0,
                 rslora: bool = False, seed: int | None = None, stiefel_factor: str = "B",
                 adapter: Callable[..., LoRALinear] = LoRALinear) -> dict[str, LoRALinear]:
@@ -58,7 +59,7 @@ def inject_lora(model: nn.Module, layers: Sequence[int],
                          f"indices are 0..{n - 1}")
     if not layers:
         raise ValueError("inject_lora got no layers; pass at least one index, e.g. layers=range(L)")
-    alpha = 2.0 * rank if alpha is None else float(alpha)
+    alpha = FORA.alpha_per_rank * rank if alpha is None else float(alpha)
     rank_pattern = dict(rank_pattern or {})
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     if stiefel_factor not in STIEFEL_FACTORS:

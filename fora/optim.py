@@ -21,27 +21,28 @@ import torch
 from torch import nn
 
 from fora.cayley_adam import CAYLEY_BETAS, CayleyAdam
+from fora.defaults import FORA
 from fora.inject import euclidean_parameters, stiefel_parameters
 from fora.lora import STIEFEL_FACTORS
 
 __all__ = ["STIEFEL_FACTORS", "STIEFEL_LR", "adamw", "authors_cayley_adam", "build_optimizers", "scheduled"]
-STIEFEL_LR = 1e-3  # the authors' Cayley-Adam cap for B, constant
+STIEFEL_LR = FORA.stiefel_lr  # the authors' Cayley-Adam cap for B, constant
 
 
 def authors_cayley_adam(params: list[nn.Parameter], lr: float = STIEFEL_LR, *,
-                        betas: tuple[float, float] = CAYLEY_BETAS, eps: float = 1e-8, qr_every: int = 100,
-                        iters: int = 5) -> CayleyAdam:
+                        betas: tuple[float, float] = CAYLEY_BETAS, eps: float = FORA.eps,
+                        qr_every: int = FORA.qr_every, iters: int = FORA.cayley_iters) -> CayleyAdam:
     """Cayley-Adam with the authors' rule for FoRA's B's: α = min(lr, 1/‖W‖₁) held constant, the
-    fixed-point Cayley step with ``iters`` sweeps (the one home of these settings)."""
+    fixed-point Cayley step with ``iters`` sweeps (values: ``fora.defaults.FORA``)."""
     return CayleyAdam(params, lr=lr, betas=betas, eps=eps, qr_every=qr_every, solver="fixed_point",
-                      iters=iters, step_cap="l1")
+                      iters=iters, step_cap=FORA.step_cap)
 
 
 def build_optimizers(model: nn.Module, lr: float, *, stiefel: bool = True, stiefel_factor: str = "B",
                      stiefel_lr: float | None = None, stiefel_lr_scale: float = 1.0,
-                     weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                     stiefel_betas: tuple[float, float] = CAYLEY_BETAS,
-                     qr_every: int = 100, iters: int = 5) -> list[torch.optim.Optimizer]:
+                     weight_decay: float = 0.0, betas: tuple[float, float] = FORA.adamw_betas,
+                     eps: float = FORA.eps, stiefel_betas: tuple[float, float] = CAYLEY_BETAS,
+                     qr_every: int = FORA.qr_every, iters: int = FORA.cayley_iters) -> list[torch.optim.Optimizer]:
     """Optimizers for the adapter parameters of ``model`` (call ``freeze_base`` first).
 
     Returns:

@@ -57,6 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from fora.defaults import FORA  # noqa: E402
 from fora.training.argparser import ArgumentParser  # noqa: E402
 from fora.evaluation.measure import EvalSizes, arm_row, base_row  # noqa: E402
 from fora.evaluation.lr_choice import LR_CHOICE, chosen_lr  # noqa: E402
@@ -69,8 +70,8 @@ ALL_ARMS = ARMS + BASELINES
 TEST_SPLITS = ("one-blank", "all-blanks")
 TASKS = ("cloze", "commonsense")
 # --task commonsense's defaults where they differ from the cloze task's (the paper's settings at small scale)
-SUITE_DEFAULTS = {"rank": 32, "cutoff_len": 256, "lr": 2e-4, "dtype": "bfloat16", "fisher_batches": 128,
-                  "gen_limit": 25}
+SUITE_DEFAULTS = {"rank": FORA.rank, "cutoff_len": FORA.cutoff_len, "lr": FORA.lr, "dtype": "bfloat16",
+                  "fisher_batches": FORA.fisher_batches, "gen_limit": 25}
 
 
 @dataclass(frozen=True)

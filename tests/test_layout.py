@@ -1,7 +1,7 @@
 """The package layout stays true: one-way arrows between the wings, no import cycles, small modules.
 
 fora/*.py is the core, the paper's method (LoRA, injection, Stiefel geometry, Cayley-Adam, Fisher,
-selection, the optimizer pair); models/ the decoder; quant/ the 4-bit base; baselines/ the methods
+selection, the optimizer pair, the defaults); models/ the decoder; quant/ the 4-bit base; baselines/ the methods
 FoRA is compared with (DoRA, AdaLoRA, FIM-LoRA, CKA); formats/ disk; training/ the run; evaluation/
 the measurements; hf/ the Hugging Face stack (the only wing that imports transformers, peft or trl);
 cli/ the commands. The core imports the decoder and nothing else of fora.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fora"
-PAPER = {"lora", "inject", "stiefel", "cayley_adam", "optim", "fisher", "selection"}
+PAPER = {"lora", "inject", "stiefel", "cayley_adam", "optim", "fisher", "selection", "defaults"}
 CORE_MAX_LINES = 1500  # the paper's method, read in one sitting
 # wing -> the wings it may import (itself always allowed)
 ALLOWED = {

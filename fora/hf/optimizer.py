@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fora.cayley_adam import CAYLEY_BETAS
+from fora.defaults import FORA
 from fora.hf.adapter import fora_layers
 from fora.optim import STIEFEL_LR, adamw, authors_cayley_adam
 
@@ -39,9 +40,10 @@ class FoRAOptimizer(torch.optim.AdamW):
         ValueError when the model has no FoRA layer (call ``make_fora`` first) or no trainable tensor.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 2e-4, *, weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, stiefel_lr: float = STIEFEL_LR,
-                 stiefel_betas: tuple[float, float] = CAYLEY_BETAS, qr_every: int = 100, iters: int = 5,
+    def __init__(self, model: nn.Module, lr: float = FORA.lr, *, weight_decay: float = FORA.weight_decay,
+                 betas: tuple[float, float] = FORA.adamw_betas, eps: float = FORA.eps,
+                 stiefel_lr: float = STIEFEL_LR, stiefel_betas: tuple[float, float] = CAYLEY_BETAS,
+                 qr_every: int = FORA.qr_every, iters: int = FORA.cayley_iters,
                  adapter_name: str = "default") -> None:
         layers = fora_layers(model, adapter_name)
         if not layers:

@@ -20,7 +20,7 @@ from typing import Any
 
 from fora.formats.gguf_export import TARGETS as EXPORT_TARGETS
 from fora.formats.loading import QUANTIZE
-from fora.inject import DEFAULT_TARGETS
+from fora.defaults import FORA
 from fora.optim import STIEFEL_FACTORS
 from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
@@ -54,27 +54,27 @@ class TrainConfig:
     protocol: str = "loglik"
     export: str | None = None  # train.py: also write OUT as GGUF (fora.formats.gguf_export) at the end
     out: str | None = None
-    rank: int = 32
+    rank: int = FORA.rank
     alpha: float | None = None
-    lora_dropout: float = 0.05
+    lora_dropout: float = FORA.lora_dropout
     rslora: bool = False
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    lr: float = 2e-4                # the authors' AdamW: 2e-4 on the schedule, weight decay 0.01
+    targets: tuple[str, ...] = FORA.targets
+    lr: float = FORA.lr             # every method default: fora.defaults (value and source)
     stiefel_factor: str = "B"       # B: FoRA as its authors run it; A: the row-orthonormal-A ablation
     stiefel_lr: float | None = None  # None: fora.optim's default for the factor
     stiefel_lr_scale: float = 1.0
-    weight_decay: float = 0.01
+    weight_decay: float = FORA.weight_decay
     cayley_per_micro_batch: bool = False  # the authors' trainer's stepping (a control), not the default
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = FORA.max_grad_norm
     batch_size: int = 16
     grad_accum: int = 1
-    epochs: int = 3
+    epochs: int = FORA.epochs
     max_steps: int | None = None
-    cutoff_len: int = 256
+    cutoff_len: int = FORA.cutoff_len
     template: str = "alpaca"
-    fisher_batches: int = 128
+    fisher_batches: int = FORA.fisher_batches
     fisher_params: str = "block"
-    qr_every: int = 100
+    qr_every: int = FORA.qr_every
     warmup_steps: int | None = None
     schedule: str = "linear"
     val_size: int = 120
