@@ -105,7 +105,7 @@ def test_maximises_trace_and_finds_top_eigenspace(solver, seed):
 
 def dense_cayley_adam(X, grads, *, lr, solver, step_cap=0.5, iters=2, qr_every=0, eps=1e-8):
     """Li, Li & Todorovic (2020) Algorithm 2 on dense n x n matrices, float64, written from
-    PAPER.md §2 with nothing from fora.stiefel: yields X after each step and whether the cap bound."""
+    the paper's algorithm with nothing from fora.stiefel: yields X after each step and whether the cap bound."""
     b1, b2 = 0.9, 0.99
     n, r = X.shape
     eye = torch.eye(n, dtype=F64)

@@ -2,7 +2,7 @@
 
 `make_tiny_checkpoint(folder, family)` writes what `save_pretrained` writes (config.json +
 model.safetensors) from a transformers model with random weights and perturbed norms
-(ARCHITECTURES.md §1.11), plus a character-level tokenizer. `hf_reference(folder, dtype)` loads the
+(the families' documented config fields), plus a character-level tokenizer. `hf_reference(folder, dtype)` loads the
 transformers model back with eager attention: the oracle for parity tests.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 FAMILIES = ("llama", "llama3", "qwen3", "gemma2", "gemma3")
 
-# ARCHITECTURES.md §2.6 / §3.5 / §4.7
+# the families' tensor names
 _TINY: dict[str, dict[str, Any]] = {
     "llama": dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -24,7 +24,7 @@ from fora.models.paths import decoder_layers
 
 log = logging.getLogger(__name__)
 
-# Multimodal Gemma-3 stores the text decoder under these prefixes (ARCHITECTURES.md §1.9).
+# Multimodal Gemma-3 stores the text decoder under these prefixes.
 _PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
              ("language_model.lm_head.", "lm_head."))
 QUANTIZE = ("nf4",)  # load_model(quantize=...): the linear layers of the blocks in 4-bit NormalFloat

@@ -1,6 +1,6 @@
 """Adapters in PEFT's on-disk format, and merged exports.
 
-A FoRA adapter is an ordinary LoRA adapter restricted to the selected layers (PAPER.md §3,
+A FoRA adapter is an ordinary LoRA adapter restricted to the selected layers (the paper §3,
 "Merging for serving"), so it is written exactly as `peft` 0.21 writes one:
 
 * `adapter_config.json`: `peft_type: "LORA"`, `r`, `lora_alpha`, `target_modules` (short names),
@@ -252,7 +252,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 def merge_lora_state(state: Mapping[str, torch.Tensor], scales: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """Pure function over a state dict: `W <- W0 + s * B A` for every module path in `scales`.
 
-    Implements the serving merge of PAPER.md §3 (Eq. 1 folded into W0). `state` holds
+    Implements the paper's serving merge (§3) (Eq. 1 folded into W0). `state` holds
     `<path>.weight`, `<path>.lora_A` [r, d_in], `<path>.lora_B` [d_out, r]; the product is taken
     in float32 and cast back to W0's dtype. Every `lora_*` key is dropped from the result.
     """

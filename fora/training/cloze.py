@@ -13,11 +13,8 @@ layout with the two words as the answer choices (style="word", the default):
     Answer format: while/if   ->   output "the correct answer is if"
 
 style="option" keeps WinoGrande's labels (``Answer format: option1/option2`` -> "the correct
-answer is option2"). Why words by default (measured with SmolLM2-135M, docs/reproduction.md):
-the base model puts the right word first in 88 % of the test sentences when it scores the two
-filled-in sentences as plain text, yet answers at chance in either instruction format. Trained,
-the labelled format stayed at chance (every arm at 160 steps x 4; FoRA's train loss still at the
-coin-flip level after 175 steps x 8), while every arm reached 0.62-0.70 in the word format in 200.
+answer is option2"). Words are the default because the labelled format stayed at chance in
+training while the word format did not (the runs are in docs/reproduction.md).
 
 Splits are by paragraph (a hash of its text puts about one in five into test), so no sentence
 or paragraph of the test split occurs in training; `prose_paragraphs("test")` is held-out English for perplexity.

@@ -1,8 +1,8 @@
 """The training run's configuration: a frozen dataclass and the argparse CLI that fills it.
 
-Defaults are the paper's settings (PAPER.md §3: r = 32, batch 16, sequence length 256, 3 epochs,
-targets q,k,v,up,down) and LLM-Adapters' recipe where the paper is silent (α = 2r, LoRA dropout
-0.05, 120 validation records, linear decay). Warmup defaults to 3 % of the run's steps
+The method's defaults come from `fora.defaults.FORA` (each tagged with its source: the paper, the
+authors' code or fora); the run's own are LLM-Adapters' recipe where the paper is silent (batch 16,
+120 validation records, linear decay). Warmup defaults to 3 % of the run's steps
 (`WARMUP_FRACTION`), so short runs reach their learning rate; LLM-Adapters' 100 steps are about
 0.3 % of its ~30k-step runs. The README's quick CPU run passes
 small explicit flags instead of relying on different defaults.
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
       "NormalFloat, double-quantized constants; QFoRA with --method fora); default full precision")
     a("--fim-statistic", choices=FIM_STATISTICS, default=d.fim_statistic, help="fim-lora's score of each "
       "LoRA-B gradient over the calibration passes: the uncentered second moment (the reference "
-      "code) or the variance (PAPER.md §5); summed over B's entries")
+      "code) or the variance (FIM-LoRA's text); summed over B's entries")
     a("--fim-r-min", type=int, default=d.fim_r_min, help="fim-lora: smallest rank of a module")
     a("--fim-r-max", type=int, default=d.fim_r_max, help="fim-lora: largest rank of a module; default "
       "min(4 r, d_in, d_out) (the reference code caps at 2 r)")

@@ -19,13 +19,13 @@ default, or A with `--stiefel-factor A` (the row-orthonormal-A ablation); either
 layers and ranks.
 `random-k` keeps FoRA's Stiefel factor, so fora vs random-k isolates the *selection* (Fisher vs
 chance) with everything else equal. `cka` follows seed 003 (plain LoRA on the layers that
-transform the representation most). The first four rows are PAPER.md §3's 2x2 table. `dora` and
+transform the representation most). The first four rows are the paper's 2x2 table. `dora` and
 `qdora` are the DoRA baselines the paper compares with (Table 1 and §4.5; `fora.baselines.dora`); QFoRA
 itself is `fora` with `--quantize nf4`.
 
 Deviations from the seed methods, recorded in `selection.json` under `deviations` (see
 `DEVIATIONS`) so that they travel with the results: FIM-LoRA's statistic (default second moment,
-PAPER.md §5 says variance), its sum over B's entries (the reference code averages), its cap
+FIM-LoRA's text says variance), its sum over B's entries (the reference code averages), its cap
 r_max = 4 r (the reference code: 2 r); CKA's samples at random cut points (seed 003: last token).
 """
 from __future__ import annotations
@@ -171,7 +171,7 @@ METHODS: dict[str, MethodSpec] = {
 
 DEVIATIONS: dict[str, str] = {
     "fim": "FIM-LoRA: each LoRA-B scored by the {statistic} of its gradient over the calibration passes "
-           "(PAPER.md §5: variance; the reference code: uncentered second moment), summed over B's entries "
+           "(FIM-LoRA's text: variance; the reference code: uncentered second moment), summed over B's entries "
            "(the reference code averages over A's); ranks in [{r_min}, {r_max}] (the reference code caps at 2r)",
     "cka": "CKA: the residual stream sampled at one random cut point per sequence (seed 003 uses each "
            "sequence's last token, which on instruction data is the same token everywhere)",

@@ -254,7 +254,7 @@ def test_gemma3_tensors_match_transformers_dequantization(gemma_gguf, gemma_fold
 
 
 def test_gemma3_config_values(gemma_folder):
-    """The official google/gemma-3-270m values (ARCHITECTURES.md §4.1)."""
+    """The official google/gemma-3-270m values."""
     cfg = json.loads((gemma_folder / "config.json").read_text())
     assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["model_type"] == "gemma3_text"
     expected = dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
