@@ -21,7 +21,8 @@ from fora.stiefel import stiefel_error
 from fora.formats.loading import load_model
 from fora.training.methods import METHODS
 from fora.formats.peft_io import load_adapter
-from fora.training.config import TrainConfig, parse_args
+from fora.training.config import TrainConfig
+from fora.training.flags import parse_args
 from fora.training.loop import MetricsLog, TrainingDiverged, causal_lm_loss
 from fora.training.resume import default_out
 from fora.training.run import main

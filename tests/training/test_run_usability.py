@@ -22,7 +22,8 @@ import fora.training.progress
 import fora.training.run
 from fora.formats.hub import PRESETS
 from fora.training.checkpoint import SaveClock
-from fora.training.config import TrainConfig, parse_args, warmup_steps
+from fora.training.config import TrainConfig, warmup_steps
+from fora.training.flags import parse_args
 from fora.training.interrupt import TrainingInterrupted
 from fora.training.loop import MetricsLog
 from fora.training.model_card import base_model_id, gguf_source
