@@ -37,7 +37,7 @@ from fora.inject import freeze_base, inject_lora, lora_modules
 from fora.models.speed import checkpoint_blocks, compile_blocks
 from fora.cayley_adam import CayleyAdam
 from fora.optim import build_optimizers, scheduled
-from fora.stiefel import stiefel_error
+from fora.stiefel import stiefel_residual
 from fora.training.adalora_hooks import AdaLoRAStep, init_rank, schedule_of
 from fora.training.batching import epoch_steps
 from fora.training.checkpoint import CONFIG_FILE, DataPosition, SaveClock, restore_training_state, save_checkpoint
@@ -94,14 +94,16 @@ def base_model_id(cfg: TrainConfig, folder: Path) -> str:
 
 def manifold_metrics(model: nn.Module, stiefel: bool) -> dict[str, float]:
     """For a Stiefel method's log row: the largest distance from the manifold of any Stiefel
-    factor and the largest |gate|; nothing for the plain methods."""
-    mods = list(lora_modules(model).values())
-    if not stiefel or not mods:
+    factor and the largest |gate|, read back in one device sync; nothing for the plain methods."""
+    if not stiefel:  # plain LoRA has no manifold to measure
         return {}
-    points = [CayleyAdam.point(p) for m in mods if (p := m.stiefel_parameter()) is not None]
-    row = {"stiefel_error": max(stiefel_error(p) for p in points)} if points else {}
-    gates = [abs(m.gate()) for m in mods if m.lora_gate is not None]
-    return {**row, **({"gate_max": max(gates)} if gates else {})}
+    mods = list(lora_modules(model).values())
+    errors = [stiefel_residual(CayleyAdam.point(p)) for m in mods if (p := m.stiefel_parameter()) is not None]
+    gates = [m.lora_gate.detach().abs() for m in mods if m.lora_gate is not None]
+    # the two maxima stay on the device until the one transfer (float64 holds either dtype exactly)
+    names = [name for name, xs in (("stiefel_error", errors), ("gate_max", gates)) if xs]
+    peaks = [torch.stack([x.double() for x in xs]).max() for xs in (errors, gates) if xs]
+    return dict(zip(names, torch.stack(peaks).tolist())) if peaks else {}
 
 
 def main(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None,
