@@ -1,4 +1,4 @@
-"""The manifold columns of a training log row (`fora.training.run.manifold_metrics`).
+"""The manifold columns of a training log row (`fora.training.steps.manifold_metrics`).
 
 Oracle: each factor measured on its own with `stiefel_error` and each gate read with `LoRALinear.gate`
 (what the row held when it was computed module by module); the row is read back in one device sync.
@@ -12,7 +12,7 @@ from torch import nn
 from fora.cayley_adam import CayleyAdam
 from fora.lora import LoRALinear
 from fora.stiefel import stiefel_error
-from fora.training.run import manifold_metrics
+from fora.training.steps import manifold_metrics
 
 
 def adapters(init: str, n: int = 3) -> nn.ModuleDict:
