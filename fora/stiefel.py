@@ -24,7 +24,7 @@ __all__ = [
     "random_stiefel", "project_tangent", "canonical_direction", "skew_apply", "skew_norm",
     "skew_norm_l1", "cayley_step", "cayley_coefficients", "skew_norm_from_grams", "cayley_fixed_point",
     "qr_retract",
-    "stiefel_error", "effective_rank",
+    "stiefel_error", "stiefel_residual", "effective_rank",
 ]
 
 
@@ -90,6 +90,12 @@ def stiefel_error(X: Tensor, *, rows: bool | None = None) -> float:
     Raises:
         ValueError for a wide X when ``rows`` is not given.
     """
+    return stiefel_residual(X, rows=rows).item()
+
+
+def stiefel_residual(X: Tensor, *, rows: bool | None = None) -> Tensor:
+    """`stiefel_error` as a 0-d tensor on X's device: no device sync, so that many factors can be
+    measured and read back at once. Same arguments and errors as `stiefel_error`."""
     if rows is None:
         _check_point("stiefel_error", X, "call stiefel_error(A, rows=True)")
     Xw = X.detach().to(_work_dtype(X.dtype))
@@ -97,7 +103,7 @@ def stiefel_error(X: Tensor, *, rows: bool | None = None) -> float:
         Xw = Xw.mT
     gram = Xw.mT @ Xw
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return (gram - eye).abs().max().item()
+    return (gram - eye).abs().max()
 
 
 def project_tangent(X: Tensor, V: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from script_loader import load_script
 
-from fora.training.config import parse_args as train_args
+from fora.training.flags import parse_args as train_args
 from fora.training.resume import default_out
 
 ROOT = Path(__file__).resolve().parents[1]

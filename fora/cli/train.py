@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from fora.training.argparser import command_name
-from fora.training.config import parse_args
+from fora.training.flags import parse_args
 from fora.training.interrupt import TrainingInterrupted
 from fora.training.loop import TrainingDiverged
 

@@ -47,7 +47,7 @@ class _RunConfig(_Config, Protocol):
     def trajectory_diff(self, other: Any) -> dict[str, tuple[Any, Any]]: ...
 
 
-# `fora.training.config.parse_args` calls in here; the config class comes in as an argument so
+# `fora.training.flags.parse_args` calls in here; the config class comes in as an argument so
 # that this module does not import config back.
 C = TypeVar("C", bound=_Config)
 

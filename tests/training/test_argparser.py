@@ -6,7 +6,7 @@ import pytest
 from script_loader import load_script
 
 from fora.training.argparser import join_negative_values
-from fora.training.config import build_parser, parse_args
+from fora.training.flags import build_parser, parse_args
 
 HINT = "(train.py --help shows the usage and every flag)"
 

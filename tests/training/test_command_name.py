@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from fora.training.argparser import command_name
-from fora.training.config import build_parser
+from fora.training.flags import build_parser
 
 
 @pytest.mark.parametrize("argv0,expected", [

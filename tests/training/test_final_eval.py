@@ -18,7 +18,8 @@ from fora.evaluation.accuracy import evaluate_tasks
 from fora.formats.loading import load_model, load_tokenizer
 from fora.formats.peft_io import load_adapter
 from fora.training.cloze import cloze_task
-from fora.training.config import TrainConfig, parse_args
+from fora.training.config import TrainConfig
+from fora.training.flags import parse_args
 from fora.evaluation.final_eval import before_after, eval_table, final_evaluation
 from fora.training.builtin import builtin_records
 from fora.training.run import data_sha256, main, prepare_data

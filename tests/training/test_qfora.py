@@ -18,7 +18,8 @@ from tiny_models import hf_reference
 from fora.formats.loading import load_model
 from fora.formats.peft_io import load_adapter
 from fora.stiefel import stiefel_error
-from fora.training.config import TrainConfig, parse_args
+from fora.training.config import TrainConfig
+from fora.training.flags import parse_args
 from fora.training.loop import MetricsLog
 from fora.training.run import main
 

@@ -15,13 +15,14 @@ from safetensors.torch import load_file
 from script_loader import load_script
 from tiny_models import hf_reference
 
-import fora.training.run
+import fora.training.steps
 from fora.inject import freeze_base, inject_lora
 from fora.stiefel import stiefel_error
 from fora.formats.loading import load_model
 from fora.training.methods import METHODS
 from fora.formats.peft_io import load_adapter
-from fora.training.config import TrainConfig, parse_args
+from fora.training.config import TrainConfig
+from fora.training.flags import parse_args
 from fora.training.loop import MetricsLog, TrainingDiverged, causal_lm_loss
 from fora.training.resume import default_out
 from fora.training.run import main
@@ -175,7 +176,7 @@ def test_each_method_adapts_what_it_should(cfg, method):
 
 
 def test_nan_loss_stops_with_checkpoint_intact(cfg, monkeypatch):
-    real = fora.training.run.forward_loss
+    real = fora.training.steps.forward_loss
     calls = {"n": 0}
 
     def poisoned(model, batch, device, **kw):
@@ -185,7 +186,7 @@ def test_nan_loss_stops_with_checkpoint_intact(cfg, monkeypatch):
             if calls["n"] == 3:
                 return total * float("nan"), n
         return total, n
-    monkeypatch.setattr(fora.training.run, "forward_loss", poisoned)
+    monkeypatch.setattr(fora.training.steps, "forward_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 3.*checkpoint.*--lr"):
         main(replace(cfg, max_steps=4, save_every=1))
     out = Path(cfg.out)

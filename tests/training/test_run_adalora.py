@@ -16,7 +16,8 @@ from fora.formats.loading import load_model
 from fora.formats.peft_io import load_adapter
 from fora.inject import lora_modules
 from fora.training.adalora_hooks import AdaLoRAStep
-from fora.training.config import TrainConfig, parse_args
+from fora.training.config import TrainConfig
+from fora.training.flags import parse_args
 from fora.training.loop import MetricsLog
 from fora.training.run import main
 

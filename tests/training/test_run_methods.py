@@ -17,7 +17,8 @@ import fora.training.run
 from fora.baselines.fim_lora import fim_rank_pattern
 from fora.formats.loading import load_model, load_tokenizer
 from fora.inject import inject_lora, lora_modules
-from fora.training.config import TrainConfig, parse_args
+from fora.training.config import TrainConfig
+from fora.training.flags import parse_args
 from fora.training.init_norm import unit_row_norms
 from fora.training.methods import METHODS
 from fora.training.run import main, prepare_data

@@ -20,9 +20,11 @@ from script_loader import load_script
 
 import fora.training.progress
 import fora.training.run
+import fora.training.steps
 from fora.formats.hub import PRESETS
 from fora.training.checkpoint import SaveClock
-from fora.training.config import TrainConfig, parse_args, warmup_steps
+from fora.training.config import TrainConfig, warmup_steps
+from fora.training.flags import parse_args
 from fora.training.interrupt import TrainingInterrupted
 from fora.training.loop import MetricsLog
 from fora.training.model_card import base_model_id, gguf_source
@@ -70,7 +72,7 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_and_resume_dir_alone_continues(
 
 
 def test_keyboard_interrupt_mid_step_saves_the_last_finished_step(cfg, monkeypatch, tmp_path):
-    real, calls = fora.training.run.forward_loss, {"n": 0}
+    real, calls = fora.training.steps.forward_loss, {"n": 0}
 
     def interrupted(model, batch, device, **kw):
         if model.training:
@@ -78,7 +80,7 @@ def test_keyboard_interrupt_mid_step_saves_the_last_finished_step(cfg, monkeypat
             if calls["n"] == 4:                               # inside step 2 (grad_accum 2)
                 raise KeyboardInterrupt
         return real(model, batch, device, **kw)
-    monkeypatch.setattr(fora.training.run, "forward_loss", interrupted)
+    monkeypatch.setattr(fora.training.steps, "forward_loss", interrupted)
     with pytest.raises(TrainingInterrupted, match=r"(?s)after step 1 of 3.*--resume"):
         main(replace(cfg, max_steps=3, grad_accum=2))
     # the position names the next optimizer step of the epoch (each of grad_accum micro-batches)
@@ -86,7 +88,7 @@ def test_keyboard_interrupt_mid_step_saves_the_last_finished_step(cfg, monkeypat
 
 
 def test_cli_ctrl_c_prints_the_resume_command_without_traceback(tiny, data_file, tmp_path, capsys, monkeypatch):
-    real = fora.training.run.forward_loss
+    real = fora.training.steps.forward_loss
     calls = {"n": 0}
 
     def interrupted(model, batch, device, **kw):
@@ -94,7 +96,7 @@ def test_cli_ctrl_c_prints_the_resume_command_without_traceback(tiny, data_file,
         if calls["n"] == 2:
             raise KeyboardInterrupt
         return real(model, batch, device, **kw)
-    monkeypatch.setattr(fora.training.run, "forward_loss", interrupted)
+    monkeypatch.setattr(fora.training.steps, "forward_loss", interrupted)
     out = tmp_path / "cli"
     argv = ["--model", str(tiny), "--data", str(data_file), "--out", str(out), "--k", "2", "--rank", "4",
             "--batch-size", "4", "--max-steps", "3", "--val-size", "8", "--fisher-batches", "2", "--device", "cpu"]

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from fora.training.config import TrainConfig, parse_args
+from fora.training.config import TrainConfig
+from fora.training.flags import parse_args
 
 
 def test_float16_training_is_refused_with_bf16_as_the_fix(capsys):

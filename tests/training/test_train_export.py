@@ -14,6 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def test_train_export_writes_the_adapter_gguf(cfg, tmp_path, capsys):
+    pytest.importorskip("gguf")  # the optional extra (fora[gguf]): export reads the written file back with it
     out = tmp_path / "run"
     argv = ["--model", cfg.model, "--data", cfg.data, "--out", str(out), "--k", "2", "--rank", "4", "--device", "cpu",
             "--max-steps", "2", "--batch-size", "4", "--val-size", "8", "--fisher-batches", "2", "--save-every", "0",
