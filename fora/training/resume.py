@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -55,8 +56,12 @@ C = TypeVar("C", bound=_Config)
 def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
     """{dest: value} of the flags present in `argv` only (defaults left out, nothing required).
 
-    `parser` is modified: pass a fresh one.
+    `parser` is modified: pass a fresh one. ``-h`` / ``--help`` is answered by the parser as given,
+    so the help shows the defaults and the required flags.
     """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in args or "--help" in args:
+        parser.parse_args(args)  # prints the help and exits
     for action in parser._actions:
         if action.dest != "help":
             action.default, action.required = argparse.SUPPRESS, False

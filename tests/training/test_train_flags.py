@@ -138,3 +138,14 @@ def test_help_lists_each_stage_group_with_its_flags(capsys):
     sections = help_sections(capsys.readouterr().out)
     assert sections.pop("options") == ["--help"]
     assert sections == GROUPS  # the groups in pipeline order, each with its flags in order
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_shows_the_defaults_and_the_required_model(capsys, flag):
+    with pytest.raises(SystemExit) as done:
+        parse_args([flag])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    usage = out.split("\n\n")[0]
+    assert "--model MODEL" in usage and "[--model MODEL]" not in usage
+    assert re.search(r"--rank RANK\s+LoRA rank r \(lora-half-rank uses r/2\) \(default: 32\)", out)
