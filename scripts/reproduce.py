@@ -28,7 +28,7 @@ skipped, a killed run resumes from its last checkpoint.
 
 The commonsense suite (--task commonsense; docs/reproduction.md#the-commonsense-suite): every arm
 trains on SUITE/commonsense_train.json (`scripts/make_task.py --task commonsense`) at the paper's
-settings (r 32, alpha 64, cutoff 256, 200 steps x 8, bfloat16, K = L/2, targets q k v up down,
+settings (r 32, alpha 64, cutoff 256, 200 steps x 8, --dtype auto: bfloat16 on CUDA, float32 on the CPU, K = L/2, targets q k v up down,
 N = 128 Fisher batches), is measured on SUITE/<task>/test.json per task by loglik and, on the first
 --gen-limit records of each task, by generate (`fora.evaluation.measure.measure_tasks`), and the
 report (`fora.evaluation.suite`) gives per-task tables beside the paper's Table B, the 2x2
@@ -70,7 +70,7 @@ ALL_ARMS = ARMS + BASELINES
 TEST_SPLITS = ("one-blank", "all-blanks")
 TASKS = ("cloze", "commonsense")
 # --task commonsense's defaults where they differ from the cloze task's (the paper's settings at small scale)
-SUITE_DEFAULTS = {"rank": FORA.rank, "cutoff_len": FORA.cutoff_len, "lr": FORA.lr, "dtype": "bfloat16",
+SUITE_DEFAULTS = {"rank": FORA.rank, "cutoff_len": FORA.cutoff_len, "lr": FORA.lr, "dtype": "auto",
                   "fisher_batches": FORA.fisher_batches, "gen_limit": 25}
 
 

@@ -69,7 +69,7 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
     assert by["lora"]["lr"] == 2e-4 and by["lora"]["lr_source"] == "--lr"
     for arm, factor in (("fora", "B"), ("fora-a", "A"), ("lora", "B")):
         trained = json.loads((out / "tiny" / f"{arm}-s0" / "train_config.json").read_text())
-        assert (trained["stiefel_factor"], trained["dtype"], trained["alpha"], trained["k"]) == (factor, "bfloat16", None, None)
+        assert (trained["stiefel_factor"], trained["dtype"], trained["alpha"], trained["k"]) == (factor, "auto", None, None)
         assert trained["lr"] == by[arm]["lr"] and trained["data"] == str(suite / "commonsense_train.json")
         items = json.loads((out / "tiny" / f"{arm}-s0" / "items.json").read_text())
         assert set(items["tasks"]) == set(TASKS) and items["test_sha256"] == by[arm]["test_sha256"]
@@ -96,7 +96,7 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
 def test_suite_defaults_are_the_papers_settings(reproduce, tmp_path, monkeypatch, capsys):
     cfg = reproduce.parse_args(["--task", "commonsense"])
     assert (cfg.rank, cfg.cutoff_len, cfg.steps, cfg.batch_size, cfg.lr, cfg.dtype, cfg.fisher_batches, cfg.gen_limit) \
-        == (32, 256, 200, 8, 2e-4, "bfloat16", 128, 25)
+        == (32, 256, 200, 8, 2e-4, "auto", 128, 25)
     cloze = reproduce.parse_args([])
     assert (cloze.rank, cloze.cutoff_len, cloze.lr, cloze.dtype, cloze.fisher_batches, cloze.gen_limit) \
         == (16, 128, 5e-4, "auto", 4, 48)
