@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -166,6 +167,7 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
     with scoring_state(model, trainable), weight_grad_norms(quantized, fold_quantized):
         hooks = [p.register_post_accumulate_grad_hook(fold(index[path])) for _, path, p in entries]
         try:
+            t0, every = time.perf_counter(), max(1, len(batches) // 8)
             for b, batch in enumerate(batches):
                 loss = batch_loss(model, batch, device)
                 loss.backward()
@@ -173,6 +175,9 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
                 acc.zero_()
                 if log.isEnabledFor(logging.DEBUG):  # .item() waits for the device
                     log.debug("fisher batch %d/%d: loss %.4f", b + 1, len(batches), loss.item())
+                elif (b + 1) % every == 0 or b + 1 == len(batches):  # N = 128 takes many minutes on a CPU
+                    log.info("Fisher scores: %d/%d calibration batches, %.0f s", b + 1, len(batches),
+                             time.perf_counter() - t0)
         finally:
             for h in hooks:
                 h.remove()

@@ -1,5 +1,6 @@
 """Fisher layer scores (Eq. 2) against a naive full-.grad computation on the transformers model."""
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -123,6 +124,15 @@ def test_additive_over_batches(checkpoints):
     joint = fisher_scores(model, batches)
     single = sum(fisher_scores(model, [b]) for b in batches)
     torch.testing.assert_close(3 * joint, single, rtol=1e-10, atol=0)
+
+
+def test_progress_is_logged_about_eight_times(checkpoints, caplog):
+    model = load_model(checkpoints["qwen3"], device="cpu")
+    with caplog.at_level(logging.INFO, logger="fora.fisher"):
+        fisher_scores(model, make_batches(17, seed=1))
+    counts = [int(m.split(": ")[1].split("/")[0]) for m in caplog.messages if m.startswith("Fisher scores:")]
+    assert counts == [2, 4, 6, 8, 10, 12, 14, 16, 17]
+    assert all(m.endswith(" s") and "/17 calibration batches" in m for m in caplog.messages)
 
 
 def test_lora_adapters_are_not_scored(checkpoints):
