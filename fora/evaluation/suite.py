@@ -29,7 +29,7 @@ from typing import Any
 
 from fora.evaluation.lr_choice import lr_choice_markdown
 from fora.evaluation.paired import INTERACTION, contrast_interval
-from fora.evaluation.report import (CLAIMS, STIEFEL_EFFECT, Claim, arm_label, claims_brief, claims_markdown,
+from fora.evaluation.report import (CLAIMS, STIEFEL_EFFECT, Claim, arm_label, claims_markdown,
                                     evaluate_claim, mean_sd)
 from fora.training.commonsense import TASKS
 
@@ -262,10 +262,17 @@ def table6(model: str, rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def averages_brief(model: str, rows: Sequence[Mapping[str, Any]], items: Mapping[tuple, Any], *, n_boot: int) -> str:
-    """The README's table: per arm, loglik accuracy on the three averages, Table B's CS-Avg beside."""
+def averages_brief(model: str, rows: Sequence[Mapping[str, Any]], items: Mapping[tuple, Any],
+                   base_items: Any = None, *, n_boot: int) -> str:
+    """The README's table: the base model zero-shot, then per arm, loglik accuracy on the three
+    averages, Table B's CS-Avg beside."""
     views = {name: view(rows, items, tasks, "acc_loglik")[1] for name, tasks in AVERAGES.items()}
     lines = ["| arm | seeds | params | " + " | ".join(AVERAGES) + " | Table B's CS-Avg |", "|---|---|---|---|---|---|---|"]
+    if base_items is not None:
+        base_views = [view([{"model": model, "method": BASE, "seed": None}], {(model, BASE, None): base_items},
+                           tasks, "acc_loglik")[1] for tasks in AVERAGES.values()]
+        cells = [_pct(arm_interval(v, model, BASE, "acc_loglik", n_boot=n_boot)[1]) for v in base_views]
+        lines.append(f"| {BASE} | - | 0 | " + " | ".join(cells) + " | - |")
     for arm in arms_of(rows, model):
         group = [r for r in rows if r["model"] == model and arm_label(r) == arm]
         paper = TABLE_B.get(model, {}).get(arm)
@@ -289,7 +296,7 @@ def suite_report(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple, Any], 
         rows: result.json rows; items: (model, arm label, seed) -> items.json (None where missing);
         base_items: model -> the base model's items.json; choices: model -> lr_choice.json.
     Returns:
-        {"markdown": the whole report, "briefs": model -> the README's table and claims,
+        {"markdown": the whole report, "briefs": model -> the README's table of averages,
         "claims": the claims rows}.
     """
     models = list(dict.fromkeys([*base_items, *(r["model"] for r in rows)]))
@@ -307,6 +314,6 @@ def suite_report(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple, Any], 
                   f"{name}, Table 6's diagnostics:", "", table6(model, rows), ""]
         if model in choices:
             parts += [f"{name}, learning rates on the validation split:", "", lr_choice_markdown(choices[model], slug, LABELS), ""]
-        briefs[model] = averages_brief(model, rows, items, n_boot=n_boot) + "\n\n" + claims_brief(claims, model)
+        briefs[model] = averages_brief(model, rows, items, base_items.get(model), n_boot=n_boot)
     parts += ["#### The claims (loglik accuracy averaged over Table B's 7 tasks)", "", claims_markdown(claims, slug)]
     return {"markdown": "\n".join(parts), "briefs": briefs, "claims": claims}

@@ -197,6 +197,8 @@ def test_suite_report_equals_a_direct_computation_beside_table_b(reproduce, tmp_
     md = (out / "commonsense.md").read_text()
     pasted = page.read_text()  # both blocks: the whole report, and the README's averages and claims
     assert "old" not in pasted and md.strip() in pasted and "| arm | seeds | params | avg 4 (CS-Avg) |" in pasted
+    brief = pasted.split("<!-- commonsense_brief gemma-3-270m -->\n", 1)[1].split("<!-- end", 1)[0]
+    assert brief.splitlines()[2].startswith("| base (zero-shot) | - | 0 | 100.0 [100.0, 100.0] |")
     columns = [(LABELS[t], (t,)) for t in TASKS] + list(AVERAGES.items())
     for metric, title in (("acc_loglik", "gemma-3-270m, loglik accuracy,"),
                           ("acc_generate", "gemma-3-270m, generate-and-extract")):
