@@ -21,7 +21,7 @@ from torch import nn
 
 from fora.inject import DEFAULT_TARGETS
 from fora.models.decoder import CausalLM
-from fora.models.linear import is_packed_linear
+from fora.models.linear import is_packed_linear, linear_device
 from fora.models.loss import causal_lm_loss
 from fora.models.paths import decoder_layers, layer_index, target_modules
 from fora.models.weight_grad import quantized_linears, weight_grad_norms
@@ -146,7 +146,7 @@ def fisher_scores(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]
         layer_of[index[path]] = layer
     for path in quantized:
         layer_of[index[path]] = layer_index(path)
-    device = entries[0][2].device if entries else next(next(iter(quantized.values())).buffers()).device
+    device = entries[0][2].device if entries else linear_device(next(iter(quantized.values())))
     acc = torch.zeros(len(paths), dtype=torch.float32, device=device)  # this batch, per module
     # float64 sums stay on the device (MPS has no float64) and reach the host once, at the end
     total = torch.zeros(len(paths), dtype=torch.float64, device=device if device.type != "mps" else "cpu")

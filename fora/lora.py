@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fora.models.linear import is_linear, is_packed_linear
+from fora.models.linear import is_linear, is_packed_linear, linear_device
 from fora.stiefel import random_stiefel
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class LoRALinear(nn.Module):
                 self.bias.requires_grad_(False)
             else:
                 self.register_parameter("bias", None)
-        device = next(iter([*base.buffers(), *base.parameters()])).device if self.quantized else base.weight.device
+        device = linear_device(base)
         self.lora_A = nn.Parameter(torch.empty(rank, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank, dtype=dtype, device=device))
         if factor == "B":
@@ -127,7 +127,7 @@ class LoRALinear(nn.Module):
 
     def stiefel_parameter(self) -> nn.Parameter | None:
         """The factor on the Stiefel manifold: B (FoRA), A (the ablation) or None (plain LoRA)."""
-        return {"B": self.lora_B, "A": self.lora_A, None: None}[self.stiefel_factor]
+        return None if self.stiefel_factor is None else self.factor(self.stiefel_factor)
 
     def factor(self, name: str) -> nn.Parameter:
         """The factor ``name``: "B" (d_out, r) or "A" (r, d_in)."""

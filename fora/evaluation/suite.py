@@ -171,6 +171,13 @@ def arms_of(rows: Sequence[Mapping[str, Any]], model: str) -> list[str]:
     return [*SUITE_ARMS, *(a for a in present if a not in SUITE_ARMS)]
 
 
+def base_cells(model: str, base_items: Any, columns: Sequence[Sequence[str]], metric: str, *, n_boot: int) -> list[str]:
+    """The base model's zero-shot accuracy over each column's tasks, in %, with its 95 % interval."""
+    row, stored = [{"model": model, "method": BASE, "seed": None}], {(model, BASE, None): base_items}
+    return [_pct(arm_interval(view(row, stored, tasks, metric)[1], model, BASE, metric, n_boot=n_boot)[1])
+            for tasks in columns]
+
+
 def accuracy_table(model: str, rows: Sequence[Mapping[str, Any]], items: Mapping[tuple, Any],
                    base_items: Mapping[str, Any] | None, metric: str, *, n_boot: int) -> str:
     """One line per arm (base first, "not run" where missing): its accuracy per task and the three
@@ -180,9 +187,7 @@ def accuracy_table(model: str, rows: Sequence[Mapping[str, Any]], items: Mapping
     lines = [head, "|" + "---|" * (4 + len(columns))]
     views = [view(rows, items, tasks, metric)[1] for _, tasks in columns]
     if base_items is not None:
-        base_views = [view([{"model": model, "method": BASE, "seed": None}], {(model, BASE, None): base_items},
-                           tasks, metric)[1] for _, tasks in columns]
-        cells = [_pct(arm_interval(v, model, BASE, metric, n_boot=n_boot)[1]) for v in base_views]
+        cells = base_cells(model, base_items, [tasks for _, tasks in columns], metric, n_boot=n_boot)
         lines.append(f"| {BASE} | - | - | 0 | " + " | ".join(cells) + " |")
     for arm in arms_of(rows, model):
         group = [r for r in rows if r["model"] == model and arm_label(r) == arm]
@@ -269,9 +274,7 @@ def averages_brief(model: str, rows: Sequence[Mapping[str, Any]], items: Mapping
     views = {name: view(rows, items, tasks, "acc_loglik")[1] for name, tasks in AVERAGES.items()}
     lines = ["| arm | seeds | params | " + " | ".join(AVERAGES) + " | Table B's CS-Avg |", "|---|---|---|---|---|---|---|"]
     if base_items is not None:
-        base_views = [view([{"model": model, "method": BASE, "seed": None}], {(model, BASE, None): base_items},
-                           tasks, "acc_loglik")[1] for tasks in AVERAGES.values()]
-        cells = [_pct(arm_interval(v, model, BASE, "acc_loglik", n_boot=n_boot)[1]) for v in base_views]
+        cells = base_cells(model, base_items, list(AVERAGES.values()), "acc_loglik", n_boot=n_boot)
         lines.append(f"| {BASE} | - | 0 | " + " | ".join(cells) + " | - |")
     for arm in arms_of(rows, model):
         group = [r for r in rows if r["model"] == model and arm_label(r) == arm]

@@ -8,6 +8,7 @@ quantization code.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -22,3 +23,12 @@ def is_packed_linear(module: nn.Module) -> bool:
 def is_linear(module: nn.Module) -> bool:
     """What an adapter can wrap: an nn.Linear or a packed linear."""
     return isinstance(module, nn.Linear) or is_packed_linear(module)
+
+
+def linear_device(module: nn.Module) -> torch.device:
+    """Where a linear layer's weight lives: its ``weight``, or a packed layer's codes (buffers, or
+    Parameters once FSDP shards them)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter):
+        return weight.device
+    return next(iter([*module.buffers(), *module.parameters()])).device
