@@ -35,8 +35,12 @@ report (`fora.evaluation.suite`) gives per-task tables beside the paper's Table 
 contrasts and the claims. `fora-a` and `stiefel-lora-a` are the A-side ablation's arms
 (--stiefel-factor A). --select-lr LR... trains each --methods arm at every LR and keeps the one with
 the best validation accuracy (SUITE/<task>/val.json) in OUT/<model>/lr_choice.json, which later
-runs of that arm use.
+runs of that arm use; --select-steps STEPS... chooses the budget the same way (the smallest that takes
+every arm above the base model's zero-shot level, OUT/<model>/budget_choice.json). Arms of one seed
+that score layers share one Fisher selection (train.py --selection-from).
 
+    nice -n 10 python scripts/reproduce.py --task commonsense --out results/commonsense --models gemma-3-270m \
+        --methods lora fora --select-steps 200 600
     nice -n 10 python scripts/reproduce.py --task commonsense --out results/commonsense --models gemma-3-270m \
         --methods fora --select-lr 2e-4 1e-3 3e-3
     nice -n 10 python scripts/reproduce.py --task commonsense --out results/commonsense --models gemma-3-270m \
@@ -52,8 +56,9 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -62,6 +67,9 @@ from fora.training.argparser import ArgumentParser  # noqa: E402
 from fora.evaluation.measure import EvalSizes, arm_row, base_row  # noqa: E402
 from fora.evaluation.lr_choice import LR_CHOICE, chosen_lr  # noqa: E402
 from fora.evaluation.suite import VARIANTS  # noqa: E402
+
+if TYPE_CHECKING:
+    from fora.training.config import TrainConfig
 
 log = logging.getLogger("reproduce")
 ARMS = ("fora", "lora", "fg-lora", "stiefel-lora", "lora-half-rank", "random-k")  # the default arms
@@ -107,6 +115,7 @@ class ReproduceConfig:
     dtype: str = "auto"        # training dtype (train.py --dtype); measurement is float32 either way
     fisher_batches: int = 4    # calibration batches N of Fisher's Eq. 2 (the authors': 128)
     select_lr: tuple[float, ...] = ()  # train each --methods arm at these lrs, keep the best on validation
+    select_steps: tuple[int, ...] = ()  # train each --methods arm at these step counts, choose the budget on validation
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
@@ -139,6 +148,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
                    help="--task commonsense: train each --methods arm (first --seeds seed) at every LR, score "
                         "SUITE/<task>/val.json by loglik and keep the LR with the best mean over tasks in "
                         f"OUT/<model>/{LR_CHOICE} (and lr_choice.md); later runs of that arm train at it")
+    p.add_argument("--select-steps", nargs="+", type=int, default=[], metavar="STEPS",
+                   help="--task commonsense: train each --methods arm (first seed) for each number of STEPS, score "
+                        "it and the base model on the validation split, and choose the smallest budget that takes "
+                        "every arm above the zero-shot level into OUT/<model>/budget_choice.json (and .md)")
     p.add_argument("--style", choices=("word", "option"), default=d.style,
                    help="cloze answers: the two words, or WinoGrande's option1/option2 labels")
     p.add_argument("--base-first", action="store_true",
@@ -164,8 +177,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
         a.setdefault(name, value if a["task"] == "commonsense" else getattr(d, name))
     if a["task"] == "cloze":
         variants = [m for m in a["methods"] if m in VARIANTS]
-        if variants or a["select_lr"]:
-            p.error(f"{' '.join(variants) or '--select-lr'}: only with --task commonsense")
+        if variants or a["select_lr"] or a["select_steps"]:
+            p.error(f"{' '.join(variants) or ('--select-lr' if a['select_lr'] else '--select-steps')}: "
+                    f"only with --task commonsense")
+    if a["select_lr"] and a["select_steps"]:
+        p.error("--select-lr and --select-steps: choose one at a time (the budget first, at --lr)")
+    if any(x < 1 for x in a["select_steps"]):
+        p.error(f"--select-steps takes step counts >= 1, got {a['select_steps']}")
     if any(not x > 0 for x in a["select_lr"]):
         p.error(f"--select-lr takes learning rates > 0, got {a['select_lr']}")
     if any(not x > 0 for x in a["stiefel_scales"]):
@@ -210,24 +228,45 @@ def write_data(out: Path, blanks: int = 1, style: str = "word", test_split: str 
     return train, test
 
 
+def arm_config(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path,
+               stiefel_scale: float = 1.0, lr: float | None = None, stiefel_factor: str = "B") -> TrainConfig:
+    """The training run of one arm: the settings every arm shares, and its own."""
+    from fora.training.config import TrainConfig
+
+    return TrainConfig(model=model_name, method=method, data=str(train_file), out=str(run), seed=seed,
+                       rank=cfg.rank, lr=cfg.lr if lr is None else lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
+                       cutoff_len=cfg.cutoff_len, warmup_steps=cfg.warmup_steps, val_size=cfg.val_size,
+                       fisher_batches=cfg.fisher_batches, eval_every=max(1, cfg.steps // 4), log_every=10,
+                       save_every=max(1, cfg.steps // 4), match_init_norm=cfg.match_init_norm,
+                       stiefel_lr_scale=stiefel_scale, stiefel_factor=stiefel_factor, dtype=cfg.dtype)
+
+
 def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path,
               stiefel_scale: float = 1.0, lr: float | None = None, stiefel_factor: str = "B") -> None:
-    """Train one arm into `run` unless its adapter exists; resume from a checkpoint when there is one."""
+    """Train one arm (`arm_config`) into `run` unless its adapter exists; resume from a checkpoint when there
+    is one. An arm that scores layers reuses the selection of another run under OUT/<model> that scored the
+    same calibration batches with the same selector (train.py --selection-from), if there is one."""
     from fora.formats.peft_io import ADAPTER_WEIGHTS
-    from fora.training.config import TrainConfig
+    from fora.training.methods import METHODS
     from fora.training.run import main
+    from fora.training.selection_reuse import find_shared_selection
 
     if (run / ADAPTER_WEIGHTS).is_file():
         return
     resume = str(run) if (run / "checkpoint").is_dir() else None
     if resume is None and run.exists():
         shutil.rmtree(run)  # an attempt killed before its first checkpoint: nothing to keep
-    main(TrainConfig(model=model_name, method=method, data=str(train_file), out=str(run), seed=seed,
-                     rank=cfg.rank, lr=cfg.lr if lr is None else lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
-                     cutoff_len=cfg.cutoff_len, warmup_steps=cfg.warmup_steps, val_size=cfg.val_size,
-                     fisher_batches=cfg.fisher_batches, eval_every=max(1, cfg.steps // 4), log_every=10,
-                     save_every=max(1, cfg.steps // 4), match_init_norm=cfg.match_init_norm, resume=resume,
-                     stiefel_lr_scale=stiefel_scale, stiefel_factor=stiefel_factor, dtype=cfg.dtype))
+    tc = replace(arm_config(model_name, method, seed, train_file, cfg, run, stiefel_scale, lr, stiefel_factor),
+                 resume=resume)
+    if resume is None:
+        model_dir = cfg.out / slug(model_name)
+        others = [f for d in (model_dir, model_dir / "steps-select", model_dir / "lr-select") if d.is_dir()
+                  for f in sorted(d.iterdir()) if f.is_dir() and f != run]
+        shared = find_shared_selection(others, tc.to_dict(), METHODS[method].selector)
+        if shared is not None:
+            log.info("%s: reusing the layer selection of %s", run, shared)
+            tc = replace(tc, selection_from=str(shared))
+    main(tc)
 
 
 def arm_name(method: str, stiefel_scale: float = 1.0, lr: float | None = None) -> str:
@@ -311,7 +350,7 @@ def report_config(cfg: ReproduceConfig, rows: list[dict], stored: dict | None) -
     """results.json's config: this invocation's settings (--report: the runs' own, as stored), and
     which models, methods, seeds and scales the tables hold, whichever invocations trained them."""
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
-              if k not in ("sync_docs", "method_lr", "select_lr")}  # output options; per-arm lr kept in each row
+              if k not in ("sync_docs", "method_lr", "select_lr", "select_steps")}  # output options; per-arm lr kept in each row
     config = stored if cfg.report and stored else config  # --report keeps the runs' own settings
     return {**config, "models": sorted({r["model"] for r in rows}), "methods": sorted({r["method"] for r in rows}),
             "seeds": sorted({r["seed"] for r in rows}),
@@ -321,7 +360,8 @@ def report_config(cfg: ReproduceConfig, rows: list[dict], stored: dict | None) -
 def finish_suite(cfg: ReproduceConfig) -> dict:
     """The suite's tables, contrasts and claims (`fora.evaluation.suite`) from every finished arm under
     OUT: OUT/commonsense.md and .json, OUT/results.json; with --sync-docs pasted into the pages'
-    blocks <!-- commonsense.md --> and <!-- commonsense_brief MODEL -->."""
+    blocks <!-- commonsense.md -->, <!-- commonsense_brief MODEL --> and (OUT/MODEL/budget_choice.md)
+    <!-- budget_choice MODEL -->."""
     from fora.evaluation.report import arm_label, finished_runs, load_items
     from fora.evaluation.suite import suite_report
     from fora.formats.atomic import atomic_write_json, atomic_write_text
@@ -341,8 +381,10 @@ def finish_suite(cfg: ReproduceConfig) -> dict:
     atomic_write_json(cfg.out / "commonsense.json", {"claims": suite["claims"], "lr_choices": choices})
     atomic_write_text(cfg.out / "commonsense.md", suite["markdown"] + "\n")
     print(suite["markdown"])
-    if cfg.sync_docs:
-        sync_docs(cfg, {"commonsense.md": suite["markdown"],
+    if cfg.sync_docs:  # and each model's budget choice (--select-steps), where one was made
+        budgets = {f"budget_choice {path.parent.name}": path.read_text()
+                   for path in sorted(cfg.out.glob("*/budget_choice.md"))}
+        sync_docs(cfg, {"commonsense.md": suite["markdown"], **budgets,
                         **{f"commonsense_brief {slug(m)}": text for m, text in suite["briefs"].items()}})
     return {**report, "claims": suite["claims"], "markdown": suite["markdown"]}
 
@@ -406,6 +448,80 @@ def select_lr(cfg: ReproduceConfig) -> dict[str, dict]:
     return out
 
 
+def select_steps(cfg: ReproduceConfig) -> dict[str, dict]:
+    """--select-steps: each --methods arm trained (first seed) for each number of steps into
+    OUT/<model>/steps-select/<arm>-steps<S>-s<seed> and scored on the suite's validation split (val_scores.json
+    there), the base model too (OUT/<model>/base_val_scores.json), and the budget
+    (`fora.evaluation.budget_choice.choose_budget`) in OUT/<model>/budget_choice.json and .md. A run of the
+    arm at --steps with the same settings (OUT/<model>/<arm>-s<seed>) is scored in place of training
+    that rung again. Resumable: a scored rung is not trained or scored again."""
+    from fora.evaluation.budget_choice import BUDGET_CHOICE, budget_choice_markdown, choose_budget
+    from fora.evaluation.measure import validation_scores
+    from fora.evaluation.plots import read_metrics
+    from fora.evaluation.suite import LABELS
+    from fora.formats.atomic import atomic_write_json, atomic_write_text
+    from fora.training.commonsense import read_suite
+
+    train_file, _ = task_data(cfg)
+    val = read_suite(cfg.suite, "val")
+    seed, out = cfg.seeds[0], {}
+
+    def scored(path: Path, make) -> dict:
+        if not path.is_file():
+            atomic_write_json(path, make())
+        return json.loads(path.read_text())
+
+    for model in cfg.models:
+        folder = cfg.out / slug(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("%s: the base model on the validation split (%d records), unless scored before", model,
+                 sum(map(len, val.values())))
+        base = scored(folder / "base_val_scores.json", lambda: validation_scores(model, None, val))
+        scores: dict[str, dict[int, dict]] = {}
+        for arm in cfg.methods:
+            method, factor = VARIANTS.get(arm, (arm, "B"))
+            lr = chosen_lr(folder, arm)
+            for steps in sorted(set(cfg.select_steps)):
+                run = folder / "steps-select" / f"{arm}-steps{steps}-s{seed}"
+                main_run = run_dir(cfg, model, arm, seed)
+                if not (run / "val_scores.json").is_file():
+                    rung = replace(cfg, steps=steps)
+                    if _trained_as(main_run, arm_config(model, method, seed, train_file, rung, run, lr=lr,
+                                                        stiefel_factor=factor)):
+                        log.info("%s: the finished %s is this rung; scoring it", run, main_run)
+                        trained = main_run
+                    else:
+                        log.info("%s: training %d steps for the budget's choice on validation", run, steps)
+                        train_arm(model, method, seed, train_file, rung, run, lr=lr, stiefel_factor=factor)
+                        trained = run
+                    log.info("%s: scoring %s on the validation split", run, trained)
+                    vals = [r["val_loss"] for r in read_metrics(trained / "metrics.jsonl") if "val_loss" in r]
+                    run.mkdir(parents=True, exist_ok=True)
+                    atomic_write_json(run / "val_scores.json", {"steps": steps, "adapter": str(trained),
+                                                                 "val_loss": vals[-1] if vals else None,
+                                                                 **validation_scores(model, trained, val)})
+                scores.setdefault(arm, {})[steps] = json.loads((run / "val_scores.json").read_text())
+        choice = {"model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "seed": seed,
+                  "arms": list(cfg.methods), "base": {k: base[k] for k in ("average", "tasks")},
+                  **choose_budget(base, scores, n_boot=cfg.n_boot)}
+        atomic_write_json(folder / BUDGET_CHOICE, choice)
+        atomic_write_text(folder / "budget_choice.md", budget_choice_markdown(choice, slug, LABELS) + "\n")
+        log.info("%s: budget %s (%s)", model, choice["chosen"], choice["why"])
+        out[model] = choice
+    return out
+
+
+def _trained_as(run: Path, want: TrainConfig) -> bool:
+    """Whether `run` is a finished training of `want` (no field that changes the trajectory differs)."""
+    from fora.formats.peft_io import ADAPTER_WEIGHTS
+    from fora.training.config import TrainConfig
+
+    path = run / "train_config.json"
+    if not (run / ADAPTER_WEIGHTS).is_file() or not path.is_file():
+        return False
+    return not TrainConfig.from_dict(json.loads(path.read_text())).trajectory_diff(want)
+
+
 def main(cfg: ReproduceConfig) -> dict:
     from fora.training.methods import METHODS
 
@@ -413,6 +529,8 @@ def main(cfg: ReproduceConfig) -> dict:
         return finish(cfg)
     if cfg.select_lr:
         return select_lr(cfg)
+    if cfg.select_steps:
+        return select_steps(cfg)
     t0 = time.perf_counter()
     train_file, test = task_data(cfg)
     sizes = EvalSizes(cfg.eval_limit, cfg.gen_limit, cfg.max_new_tokens, cfg.ppl_tokens, cfg.kl_windows)

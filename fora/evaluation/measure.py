@@ -222,15 +222,20 @@ def adapter_params(weights: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def validation_scores(model_name: str, run: Path, tasks: Mapping[str, list[dict]]) -> dict:
-    """The adapter in `run` scored on a suite's validation split by loglik (float32, every record):
-    {"average": the mean over tasks, "tasks": {task: accuracy}, "n": records}."""
+def validation_scores(model_name: str, run: Path | None, tasks: Mapping[str, list[dict]]) -> dict:
+    """The adapter in `run` (None: the base model, zero-shot) scored on a suite's validation split by
+    loglik (float32, every record): {"average": the mean over tasks, "tasks": {task: accuracy}, "n":
+    records, "items": {task: [1 or 0 per record, in order]}} (the items pair arms for intervals)."""
     from fora.evaluation.accuracy import evaluate_tasks
     from fora.formats.peft_io import load_adapter
 
     model, tok = load_fp32(model_name)
-    load_adapter(model, run)
+    if run is not None:
+        load_adapter(model, run)
     model.eval()
     report = evaluate_tasks(model, tok, tasks, protocol="loglik", progress=False)
+    items: dict[str, list[int]] = {t: [] for t in report["tasks"]}
+    for p in sorted(report["predictions"], key=lambda p: p["index"]):
+        items[p["task"]].append(int(p["correct"]))
     return {"average": report["average"], "tasks": {t: r["accuracy"] for t, r in report["tasks"].items()},
-            "n": sum(r["n"] for r in report["tasks"].values())}
+            "n": sum(r["n"] for r in report["tasks"].values()), "items": items}

@@ -24,7 +24,7 @@ from fora.training.data import TEMPLATES
 from fora.training.distributed import DIST_MODES
 from fora.training.builtin import trains_on_builtin_cloze
 from fora.training.adalora_hooks import check_config
-from fora.training.methods import METHODS
+from fora.training.methods import CALIBRATED_SELECTORS, METHODS
 from fora.training.tasks import PROTOCOLS
 
 WARMUP_FRACTION = 0.03
@@ -32,7 +32,7 @@ FIM_STATISTICS = ("second_moment", "variance")
 DTYPES = ("auto", "float32", "bfloat16")  # no float16: autocast without loss scaling underflows
 SCHEDULES = ("linear", "cosine", "constant")
 # Fields that do not change the trajectory: they may differ between a run and its --resume.
-RESUMABLE_FIELDS = frozenset({"out", "resume", "merge", "log_every", "eval_every", "save_every", "save_minutes", "device",
+RESUMABLE_FIELDS = frozenset({"out", "resume", "selection_from", "merge", "log_every", "eval_every", "save_every", "save_minutes", "device",
                               "distributed", "activation_checkpointing", "eval_data", "eval_limit", "protocol",
                               "export"})
 
@@ -71,6 +71,7 @@ class TrainConfig:
     template: str = "alpaca"
     fisher_batches: int = FORA.fisher_batches
     fisher_params: str = "block"
+    selection_from: str | None = None  # a run folder whose selection.json this run reuses (checked)
     qr_every: int = FORA.qr_every
     warmup_steps: int | None = None
     schedule: str = "linear"
@@ -111,6 +112,9 @@ class TrainConfig:
         for name in ("epochs", "qr_every", "warmup_steps", "val_size", "save_every", "eval_every", "save_minutes"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.selection_from is not None and METHODS[self.method].selector not in CALIBRATED_SELECTORS:
+            raise ValueError(f"--selection-from: --method {self.method} does not score layers "
+                             f"({METHODS[self.method].selector} selection); drop --selection-from")
         if self.k is not None and self.k < 1:
             raise ValueError(f"--k must be >= 1, got {self.k}")
         if self.max_steps is not None and self.max_steps < 1:

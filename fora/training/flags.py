@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fisher-batches", type=int, default=d.fisher_batches, help="calibration batches N for Fisher (Eq. 2), CKA and FIM-LoRA")
     a("--fisher-params", choices=("block", "targets"), default=d.fisher_params,
       help="theta_l of Eq. 2: every block parameter, or only the target projections")
+    a("--selection-from", default=d.selection_from, metavar="RUN", help="reuse the layers the run in folder RUN "
+      "selected instead of scoring them again; refused unless that run scored the same model, dtype, "
+      "calibration batches, K and Fisher parameters with this method's selector")
     a("--fim-statistic", choices=FIM_STATISTICS, default=d.fim_statistic, help="fim-lora's score of each "
       "LoRA-B gradient over the calibration passes: the uncentered second moment (the reference "
       "code) or the variance (FIM-LoRA's text); summed over B's entries")

@@ -31,7 +31,7 @@ from fora.inject import freeze_base, inject_lora, lora_modules
 from fora.models.speed import checkpoint_blocks, compile_blocks
 from fora.optim import build_optimizers, scheduled
 from fora.training.adalora_hooks import AdaLoRAStep, init_rank, schedule_of
-from fora.training.checkpoint import CONFIG_FILE, Checkpoint, restore_training_state, save_checkpoint
+from fora.training.checkpoint import CONFIG_FILE, SELECTION_FILE, Checkpoint, restore_training_state, save_checkpoint
 from fora.training.config import TrainConfig, warmup_steps
 from fora.training.distributed import DistContext, distributed_select, init_distributed, load_device, wrap_model
 from fora.training.init_norm import unit_row_norms
@@ -43,11 +43,11 @@ from fora.training.model_card import README_FILE, gguf_source, model_card
 from fora.training.model_card import base_model_id as _hub_base_model_id
 from fora.training.resume import out_folder, prepare_out, refuse_foreign_out
 from fora.training.run_data import RunData, data_sha256, prepare_data, run_records  # noqa: F401 - re-exported
+from fora.training.selection_reuse import reused_selection
 from fora.training.steps import METRICS_FILE, Optimization, Trainee, train_steps  # noqa: F401 - re-exported
 
 log = logging.getLogger("fora.train")
 
-SELECTION_FILE = "selection.json"
 EVAL_FILE = "eval.json"
 # (model, tokenizer, cfg, autocast) -> (report, Markdown table): fora.evaluation.final_eval.final_evaluation
 FinalEval = Callable[[nn.Module, Any, TrainConfig, Callable], tuple[dict, str]]
@@ -194,6 +194,10 @@ def score_and_select(cfg: TrainConfig, ctx: DistContext, model: nn.Module, data:
     if ckpt is not None:
         record = ckpt.selection
         sel = Selection(record["selected"], record["scores"], record["rank_pattern"])
+    elif cfg.selection_from is not None:
+        sel, record = reused_selection(cfg.selection_from, selector=METHODS[cfg.method].selector,
+                                       config=cfg.to_dict(), calibration=data.calibration,
+                                       num_layers=num_layers, k=k, rank=rank)
     else:
         args = SelectArgs(model, data.calibration, num_layers, k, rank, cfg.targets, cfg.seed, cfg.fisher_params,
                           cfg.fim_statistic, cfg.fim_r_min, cfg.fim_r_max)

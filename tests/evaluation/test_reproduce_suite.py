@@ -84,12 +84,34 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
     assert {t: len(v["acc_loglik"]) for t, v in base_items["tasks"].items()} == TEST_SIZES
     md = (out / "commonsense.md").read_text()
     assert "| fora-a | 1 | 0.0002 |" in md and "| dora | not run |" in md and "| base (zero-shot) | - |" in md
+    # the budget on validation: rung 2 is the finished main run (scored, not trained), rung 1 is trained
+    # and reuses the main run's Fisher selection; every score is the mean of its stored items
+    budget = reproduce.main(reproduce.parse_args([*argv, "--methods", "fora", "lora", "--select-steps", "2", "1"]))
+    choice = budget[str(tiny)]
+    assert [r["steps"] for r in choice["rungs"]] == [1, 2] and set(choice["rungs"][0]["arms"]) == {"fora", "lora"}
+    rungs = out / "tiny" / "steps-select"
+    assert sorted(p.name for p in rungs.iterdir()) == ["fora-steps1-s0", "fora-steps2-s0", "lora-steps1-s0", "lora-steps2-s0"]
+    assert json.loads((rungs / "fora-steps2-s0" / "val_scores.json").read_text())["adapter"] == str(out / "tiny" / "fora-s0")
+    assert not (rungs / "fora-steps2-s0" / "adapter_model.safetensors").exists()
+    assert json.loads((rungs / "fora-steps1-s0" / "train_config.json").read_text())["max_steps"] == 1
+    reused = json.loads((rungs / "fora-steps1-s0" / "selection.json").read_text())
+    assert reused["reused_from"] in (str(out / "tiny" / "fora-s0"), str(out / "tiny" / "fora-a-s0"))
+    assert reused["selected"] == by["fora"]["layers"] == by["fora-a"]["layers"]
+    # the main runs share too: fora-a (trained after fora, same calibration batches) did not score again
+    assert json.loads((out / "tiny" / "fora-a-s0" / "selection.json").read_text())["reused_from"] == str(out / "tiny" / "fora-s0")
+    for path in [out / "tiny" / "base_val_scores.json", *rungs.glob("*/val_scores.json")]:
+        v = json.loads(path.read_text())
+        assert {t: len(x) for t, x in v["items"].items()} == {t: 2 for t in TASKS}
+        assert v["tasks"] == {t: pytest.approx(statistics.fmean(x)) for t, x in v["items"].items()}
+    assert "| tiny | 0 | base (zero-shot) |" in (out / "tiny" / "budget_choice.md").read_text()
     # a second invocation: every arm is done, nothing is trained or measured again
     before = {a: (out / "tiny" / f"{a}-s0" / "result.json").read_text() for a in by}
     for name in ("train_arm", "arm_row", "base_row"):
         monkeypatch.setattr(reproduce, name, lambda *a, **kw: pytest.fail("a finished arm ran again"))
     reproduce.main(reproduce.parse_args([*argv, "--methods", "fora", "lora", "fora-a"]))
     reproduce.main(reproduce.parse_args([*argv, "--methods", "fora", "--select-lr", "1e-3", "3e-2"]))
+    monkeypatch.setattr("fora.evaluation.measure.validation_scores", lambda *a: pytest.fail("a rung was scored again"))
+    reproduce.main(reproduce.parse_args([*argv, "--methods", "fora", "lora", "--select-steps", "2", "1"]))
     assert before == {a: (out / "tiny" / f"{a}-s0" / "result.json").read_text() for a in by}
 
 
@@ -107,7 +129,7 @@ def test_suite_defaults_are_the_papers_settings(reproduce, tmp_path, monkeypatch
     c = seen[0]
     assert (c.rank, c.alpha, c.k, c.targets, c.stiefel_factor, c.fisher_batches, c.max_steps) == \
         (32, None, None, ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"), "A", 128, 200)  # alpha None: 2r = 64
-    for bad in (["--methods", "fora-a"], ["--select-lr", "1e-3"]):
+    for bad in (["--methods", "fora-a"], ["--select-lr", "1e-3"], ["--select-steps", "400"]):
         with pytest.raises(SystemExit):
             reproduce.parse_args(bad)
         assert "only with --task commonsense" in capsys.readouterr().err

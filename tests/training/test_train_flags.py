@@ -20,7 +20,7 @@ DEFAULTS = {  # TrainConfig.to_dict() of `--model m`
     "lora_dropout": 0.05, "rslora": False, "targets": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
     "lr": 0.0002, "stiefel_factor": "B", "stiefel_lr": None, "stiefel_lr_scale": 1.0, "weight_decay": 0.01,
     "cayley_per_micro_batch": False, "max_grad_norm": 1.0, "batch_size": 16, "grad_accum": 1, "epochs": 3,
-    "max_steps": None, "cutoff_len": 256, "template": "alpaca", "fisher_batches": 128, "fisher_params": "block",
+    "max_steps": None, "cutoff_len": 256, "template": "alpaca", "fisher_batches": 128, "fisher_params": "block", "selection_from": None,
     "qr_every": 100, "warmup_steps": None, "schedule": "linear", "val_size": 120, "seed": 42, "dtype": "auto",
     "device": "auto", "save_every": 50, "save_minutes": 10.0, "resume": None, "merge": False, "log_every": 10,
     "eval_every": 100, "distributed": None, "world_size": 1, "quantize": None, "fim_statistic": "second_moment",
@@ -48,6 +48,7 @@ RUNS = {
         (["--max-steps", "10"], {"max_steps": 10}), (["--cutoff-len", "64"], {"cutoff_len": 64}),
         (["--template", "llm-adapters"], {"template": "llm-adapters"}),
         (["--fisher-batches", "4"], {"fisher_batches": 4}), (["--fisher-params", "targets"], {"fisher_params": "targets"}),
+        (["--selection-from", "runs/a"], {"selection_from": "runs/a"}),
         (["--qr-every", "0"], {"qr_every": 0}), (["--warmup-steps", "2"], {"warmup_steps": 2}),
         (["--schedule", "cosine"], {"schedule": "cosine"}), (["--val-size", "0"], {"val_size": 0}),
         (["--seed", "-1"], {"seed": -1}), (["--dtype", "float32"], {"dtype": "float32"}),
@@ -78,7 +79,7 @@ RUNS = {
 # --help's groups, in the order of the run: load, score and select, inject, train, evaluate, save
 GROUPS = {
     "model and data": ["--model", "--dtype", "--quantize", "--data", "--task-size", "--template", "--cutoff-len"],
-    "layer selection": ["--method", "--k", "--fisher-batches", "--fisher-params", "--fim-statistic", "--fim-r-min",
+    "layer selection": ["--method", "--k", "--fisher-batches", "--fisher-params", "--selection-from", "--fim-statistic", "--fim-r-min",
                         "--fim-r-max"],
     "adapters": ["--targets", "--rank", "--alpha", "--lora-dropout", "--rslora", "--stiefel-factor",
                  "--match-init-norm"],

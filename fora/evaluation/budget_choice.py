@@ -1,0 +1,94 @@
+"""The choice of a training budget on a validation split (`scripts/reproduce.py --select-steps`).
+
+An arm trained too briefly learns the answer format and nothing else: its accuracy stays at the
+base model's zero-shot level, and comparing two such arms compares noise. So before seeds are
+spent, each arm is trained (first seed, the run's batch size and learning rate) at every candidate
+number of steps, and it and the base model are scored by loglik on the suite's validation split
+(`fora.evaluation.measure.validation_scores`). The rule, fixed before the runs: a budget leaves
+the zero-shot level when, for every arm, the paired 95 % bootstrap interval of acc(arm) - acc(base)
+(items resampled within their task, the mean over tasks) lies above 0; the chosen budget is the
+smallest such. Whether two arms then differ is what the seeds measure: the budget is not chosen to
+make them differ. Without a qualifying budget none is chosen. OUT/<model>/budget_choice.json:
+
+    {"model", "split": "val", "metric", "seed", "arms": [...], "base": {"average", "tasks"},
+     "rungs": [{"steps", "arms": {arm: {"average", "tasks", "val_loss", "gain": {"estimate", "low",
+     "high"}}}, "leaves_zero_shot": bool}], "chosen": steps or None, "why"}
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fora.evaluation.paired import paired_difference
+
+BUDGET_CHOICE = "budget_choice.json"
+
+
+def _flat(scores: Mapping[str, Any], tasks: Sequence[str]) -> tuple[list[int], list[str]]:
+    items = [x for t in tasks for x in scores["items"][t]]
+    return items, [t for t in tasks for _ in scores["items"][t]]
+
+
+def choose_budget(base: Mapping[str, Any], scores: Mapping[str, Mapping[int, Mapping[str, Any]]], *,
+                  n_boot: int = 4000, seed: int = 0) -> dict[str, Any]:
+    """The module docstring's rule.
+
+    Args:
+        base: the base model's `validation_scores` (with "items").
+        scores: arm -> steps -> that run's `validation_scores`, plus "val_loss" (its last validation loss).
+    Returns:
+        The budget_choice.json fields "rungs", "chosen" and "why" (a rung is a number of steps every arm has).
+    """
+    if not scores:
+        raise ValueError("no arms to choose a budget for; pass --methods")
+    tasks = list(base["items"])
+    base_items, strata = _flat(base, tasks)
+    rungs = []
+    for steps in sorted(set.intersection(*(set(s) for s in scores.values()))):
+        row: dict[str, Any] = {"steps": steps, "arms": {}}
+        for arm, by_steps in scores.items():
+            s = by_steps[steps]
+            items, arm_strata = _flat(s, tasks)
+            if arm_strata != strata:
+                raise ValueError(f"{arm} at {steps} steps was scored on other validation items than the base model; "
+                                 f"score both on the same SUITE/<task>/val.json")
+            gain = paired_difference([items], [base_items], strata=strata, n_boot=n_boot, seed=seed)
+            row["arms"][arm] = {"average": s["average"], "tasks": s["tasks"], "val_loss": s.get("val_loss"),
+                                "gain": {"estimate": gain.estimate, "low": gain.low, "high": gain.high}}
+        row["leaves_zero_shot"] = all(a["gain"]["low"] > 0 for a in row["arms"].values())
+        rungs.append(row)
+    chosen = next((r["steps"] for r in rungs if r["leaves_zero_shot"]), None)
+    if not rungs:
+        why = "no number of steps has been scored for every arm yet"
+    elif chosen is None:
+        why = (f"no budget tried (up to {rungs[-1]['steps']} steps) takes every arm above the base model's "
+               f"zero-shot validation accuracy: try more steps")
+    else:
+        why = f"the smallest budget tried at which every arm is above the base model's zero-shot level"
+    return {"rungs": rungs, "chosen": chosen, "why": why}
+
+
+def budget_choice_markdown(choice: Mapping[str, Any], slug: Callable[[str], str] = lambda m: m,
+                           labels: Mapping[str, str] | None = None) -> str:
+    """One line per (steps, arm) and the base model: validation accuracy per task (columns in the order of
+    `labels`, task -> column name) and on average, the gain over zero-shot with its interval, the last
+    validation loss; then the choice."""
+    labels = labels or {}
+    order = list(labels)
+    tasks = sorted(choice["base"]["tasks"], key=lambda t: (order.index(t) if t in order else len(order), t))
+    lines = [f"| model | steps | arm | {' | '.join(labels.get(t, t) for t in tasks)} | average | "
+             "− zero-shot [95 % CI] | val loss |", "|" + "---|" * (6 + len(tasks))]
+
+    def cells(s: Mapping[str, Any]) -> str:
+        return " | ".join(f"{100 * s['tasks'][t]:.1f}" for t in tasks) + f" | {100 * s['average']:.1f}"
+
+    lines.append(f"| {slug(choice['model'])} | 0 | base (zero-shot) | {cells(choice['base'])} | | |")
+    for r in choice["rungs"]:
+        for arm, a in r["arms"].items():
+            g = a["gain"]
+            loss = "" if a["val_loss"] is None else f"{a['val_loss']:.3f}"
+            lines.append(f"| {slug(choice['model'])} | {r['steps']} | {arm} | {cells(a)} | "
+                         f"{100 * g['estimate']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | {loss} |")
+    chosen = "none" if choice["chosen"] is None else f"{choice['chosen']} steps"
+    lines.append(f"\n**Chosen: {chosen}** ({choice['why']}; seed {choice['seed']}, loglik on the validation split).")
+    return "\n".join(lines)

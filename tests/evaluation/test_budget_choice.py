@@ -1,0 +1,62 @@
+"""The budget chosen on validation (`fora.evaluation.budget_choice`): the gain over zero-shot is the mean over
+tasks of each task's paired difference, a rung qualifies when every arm's interval is above 0, and the
+smallest qualifying rung is chosen."""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+
+from fora.evaluation.budget_choice import budget_choice_markdown, choose_budget
+
+SIZES = {"boolq": 40, "piqa": 60}  # unequal: the mean over tasks is not the pooled mean
+
+
+def _scores(p: float, seed: int, sizes=SIZES) -> dict:
+    rng = np.random.default_rng(seed)
+    items = {t: (rng.random(n) < p).astype(int).tolist() for t, n in sizes.items()}
+    tasks = {t: statistics.fmean(v) for t, v in items.items()}
+    return {"average": statistics.fmean(tasks.values()), "tasks": tasks, "n": sum(sizes.values()), "items": items}
+
+
+def test_the_smallest_budget_that_takes_every_arm_above_zero_shot_is_chosen():
+    base = _scores(0.4, 0)
+    scores = {"lora": {200: _scores(0.4, 1), 400: _scores(0.95, 2), 600: _scores(0.97, 3)},
+              "fora": {200: _scores(0.95, 4), 400: _scores(0.9, 5), 600: _scores(0.95, 6), 800: _scores(1.0, 7)}}
+    choice = choose_budget(base, scores, n_boot=500)
+    assert [r["steps"] for r in choice["rungs"]] == [200, 400, 600]  # 800: fora only, not a rung
+    assert [r["leaves_zero_shot"] for r in choice["rungs"]] == [False, True, True]
+    assert choice["chosen"] == 400 and "smallest" in choice["why"]
+    for r in choice["rungs"]:
+        for arm, a in r["arms"].items():
+            s = scores[arm][r["steps"]]
+            direct = statistics.fmean(statistics.fmean(s["items"][t]) - statistics.fmean(base["items"][t]) for t in SIZES)
+            assert a["gain"]["estimate"] == pytest.approx(direct)
+            assert a["gain"]["low"] <= a["gain"]["estimate"] <= a["gain"]["high"]
+    assert choice["rungs"][0]["arms"]["lora"]["gain"]["low"] < 0 < choice["rungs"][0]["arms"]["fora"]["gain"]["low"]
+
+
+def test_no_budget_and_bad_input_say_so():
+    base = _scores(0.4, 0)
+    flat = choose_budget(base, {"lora": {200: _scores(0.4, 1)}}, n_boot=200)
+    assert flat["chosen"] is None and "up to 200 steps" in flat["why"]
+    assert choose_budget(base, {"lora": {200: _scores(0.4, 1)}, "fora": {400: _scores(0.4, 2)}})["rungs"] == []
+    with pytest.raises(ValueError, match="no arms"):
+        choose_budget(base, {})
+    with pytest.raises(ValueError, match="other validation items than the base model"):
+        choose_budget(base, {"lora": {200: _scores(0.9, 1, {"boolq": 40, "piqa": 59})}})
+
+
+def test_the_table_shows_every_rung_and_the_choice():
+    base = _scores(0.4, 0)
+    choice = {"model": "m", "seed": 0, "base": base,
+              **choose_budget(base, {"lora": {200: _scores(0.95, 1)}}, n_boot=200)}
+    md = budget_choice_markdown(choice, labels={"piqa": "PIQA", "boolq": "BoolQ"})
+    lines = md.splitlines()
+    assert lines[0].startswith("| model | steps | arm | PIQA | BoolQ | average |")
+    assert lines[2] == (f"| m | 0 | base (zero-shot) | {100 * base['tasks']['piqa']:.1f} | "
+                        f"{100 * base['tasks']['boolq']:.1f} | {100 * base['average']:.1f} | | |")
+    gain = choice["rungs"][0]["arms"]["lora"]["gain"]
+    assert f"| m | 200 | lora |" in lines[3] and f"{100 * gain['estimate']:+.1f} [{100 * gain['low']:+.1f}," in lines[3]
+    assert "**Chosen: 200 steps**" in md
