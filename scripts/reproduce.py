@@ -77,6 +77,8 @@ BASELINES = ("dora", "adalora")  # Table 1's other baselines, opt-in with --meth
 ALL_ARMS = ARMS + BASELINES
 TEST_SPLITS = ("one-blank", "all-blanks")
 TASKS = ("cloze", "commonsense")
+COPIED_FROM = "copied_from.json"  # a run copied from an identical finished training (train_arm)
+MEASURED = ("result.json", "items.json", "diagnostics.json", "val_scores.json", "eval.json")  # not copied
 # --task commonsense's defaults where they differ from the cloze task's (the paper's settings at small scale)
 SUITE_DEFAULTS = {"rank": FORA.rank, "cutoff_len": FORA.cutoff_len, "lr": FORA.lr, "dtype": "auto",
                   "fisher_batches": FORA.fisher_batches, "gen_limit": 25}
@@ -244,8 +246,11 @@ def arm_config(model_name: str, method: str, seed: int, train_file: Path, cfg: R
 def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path,
               stiefel_scale: float = 1.0, lr: float | None = None, stiefel_factor: str = "B") -> None:
     """Train one arm (`arm_config`) into `run` unless its adapter exists; resume from a checkpoint when there
-    is one. An arm that scores layers reuses the selection of another run under OUT/<model> that scored the
-    same calibration batches with the same selector (train.py --selection-from), if there is one."""
+    is one. A finished run under OUT/<model> (an arm, a budget's rung, a learning rate's candidate) that
+    is this same training is copied instead (`COPIED_FROM` says from where; its measurements are not). An
+    arm that scores layers reuses the selection of another run under OUT/<model> that scored the same
+    calibration batches with the same selector (train.py --selection-from), if there is one."""
+    from fora.formats.atomic import atomic_write_json
     from fora.formats.peft_io import ADAPTER_WEIGHTS
     from fora.training.methods import METHODS
     from fora.training.run import main
@@ -262,6 +267,12 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Re
         model_dir = cfg.out / slug(model_name)
         others = [f for d in (model_dir, model_dir / "steps-select", model_dir / "lr-select") if d.is_dir()
                   for f in sorted(d.iterdir()) if f.is_dir() and f != run]
+        same = next((f for f in others if _trained_as(f, tc)), None)
+        if same is not None:  # the same training done for another purpose (a rung, a learning rate, an arm)
+            log.info("%s: the finished %s is this training; copying it", run, same)
+            shutil.copytree(same, run, ignore=shutil.ignore_patterns(*MEASURED, "checkpoint", ".train.lock"))
+            atomic_write_json(run / COPIED_FROM, {"from": str(same)})
+            return
         shared = find_shared_selection(others, tc.to_dict(), METHODS[method].selector)
         if shared is not None:
             log.info("%s: reusing the layer selection of %s", run, shared)
@@ -453,8 +464,8 @@ def select_steps(cfg: ReproduceConfig) -> dict[str, dict]:
     OUT/<model>/steps-select/<arm>-steps<S>-s<seed> and scored on the suite's validation split (val_scores.json
     there), the base model too (OUT/<model>/base_val_scores.json), and the budget
     (`fora.evaluation.budget_choice.choose_budget`) in OUT/<model>/budget_choice.json and .md. A run of the
-    arm at --steps with the same settings (OUT/<model>/<arm>-s<seed>) is scored in place of training
-    that rung again. Resumable: a scored rung is not trained or scored again."""
+    arm at --steps with the same settings (OUT/<model>/<arm>-s<seed>) is not trained again for
+    that rung (`train_arm` copies it). Resumable: a scored rung is not trained or scored again."""
     from fora.evaluation.budget_choice import BUDGET_CHOICE, budget_choice_markdown, choose_budget
     from fora.evaluation.measure import validation_scores
     from fora.evaluation.plots import read_metrics
@@ -483,23 +494,14 @@ def select_steps(cfg: ReproduceConfig) -> dict[str, dict]:
             lr = chosen_lr(folder, arm)
             for steps in sorted(set(cfg.select_steps)):
                 run = folder / "steps-select" / f"{arm}-steps{steps}-s{seed}"
-                main_run = run_dir(cfg, model, arm, seed)
                 if not (run / "val_scores.json").is_file():
-                    rung = replace(cfg, steps=steps)
-                    if _trained_as(main_run, arm_config(model, method, seed, train_file, rung, run, lr=lr,
-                                                        stiefel_factor=factor)):
-                        log.info("%s: the finished %s is this rung; scoring it", run, main_run)
-                        trained = main_run
-                    else:
-                        log.info("%s: training %d steps for the budget's choice on validation", run, steps)
-                        train_arm(model, method, seed, train_file, rung, run, lr=lr, stiefel_factor=factor)
-                        trained = run
-                    log.info("%s: scoring %s on the validation split", run, trained)
-                    vals = [r["val_loss"] for r in read_metrics(trained / "metrics.jsonl") if "val_loss" in r]
-                    run.mkdir(parents=True, exist_ok=True)
-                    atomic_write_json(run / "val_scores.json", {"steps": steps, "adapter": str(trained),
-                                                                 "val_loss": vals[-1] if vals else None,
-                                                                 **validation_scores(model, trained, val)})
+                    log.info("%s: %d steps for the budget's choice on validation", run, steps)
+                    train_arm(model, method, seed, train_file, replace(cfg, steps=steps), run, lr=lr,
+                              stiefel_factor=factor)
+                    log.info("%s: scoring it on the validation split", run)
+                    vals = [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+                    atomic_write_json(run / "val_scores.json", {"steps": steps, "val_loss": vals[-1] if vals else None,
+                                                                 **validation_scores(model, run, val)})
                 scores.setdefault(arm, {})[steps] = json.loads((run / "val_scores.json").read_text())
         choice = {"model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "seed": seed,
                   "arms": list(cfg.methods), "base": {k: base[k] for k in ("average", "tasks")},
@@ -519,7 +521,10 @@ def _trained_as(run: Path, want: TrainConfig) -> bool:
     path = run / "train_config.json"
     if not (run / ADAPTER_WEIGHTS).is_file() or not path.is_file():
         return False
-    return not TrainConfig.from_dict(json.loads(path.read_text())).trajectory_diff(want)
+    try:
+        return not TrainConfig.from_dict(json.loads(path.read_text())).trajectory_diff(want)
+    except ValueError:  # unreadable, or written by another fora version: not the same training
+        return False
 
 
 def main(cfg: ReproduceConfig) -> dict:

@@ -67,6 +67,10 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
     assert set(by) == {"fora", "lora", "fora-a"} and by["fora-a"]["method"] == "fora"
     assert by["fora"]["lr"] == choose_lr(scores) and by["fora"]["lr_source"].startswith("lr_choice.json")
     assert by["lora"]["lr"] == 2e-4 and by["lora"]["lr_source"] == "--lr"
+    # fora's run at its chosen rate is the candidate trained for the choice: copied, then measured here
+    chosen = out / "tiny" / "lr-select" / f"fora-lr{choose_lr(scores):g}-s0"
+    assert json.loads((out / "tiny" / "fora-s0" / "copied_from.json").read_text()) == {"from": str(chosen)}
+    assert not (out / "tiny" / "lora-s0" / "copied_from.json").exists()
     for arm, factor in (("fora", "B"), ("fora-a", "A"), ("lora", "B")):
         trained = json.loads((out / "tiny" / f"{arm}-s0" / "train_config.json").read_text())
         assert (trained["stiefel_factor"], trained["dtype"], trained["alpha"], trained["k"]) == (factor, "auto", None, None)
@@ -84,15 +88,19 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
     assert {t: len(v["acc_loglik"]) for t, v in base_items["tasks"].items()} == TEST_SIZES
     md = (out / "commonsense.md").read_text()
     assert "| fora-a | 1 | 0.0002 |" in md and "| dora | not run |" in md and "| base (zero-shot) | - |" in md
-    # the budget on validation: rung 2 is the finished main run (scored, not trained), rung 1 is trained
+    # the budget on validation: rung 2 is the finished main run (copied, not trained), rung 1 is trained
     # and reuses the main run's Fisher selection; every score is the mean of its stored items
     budget = reproduce.main(reproduce.parse_args([*argv, "--methods", "fora", "lora", "--select-steps", "2", "1"]))
     choice = budget[str(tiny)]
     assert [r["steps"] for r in choice["rungs"]] == [1, 2] and set(choice["rungs"][0]["arms"]) == {"fora", "lora"}
     rungs = out / "tiny" / "steps-select"
     assert sorted(p.name for p in rungs.iterdir()) == ["fora-steps1-s0", "fora-steps2-s0", "lora-steps1-s0", "lora-steps2-s0"]
-    assert json.loads((rungs / "fora-steps2-s0" / "val_scores.json").read_text())["adapter"] == str(out / "tiny" / "fora-s0")
-    assert not (rungs / "fora-steps2-s0" / "adapter_model.safetensors").exists()
+    for arm in ("fora", "lora"):  # the same training as the main run: copied, not trained again
+        rung, main_run = rungs / f"{arm}-steps2-s0", out / "tiny" / f"{arm}-s0"
+        assert json.loads((rung / "copied_from.json").read_text()) == {"from": str(main_run)}
+        assert (rung / "adapter_model.safetensors").read_bytes() == (main_run / "adapter_model.safetensors").read_bytes()
+        assert not (rung / "result.json").exists() and not (rung / "checkpoint").exists()
+    assert not (rungs / "fora-steps1-s0" / "copied_from.json").exists()
     assert json.loads((rungs / "fora-steps1-s0" / "train_config.json").read_text())["max_steps"] == 1
     reused = json.loads((rungs / "fora-steps1-s0" / "selection.json").read_text())
     assert reused["reused_from"] in (str(out / "tiny" / "fora-s0"), str(out / "tiny" / "fora-a-s0"))
