@@ -439,8 +439,6 @@ def select_lr(cfg: ReproduceConfig) -> dict[str, dict]:
     for model in cfg.models:
         folder = cfg.out / slug(model)
         path = folder / LR_CHOICE
-        choice = json.loads(path.read_text()) if path.is_file() else {
-            "model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "arms": {}}
         for arm in cfg.methods:
             method, factor = VARIANTS.get(arm, (arm, "B"))
             scores = []
@@ -451,6 +449,9 @@ def select_lr(cfg: ReproduceConfig) -> dict[str, dict]:
                     train_arm(model, method, seed, train_file, cfg, run, lr=lr, stiefel_factor=factor)
                     atomic_write_json(run / "val_scores.json", {"lr": lr, **validation_scores(model, run, val)})
                 scores.append(json.loads((run / "val_scores.json").read_text()))
+            # read just before writing: an invocation beside this one may have chosen another arm's rate
+            choice = json.loads(path.read_text()) if path.is_file() else {
+                "model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "arms": {}}
             choice["arms"][arm] = {"chosen": choose_lr(scores), "seed": seed, "steps": cfg.steps, "scores": scores}
             atomic_write_json(path, choice)
             log.info("%s %s: lr %g chosen on validation", model, arm, choice["arms"][arm]["chosen"])

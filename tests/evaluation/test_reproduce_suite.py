@@ -179,6 +179,25 @@ def test_select_lr_keeps_the_best_validation_accuracy_and_the_runs_use_it(reprod
     assert trained == [("fora", "fora-s0", 1e-3), ("adalora", "adalora-s0", 3e-3), ("lora", "lora-s0", None)]
 
 
+
+def test_select_lr_beside_another_invocation_keeps_both_choices(reproduce, tmp_path, monkeypatch):
+    suite, out = write_suite(tmp_path / "suite"), tmp_path / "out"
+    path = out / "m" / "lr_choice.json"
+    fora = {"chosen": 1e-3, "seed": 0, "steps": 200, "scores": [{"lr": 1e-3, "average": 0.7, "tasks": {}, "n": 16}]}
+
+    def fake_train(model, method, seed, train_file, cfg, run, scale=1.0, lr=None, stiefel_factor="B"):
+        run.mkdir(parents=True, exist_ok=True)  # meanwhile, an invocation choosing fora's rate finishes
+        path.write_text(json.dumps({"model": "m", "split": "val", "metric": "m", "arms": {"fora": fora}}))
+
+    monkeypatch.setattr(reproduce, "train_arm", fake_train)
+    monkeypatch.setattr("fora.evaluation.measure.validation_scores",
+                        lambda model, run, val: {"average": 0.4, "tasks": {t: 0.4 for t in val}, "n": 16})
+    reproduce.main(reproduce.parse_args(["--task", "commonsense", "--suite", str(suite), "--out", str(out),
+                                         "--models", "m", "--methods", "adalora", "--select-lr", "2e-4"]))
+    arms = json.loads(path.read_text())["arms"]
+    assert arms["fora"] == fora and arms["adalora"]["chosen"] == 2e-4
+
+
 # --- the report, on a synthetic store of finished runs ------------------------------------------------
 
 def _store(out, model="gemma-3-270m", seeds=(0, 1)):
