@@ -52,24 +52,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fora.defaults import FORA  # noqa: E402
 from fora.training.argparser import ArgumentParser  # noqa: E402
 from fora.evaluation.measure import EvalSizes, arm_row, base_row  # noqa: E402
+from fora.evaluation.arms import arm_name, run_dir, slug, train_arm  # noqa: E402
 from fora.evaluation.lr_choice import LR_CHOICE, chosen_lr  # noqa: E402
 from fora.evaluation.suite import VARIANTS  # noqa: E402
-
-if TYPE_CHECKING:
-    from fora.training.config import TrainConfig
 
 log = logging.getLogger("reproduce")
 ARMS = ("fora", "lora", "fg-lora", "stiefel-lora", "lora-half-rank", "random-k")  # the default arms
@@ -77,8 +73,6 @@ BASELINES = ("dora", "adalora")  # Table 1's other baselines, opt-in with --meth
 ALL_ARMS = ARMS + BASELINES
 TEST_SPLITS = ("one-blank", "all-blanks")
 TASKS = ("cloze", "commonsense")
-COPIED_FROM = "copied_from.json"  # a run copied from an identical finished training (train_arm)
-MEASURED = ("result.json", "items.json", "diagnostics.json", "val_scores.json", "eval.json")  # not copied
 # --task commonsense's defaults where they differ from the cloze task's (the paper's settings at small scale)
 SUITE_DEFAULTS = {"rank": FORA.rank, "cutoff_len": FORA.cutoff_len, "lr": FORA.lr, "dtype": "auto",
                   "fisher_batches": FORA.fisher_batches, "gen_limit": 25}
@@ -213,11 +207,6 @@ def _method_lr(p: argparse.ArgumentParser, text: str) -> tuple[str, float]:
     return method, lr
 
 
-def slug(model: str) -> str:
-    name = Path(model.rstrip("/")).name
-    return name[:-len(".gguf")] if name.endswith(".gguf") else name
-
-
 def write_data(out: Path, blanks: int = 1, style: str = "word", test_split: str = "one-blank"
                ) -> tuple[Path, list[dict]]:
     """The cloze task (fixed splits) into OUT/data; returns the train file and the test records."""
@@ -228,69 +217,6 @@ def write_data(out: Path, blanks: int = 1, style: str = "word", test_split: str 
     test = cloze_task("test", style=style) if test_split == "one-blank" else cloze_all_blanks("test", style=style)
     write_jsonl(test, out / "data" / "test.jsonl")
     return train, test
-
-
-def arm_config(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path,
-               stiefel_scale: float = 1.0, lr: float | None = None, stiefel_factor: str = "B") -> TrainConfig:
-    """The training run of one arm: the settings every arm shares, and its own."""
-    from fora.training.config import TrainConfig
-
-    return TrainConfig(model=model_name, method=method, data=str(train_file), out=str(run), seed=seed,
-                       rank=cfg.rank, lr=cfg.lr if lr is None else lr, max_steps=cfg.steps, batch_size=cfg.batch_size,
-                       cutoff_len=cfg.cutoff_len, warmup_steps=cfg.warmup_steps, val_size=cfg.val_size,
-                       fisher_batches=cfg.fisher_batches, eval_every=max(1, cfg.steps // 4), log_every=10,
-                       save_every=max(1, cfg.steps // 4), match_init_norm=cfg.match_init_norm,
-                       stiefel_lr_scale=stiefel_scale, stiefel_factor=stiefel_factor, dtype=cfg.dtype)
-
-
-def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: ReproduceConfig, run: Path,
-              stiefel_scale: float = 1.0, lr: float | None = None, stiefel_factor: str = "B") -> None:
-    """Train one arm (`arm_config`) into `run` unless its adapter exists; resume from a checkpoint when there
-    is one. A finished run under OUT/<model> (an arm, a budget's rung, a learning rate's candidate) that
-    is this same training is copied instead (`COPIED_FROM` says from where; its measurements are not). An
-    arm that scores layers reuses the selection of another run under OUT/<model> that scored the same
-    calibration batches with the same selector (train.py --selection-from), if there is one."""
-    from fora.formats.atomic import atomic_write_json
-    from fora.formats.peft_io import ADAPTER_WEIGHTS
-    from fora.training.methods import METHODS
-    from fora.training.run import main
-    from fora.training.selection_reuse import find_shared_selection
-
-    if (run / ADAPTER_WEIGHTS).is_file():
-        return
-    resume = str(run) if (run / "checkpoint").is_dir() else None
-    if resume is None and run.exists():
-        shutil.rmtree(run)  # an attempt killed before its first checkpoint: nothing to keep
-    tc = replace(arm_config(model_name, method, seed, train_file, cfg, run, stiefel_scale, lr, stiefel_factor),
-                 resume=resume)
-    if resume is None:
-        model_dir = cfg.out / slug(model_name)
-        others = [f for d in (model_dir, model_dir / "steps-select", model_dir / "lr-select") if d.is_dir()
-                  for f in sorted(d.iterdir()) if f.is_dir() and f != run]
-        same = next((f for f in others if _trained_as(f, tc)), None)
-        if same is not None:  # the same training done for another purpose (a rung, a learning rate, an arm)
-            log.info("%s: the finished %s is this training; copying it", run, same)
-            shutil.copytree(same, run, ignore=shutil.ignore_patterns(*MEASURED, "checkpoint", ".train.lock"))
-            atomic_write_json(run / COPIED_FROM, {"from": str(same)})
-            return
-        shared = find_shared_selection(others, tc.to_dict(), METHODS[method].selector)
-        if shared is not None:
-            log.info("%s: reusing the layer selection of %s", run, shared)
-            tc = replace(tc, selection_from=str(shared))
-    main(tc)
-
-
-def arm_name(method: str, stiefel_scale: float = 1.0, lr: float | None = None) -> str:
-    """The arm's label: the method, with its Stiefel step multiple when not 1 ("fora ×0.25") and its
-    own learning rate when set by --method-lr ("adalora lr 0.002")."""
-    name = method if stiefel_scale == 1 else f"{method} ×{stiefel_scale:g}"
-    return name if lr is None else f"{name} lr {lr:g}"
-
-
-def run_dir(cfg: ReproduceConfig, model: str, method: str, seed: int, stiefel_scale: float = 1.0,
-            lr: float | None = None) -> Path:
-    tag = ("" if stiefel_scale == 1 else f"-x{stiefel_scale:g}") + ("" if lr is None else f"-lr{lr:g}")
-    return cfg.out / slug(model) / f"{method}{tag}-s{seed}"
 
 
 def plots(cfg: ReproduceConfig, model: str, rows: list[dict]) -> None:
@@ -413,119 +339,10 @@ def task_data(cfg: ReproduceConfig) -> tuple[Path, list[dict] | dict[str, list[d
     suite's commonsense_train.json and its test split per task."""
     if cfg.task == "cloze":
         return write_data(cfg.out, cfg.blanks, cfg.style, cfg.test_split)
+    from fora.evaluation.validation_choices import suite_train_file
     from fora.training.commonsense import read_suite
 
-    train = cfg.suite / "commonsense_train.json"
-    if not train.is_file():
-        raise SystemExit(f"{train} does not exist; build the suite with "
-                         f"`python scripts/make_task.py --task commonsense --out {cfg.suite}`")
-    return train, read_suite(cfg.suite, "test")
-
-
-def select_lr(cfg: ReproduceConfig) -> dict[str, dict]:
-    """--select-lr: each --methods arm trained (first seed, the run's steps) at every learning rate into
-    OUT/<model>/lr-select/<arm>-lr<LR>-s<seed>, its loglik accuracy on the suite's validation split
-    (val_scores.json there), and the best one (`fora.evaluation.lr_choice.choose_lr`) in OUT/<model>/lr_choice.json
-    and lr_choice.md. Resumable like the runs: a scored lr is not trained or scored again."""
-    from fora.evaluation.measure import validation_scores
-    from fora.evaluation.lr_choice import choose_lr, lr_choice_markdown
-    from fora.evaluation.suite import LABELS
-    from fora.formats.atomic import atomic_write_json, atomic_write_text
-    from fora.training.commonsense import read_suite
-
-    train_file, _ = task_data(cfg)
-    val = read_suite(cfg.suite, "val")
-    seed, out = cfg.seeds[0], {}
-    for model in cfg.models:
-        folder = cfg.out / slug(model)
-        path = folder / LR_CHOICE
-        for arm in cfg.methods:
-            method, factor = VARIANTS.get(arm, (arm, "B"))
-            scores = []
-            for lr in cfg.select_lr:
-                run = folder / "lr-select" / f"{arm}-lr{lr:g}-s{seed}"
-                if not (run / "val_scores.json").is_file():
-                    log.info("%s: training at lr %g for the choice on validation", run, lr)
-                    train_arm(model, method, seed, train_file, cfg, run, lr=lr, stiefel_factor=factor)
-                    atomic_write_json(run / "val_scores.json", {"lr": lr, **validation_scores(model, run, val)})
-                scores.append(json.loads((run / "val_scores.json").read_text()))
-            # read just before writing: an invocation beside this one may have chosen another arm's rate
-            choice = json.loads(path.read_text()) if path.is_file() else {
-                "model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "arms": {}}
-            choice["arms"][arm] = {"chosen": choose_lr(scores), "seed": seed, "steps": cfg.steps, "scores": scores}
-            atomic_write_json(path, choice)
-            log.info("%s %s: lr %g chosen on validation", model, arm, choice["arms"][arm]["chosen"])
-        atomic_write_text(folder / "lr_choice.md", lr_choice_markdown(choice, slug, LABELS) + "\n")
-        out[model] = choice
-    return out
-
-
-def select_steps(cfg: ReproduceConfig) -> dict[str, dict]:
-    """--select-steps: each --methods arm trained (first seed) for each number of steps into
-    OUT/<model>/steps-select/<arm>-steps<S>-s<seed> and scored on the suite's validation split (val_scores.json
-    there), the base model too (OUT/<model>/base_val_scores.json), and the budget
-    (`fora.evaluation.budget_choice.choose_budget`) in OUT/<model>/budget_choice.json and .md. A run of the
-    arm at --steps with the same settings (OUT/<model>/<arm>-s<seed>) is not trained again for
-    that rung (`train_arm` copies it). Resumable: a scored rung is not trained or scored again."""
-    from fora.evaluation.budget_choice import BUDGET_CHOICE, budget_choice_markdown, choose_budget
-    from fora.evaluation.measure import validation_scores
-    from fora.evaluation.plots import read_metrics
-    from fora.evaluation.suite import LABELS
-    from fora.formats.atomic import atomic_write_json, atomic_write_text
-    from fora.training.commonsense import read_suite
-
-    train_file, _ = task_data(cfg)
-    val = read_suite(cfg.suite, "val")
-    seed, out = cfg.seeds[0], {}
-
-    def scored(path: Path, make) -> dict:
-        if not path.is_file():
-            atomic_write_json(path, make())
-        return json.loads(path.read_text())
-
-    for model in cfg.models:
-        folder = cfg.out / slug(model)
-        folder.mkdir(parents=True, exist_ok=True)
-        log.info("%s: the base model on the validation split (%d records), unless scored before", model,
-                 sum(map(len, val.values())))
-        base = scored(folder / "base_val_scores.json", lambda: validation_scores(model, None, val))
-        scores: dict[str, dict[int, dict]] = {}
-        for arm in cfg.methods:
-            method, factor = VARIANTS.get(arm, (arm, "B"))
-            lr = chosen_lr(folder, arm)
-            for steps in sorted(set(cfg.select_steps)):
-                run = folder / "steps-select" / f"{arm}-steps{steps}-s{seed}"
-                if not (run / "val_scores.json").is_file():
-                    log.info("%s: %d steps for the budget's choice on validation", run, steps)
-                    train_arm(model, method, seed, train_file, replace(cfg, steps=steps), run, lr=lr,
-                              stiefel_factor=factor)
-                    log.info("%s: scoring it on the validation split", run)
-                    vals = [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
-                    atomic_write_json(run / "val_scores.json", {"steps": steps, "val_loss": vals[-1] if vals else None,
-                                                                 **validation_scores(model, run, val)})
-                scores.setdefault(arm, {})[steps] = json.loads((run / "val_scores.json").read_text())
-        choice = {"model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "seed": seed,
-                  "arms": list(cfg.methods), "base": {k: base[k] for k in ("average", "tasks")},
-                  **choose_budget(base, scores, n_boot=cfg.n_boot)}
-        atomic_write_json(folder / BUDGET_CHOICE, choice)
-        atomic_write_text(folder / "budget_choice.md", budget_choice_markdown(choice, slug, LABELS) + "\n")
-        log.info("%s: budget %s (%s)", model, choice["chosen"], choice["why"])
-        out[model] = choice
-    return out
-
-
-def _trained_as(run: Path, want: TrainConfig) -> bool:
-    """Whether `run` is a finished training of `want` (no field that changes the trajectory differs)."""
-    from fora.formats.peft_io import ADAPTER_WEIGHTS
-    from fora.training.config import TrainConfig
-
-    path = run / "train_config.json"
-    if not (run / ADAPTER_WEIGHTS).is_file() or not path.is_file():
-        return False
-    try:
-        return not TrainConfig.from_dict(json.loads(path.read_text())).trajectory_diff(want)
-    except ValueError:  # unreadable, or written by another fora version: not the same training
-        return False
+    return suite_train_file(cfg.suite), read_suite(cfg.suite, "test")
 
 
 def main(cfg: ReproduceConfig) -> dict:
@@ -533,10 +350,10 @@ def main(cfg: ReproduceConfig) -> dict:
 
     if cfg.report:
         return finish(cfg)
-    if cfg.select_lr:
-        return select_lr(cfg)
-    if cfg.select_steps:
-        return select_steps(cfg)
+    if cfg.select_lr or cfg.select_steps:
+        from fora.evaluation.validation_choices import select_lr, select_steps
+
+        return (select_lr if cfg.select_lr else select_steps)(cfg, train=train_arm)
     t0 = time.perf_counter()
     train_file, test = task_data(cfg)
     sizes = EvalSizes(cfg.eval_limit, cfg.gen_limit, cfg.max_new_tokens, cfg.ppl_tokens, cfg.kl_windows)

@@ -64,7 +64,7 @@ def choose_budget(base: Mapping[str, Any], scores: Mapping[str, Mapping[int, Map
         why = (f"no budget tried (up to {rungs[-1]['steps']} steps) takes every arm above the base model's "
                f"zero-shot validation accuracy: try more steps")
     else:
-        why = f"the smallest budget tried at which every arm is above the base model's zero-shot level"
+        why = "the smallest budget tried at which every arm is above the base model's zero-shot level"
     return {"rungs": rungs, "chosen": chosen, "why": why}
 
 
