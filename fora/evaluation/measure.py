@@ -229,13 +229,19 @@ def validation_scores(model_name: str, run: Path | None, tasks: Mapping[str, lis
     from fora.evaluation.accuracy import evaluate_tasks
     from fora.formats.peft_io import load_adapter
 
+    if not tasks or not all(tasks.values()):
+        raise ValueError("no validation records to score (a task without val.json items); rebuild the suite "
+                         "with `python scripts/make_task.py --task commonsense --out SUITE`")
     model, tok = load_fp32(model_name)
     if run is not None:
         load_adapter(model, run)
     model.eval()
-    report = evaluate_tasks(model, tok, tasks, protocol="loglik", progress=False)
-    items: dict[str, list[int]] = {t: [] for t in report["tasks"]}
-    for p in sorted(report["predictions"], key=lambda p: p["index"]):
-        items[p["task"]].append(int(p["correct"]))
-    return {"average": report["average"], "tasks": {t: r["accuracy"] for t, r in report["tasks"].items()},
-            "n": sum(r["n"] for r in report["tasks"].values()), "items": items}
+    accuracy, items, t0 = {}, {}, time.perf_counter()
+    for task, records in tasks.items():  # one task at a time, for a progress line each
+        report = evaluate_tasks(model, tok, {task: records}, protocol="loglik", progress=False)
+        accuracy[task] = report["tasks"][task]["accuracy"]
+        items[task] = [int(p["correct"]) for p in sorted(report["predictions"], key=lambda p: p["index"])]
+        log.info("validation %s: %s %.3f on %d records (%.0f s)", "base" if run is None else run.name, task,
+                 accuracy[task], len(records), time.perf_counter() - t0)
+    return {"average": sum(accuracy.values()) / len(accuracy), "tasks": accuracy,
+            "n": sum(map(len, items.values())), "items": items}

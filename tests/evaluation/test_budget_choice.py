@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fora.evaluation.budget_choice import budget_choice_markdown, choose_budget
+from fora.evaluation.measure import validation_scores
 
 SIZES = {"boolq": 40, "piqa": 60}  # unequal: the mean over tasks is not the pooled mean
 
@@ -60,3 +61,9 @@ def test_the_table_shows_every_rung_and_the_choice():
     gain = choice["rungs"][0]["arms"]["lora"]["gain"]
     assert f"| m | 200 | lora |" in lines[3] and f"{100 * gain['estimate']:+.1f} [{100 * gain['low']:+.1f}," in lines[3]
     assert "**Chosen: 200 steps**" in md
+
+
+def test_validation_scores_refuse_an_empty_split():
+    for tasks in ({}, {"boolq": []}):
+        with pytest.raises(ValueError, match="no validation records to score"):
+            validation_scores("no-such-model", None, tasks)
