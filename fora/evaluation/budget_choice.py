@@ -71,13 +71,13 @@ def choose_budget(base: Mapping[str, Any], scores: Mapping[str, Mapping[int, Map
 def budget_choice_markdown(choice: Mapping[str, Any], slug: Callable[[str], str] = lambda m: m,
                            labels: Mapping[str, str] | None = None) -> str:
     """One line per (steps, arm) and the base model: validation accuracy per task (columns in the order of
-    `labels`, task -> column name) and on average, the gain over zero-shot with its interval, the last
-    validation loss; then the choice."""
+    `labels`, task -> column name) and on average, the gain over zero-shot with its interval, the run's
+    last loss on train.py's held-out records (--val-size, from the training file); then the choice."""
     labels = labels or {}
     order = list(labels)
     tasks = sorted(choice["base"]["tasks"], key=lambda t: (order.index(t) if t in order else len(order), t))
     lines = [f"| model | steps | arm | {' | '.join(labels.get(t, t) for t in tasks)} | average | "
-             "− zero-shot [95 % CI] | val loss |", "|" + "---|" * (6 + len(tasks))]
+             "− zero-shot [95 % CI] | held-out loss |", "|" + "---|" * (6 + len(tasks))]
 
     def cells(s: Mapping[str, Any]) -> str:
         return " | ".join(f"{100 * s['tasks'][t]:.1f}" for t in tasks) + f" | {100 * s['average']:.1f}"
