@@ -8,11 +8,13 @@ number of steps, and it and the base model are scored by loglik on the suite's v
 the zero-shot level when, for every arm, the paired 95 % bootstrap interval of acc(arm) - acc(base)
 (items resampled within their task, the mean over tasks) lies above 0; the chosen budget is the
 smallest such. Whether two arms then differ is what the seeds measure: the budget is not chosen to
-make them differ. Without a qualifying budget none is chosen. OUT/<model>/budget_choice.json:
+make them differ. Without a qualifying budget none is chosen. Beside the rule, `one_label_agreement`
+says how much each arm's results look like giving one constant answer, what an arm that has learnt
+the format and nothing else does. OUT/<model>/budget_choice.json:
 
     {"model", "split": "val", "metric", "seed", "arms": [...], "base": {"average", "tasks"},
-     "rungs": [{"steps", "arms": {arm: {"average", "tasks", "val_loss", "gain": {"estimate", "low",
-     "high"}}}, "leaves_zero_shot": bool}], "chosen": steps or None, "why"}
+     "base_one_label", "rungs": [{"steps", "arms": {arm: {"average", "tasks", "val_loss", "gain":
+     {"estimate", "low", "high"}, "one_label"}}, "leaves_zero_shot": bool}], "chosen": steps or None, "why"}
 """
 from __future__ import annotations
 
@@ -29,15 +31,33 @@ def _flat(scores: Mapping[str, Any], tasks: Sequence[str]) -> tuple[list[int], l
     return items, [t for t in tasks for _ in scores["items"][t]]
 
 
+def one_label_agreement(items: Mapping[str, Sequence[int]], gold: Mapping[str, Sequence[str]]) -> float:
+    """How much an arm's results look like always giving one answer: per task, the largest share of items
+    on which its correctness (1 or 0) equals that of answering the same label k every time (right exactly
+    where the gold answer is k), over the task's labels k; the mean over tasks. 1.0: on every task the
+    results are exactly a constant answer's (for a two-label task, the answer is constant)."""
+    shares = []
+    for task, got in items.items():
+        answers = gold[task]
+        if len(answers) != len(got):
+            raise ValueError(f"{task}: {len(got)} results for {len(answers)} gold answers; score the same val.json")
+        shares.append(max(sum((a == k) == bool(c) for a, c in zip(answers, got)) for k in set(answers)) / len(got))
+    return sum(shares) / len(shares)
+
+
 def choose_budget(base: Mapping[str, Any], scores: Mapping[str, Mapping[int, Mapping[str, Any]]], *,
-                  n_boot: int = 4000, seed: int = 0) -> dict[str, Any]:
+                  gold: Mapping[str, Sequence[str]] | None = None, n_boot: int = 4000,
+                  seed: int = 0) -> dict[str, Any]:
     """The module docstring's rule.
 
     Args:
         base: the base model's `validation_scores` (with "items").
         scores: arm -> steps -> that run's `validation_scores`, plus "val_loss" (its last validation loss).
+        gold: task -> the validation items' gold answers: adds each arm's `one_label_agreement`
+            ("one_label"; information beside the rule, not part of it).
     Returns:
-        The budget_choice.json fields "rungs", "chosen" and "why" (a rung is a number of steps every arm has).
+        The budget_choice.json fields "rungs", "chosen" and "why" (a rung is a number of steps every arm
+        has), and "base_one_label" with `gold`.
     """
     if not scores:
         raise ValueError("no arms to choose a budget for; pass --methods")
@@ -54,7 +74,8 @@ def choose_budget(base: Mapping[str, Any], scores: Mapping[str, Mapping[int, Map
                                  f"score both on the same SUITE/<task>/val.json")
             gain = paired_difference([items], [base_items], strata=strata, n_boot=n_boot, seed=seed)
             row["arms"][arm] = {"average": s["average"], "tasks": s["tasks"], "val_loss": s.get("val_loss"),
-                                "gain": {"estimate": gain.estimate, "low": gain.low, "high": gain.high}}
+                                "gain": {"estimate": gain.estimate, "low": gain.low, "high": gain.high},
+                                "one_label": None if gold is None else one_label_agreement(s["items"], gold)}
         row["leaves_zero_shot"] = all(a["gain"]["low"] > 0 for a in row["arms"].values())
         rungs.append(row)
     chosen = next((r["steps"] for r in rungs if r["leaves_zero_shot"]), None)
@@ -65,30 +86,37 @@ def choose_budget(base: Mapping[str, Any], scores: Mapping[str, Mapping[int, Map
                f"zero-shot validation accuracy: try more steps")
     else:
         why = "the smallest budget tried at which every arm is above the base model's zero-shot level"
-    return {"rungs": rungs, "chosen": chosen, "why": why}
+    return {"rungs": rungs, "chosen": chosen, "why": why,
+            "base_one_label": None if gold is None else one_label_agreement(base["items"], gold)}
 
 
 def budget_choice_markdown(choice: Mapping[str, Any], slug: Callable[[str], str] = lambda m: m,
                            labels: Mapping[str, str] | None = None) -> str:
     """One line per (steps, arm) and the base model: validation accuracy per task (columns in the order of
-    `labels`, task -> column name) and on average, the gain over zero-shot with its interval, the run's
-    last loss on train.py's held-out records (--val-size, from the training file); then the choice."""
+    `labels`, task -> column name) and on average, the gain over zero-shot with its interval, how much the
+    results look like one constant answer (`one_label_agreement`), the run's last loss on train.py's
+    held-out records (--val-size, from the training file); then the choice."""
     labels = labels or {}
     order = list(labels)
     tasks = sorted(choice["base"]["tasks"], key=lambda t: (order.index(t) if t in order else len(order), t))
     lines = [f"| model | steps | arm | {' | '.join(labels.get(t, t) for t in tasks)} | average | "
-             "− zero-shot [95 % CI] | held-out loss |", "|" + "---|" * (6 + len(tasks))]
+             "− zero-shot [95 % CI] | like one answer | held-out loss |", "|" + "---|" * (7 + len(tasks))]
 
     def cells(s: Mapping[str, Any]) -> str:
         return " | ".join(f"{100 * s['tasks'][t]:.1f}" for t in tasks) + f" | {100 * s['average']:.1f}"
 
-    lines.append(f"| {slug(choice['model'])} | 0 | base (zero-shot) | {cells(choice['base'])} | | |")
+    def share(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f} %"
+
+    lines.append(f"| {slug(choice['model'])} | 0 | base (zero-shot) | {cells(choice['base'])} | | "
+                 f"{share(choice.get('base_one_label'))} | |")
     for r in choice["rungs"]:
         for arm, a in r["arms"].items():
             g = a["gain"]
             loss = "" if a["val_loss"] is None else f"{a['val_loss']:.3f}"
             lines.append(f"| {slug(choice['model'])} | {r['steps']} | {arm} | {cells(a)} | "
-                         f"{100 * g['estimate']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | {loss} |")
+                         f"{100 * g['estimate']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | "
+                         f"{share(a.get('one_label'))} | {loss} |")
     chosen = "none" if choice["chosen"] is None else f"{choice['chosen']} steps"
     lines.append(f"\n**Chosen: {chosen}** ({choice['why']}; seed {choice['seed']}, loglik on the validation split).")
     return "\n".join(lines)

@@ -108,7 +108,8 @@ def select_steps(cfg: Any, train: Callable[..., None] = train_arm) -> dict[str, 
                 scores.setdefault(arm, {})[steps] = json.loads((run / "val_scores.json").read_text())
         choice = {"model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "seed": seed,
                   "arms": list(cfg.methods), "base": {k: base[k] for k in ("average", "tasks")},
-                  **choose_budget(base, scores, n_boot=cfg.n_boot)}
+                  **choose_budget(base, scores, gold={t: [r["answer"] for r in v] for t, v in val.items()},
+                                  n_boot=cfg.n_boot)}
         atomic_write_json(folder / BUDGET_CHOICE, choice)
         atomic_write_text(folder / "budget_choice.md", budget_choice_markdown(choice, slug, LABELS) + "\n")
         log.info("%s: budget %s (%s)", model, choice["chosen"], choice["why"])

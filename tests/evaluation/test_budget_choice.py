@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 
-from fora.evaluation.budget_choice import budget_choice_markdown, choose_budget
+from fora.evaluation.budget_choice import budget_choice_markdown, choose_budget, one_label_agreement
 from fora.evaluation.measure import validation_scores
 
 SIZES = {"boolq": 40, "piqa": 60}  # unequal: the mean over tasks is not the pooled mean
@@ -57,7 +57,7 @@ def test_the_table_shows_every_rung_and_the_choice():
     lines = md.splitlines()
     assert lines[0].startswith("| model | steps | arm | PIQA | BoolQ | average |")
     assert lines[2] == (f"| m | 0 | base (zero-shot) | {100 * base['tasks']['piqa']:.1f} | "
-                        f"{100 * base['tasks']['boolq']:.1f} | {100 * base['average']:.1f} | | |")
+                        f"{100 * base['tasks']['boolq']:.1f} | {100 * base['average']:.1f} | | - | |")
     gain = choice["rungs"][0]["arms"]["lora"]["gain"]
     assert f"| m | 200 | lora |" in lines[3] and f"{100 * gain['estimate']:+.1f} [{100 * gain['low']:+.1f}," in lines[3]
     assert "**Chosen: 200 steps**" in md
@@ -67,3 +67,19 @@ def test_validation_scores_refuse_an_empty_split():
     for tasks in ({}, {"boolq": []}):
         with pytest.raises(ValueError, match="no validation records to score"):
             validation_scores("no-such-model", None, tasks)
+
+
+def test_one_label_agreement_recognises_a_constant_answer():
+    gold = {"piqa": ["solution1", "solution2", "solution2", "solution1"], "arc": ["a1", "a2", "a3", "a1"]}
+    always = {t: [int(g == v[0]) for g in v] for t, v in gold.items()}  # always the first item's gold label
+    assert one_label_agreement(always, gold) == 1.0
+    # a perfect arm on piqa (4 of 4) agrees with a constant answer on 2 of 4; on arc it answers a2 always
+    mixed = {"piqa": [1, 1, 1, 1], "arc": [0, 1, 0, 0]}
+    assert one_label_agreement(mixed, gold) == pytest.approx((2 / 4 + 4 / 4) / 2)
+    base = {"average": 0.5, "tasks": {"piqa": 0.5, "arc": 0.5}, "n": 8, "items": always}
+    choice = choose_budget(base, {"lora": {10: {**base, "items": mixed}}}, gold=gold, n_boot=50)
+    assert choice["base_one_label"] == 1.0 and choice["rungs"][0]["arms"]["lora"]["one_label"] == pytest.approx(0.75)
+    md = budget_choice_markdown({"model": "m", "seed": 0, "base": base, **choice})
+    assert "| | 100 % | |" in md.splitlines()[2] and "| 75 % |" in md.splitlines()[3]
+    with pytest.raises(ValueError, match="3 results for 4 gold answers"):
+        one_label_agreement({"piqa": [1, 0, 1]}, gold)
