@@ -66,6 +66,7 @@ from fora.evaluation.measure import EvalSizes, arm_row, base_row  # noqa: E402
 from fora.evaluation.arms import arm_name, run_dir, slug, train_arm  # noqa: E402
 from fora.evaluation.lr_choice import LR_CHOICE, chosen_lr  # noqa: E402
 from fora.evaluation.suite import VARIANTS  # noqa: E402
+from fora.training.commonsense import TASKS as TASKS_OF_SUITE  # noqa: E402
 
 log = logging.getLogger("reproduce")
 ARMS = ("fora", "lora", "fg-lora", "stiefel-lora", "lora-half-rank", "random-k")  # the default arms
@@ -312,7 +313,12 @@ def finish_suite(cfg: ReproduceConfig) -> dict:
             base_items[model] = json.loads((folder / "base_items.json").read_text())
         if (folder / LR_CHOICE).is_file():
             choices[model] = json.loads((folder / LR_CHOICE).read_text())
-    suite = suite_report(rows, items, base_items, choices, n_boot=cfg.n_boot, slug=slug)
+    gold = None  # the test split's answers, where the suite is at hand (a stored copy may travel without it)
+    if all((cfg.suite / t / "test.json").is_file() for t in TASKS_OF_SUITE):
+        from fora.training.commonsense import read_suite
+
+        gold = {t: [r["answer"] for r in recs] for t, recs in read_suite(cfg.suite, "test").items()}
+    suite = suite_report(rows, items, base_items, choices, n_boot=cfg.n_boot, slug=slug, gold=gold)
     report = {"config": report_config(cfg, rows, stored), "base": base, "runs": rows}
     atomic_write_json(cfg.out / "results.json", report)
     atomic_write_json(cfg.out / "commonsense.json", {"claims": suite["claims"], "lr_choices": choices})

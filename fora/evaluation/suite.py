@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from fora.evaluation.budget_choice import one_label_agreement
 from fora.evaluation.lr_choice import lr_choice_markdown
 from fora.evaluation.paired import INTERACTION, contrast_interval
 from fora.evaluation.report import (CLAIMS, STIEFEL_EFFECT, Claim, arm_label, claims_markdown,
@@ -290,14 +291,35 @@ def averages_brief(model: str, rows: Sequence[Mapping[str, Any]], items: Mapping
     return "\n".join(lines)
 
 
+def one_label_table(model: str, rows: Sequence[Mapping[str, Any]], items: Mapping[tuple, Any], base_items: Any,
+                    gold: Mapping[str, Sequence[str]]) -> str:
+    """Per arm (mean over its seeds with items) and the base model: how much its loglik results on the test
+    split look like one constant answer (`fora.evaluation.budget_choice.one_label_agreement`)."""
+    def agreement(found: Mapping[str, Any]) -> float:
+        got = {t: v["acc_loglik"] for t, v in found["tasks"].items()}
+        return one_label_agreement(got, {t: list(gold[t])[:len(v)] for t, v in got.items()})
+
+    lines = ["| arm | seeds | like one answer |", "|---|---|---|"]
+    if base_items is not None:
+        lines.append(f"| {BASE} | - | {100 * agreement(base_items):.0f} % |")
+    for arm in arms_of(rows, model):
+        found = [items.get((model, arm, r["seed"])) for r in rows if r["model"] == model and arm_label(r) == arm]
+        found = [f for f in found if f is not None]
+        if found:
+            lines.append(f"| {arm} | {len(found)} | {100 * sum(map(agreement, found)) / len(found):.0f} % |")
+    return "\n".join(lines)
+
+
 def suite_report(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple, Any], base_items: Mapping[str, Any],
                  choices: Mapping[str, Mapping[str, Any]], *, n_boot: int = 4000,
-                 slug: Callable[[str], str] = lambda m: m) -> dict[str, Any]:
+                 slug: Callable[[str], str] = lambda m: m,
+                 gold: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """Every table of the suite for the models in `rows` and `base_items`.
 
     Args:
         rows: result.json rows; items: (model, arm label, seed) -> items.json (None where missing);
-        base_items: model -> the base model's items.json; choices: model -> lr_choice.json.
+        base_items: model -> the base model's items.json; choices: model -> lr_choice.json;
+        gold: task -> the test split's gold answers (adds `one_label_table`; None: without it).
     Returns:
         {"markdown": the whole report, "briefs": model -> the README's table of averages,
         "claims": the claims rows}.
@@ -315,6 +337,10 @@ def suite_report(rows: Sequence[Mapping[str, Any]], items: Mapping[tuple, Any], 
         parts += [f"{name}, the 2×2 contrasts (loglik accuracy, points [95 % paired interval]):", "",
                   contrasts_table(model, rows, items, "acc_loglik", n_boot=n_boot), "",
                   f"{name}, Table 6's diagnostics:", "", table6(model, rows), ""]
+        if gold is not None and any(r["model"] == model for r in rows):
+            parts += [f"{name}, how much the loglik results look like one constant answer (test split; "
+                      "100 %: every task's results are a constant answer's):", "",
+                      one_label_table(model, rows, items, base_items.get(model), gold), ""]
         if model in choices:
             parts += [f"{name}, learning rates on the validation split:", "", lr_choice_markdown(choices[model], slug, LABELS), ""]
         briefs[model] = averages_brief(model, rows, items, base_items.get(model), n_boot=n_boot)

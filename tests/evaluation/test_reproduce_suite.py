@@ -87,6 +87,17 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
     base_items = json.loads((out / "tiny" / "base_items.json").read_text())
     assert {t: len(v["acc_loglik"]) for t, v in base_items["tasks"].items()} == TEST_SIZES
     md = (out / "commonsense.md").read_text()
+    # how much each arm looks like one constant answer: directly, from its items and the suite's test answers
+    gold = {t: [r["answer"] for r in json.loads((suite / t / "test.json").read_text())] for t in TASKS}
+
+    def like_one(found):
+        shares = [max(sum((a == k) == bool(c) for a, c in zip(gold[t], v["acc_loglik"])) for k in set(gold[t]))
+                  / len(gold[t]) for t, v in found["tasks"].items()]
+        return f"{100 * statistics.fmean(shares):.0f} %"
+    one = _table_rows(md, "tiny, how much the loglik results look like one constant answer")
+    assert one["base (zero-shot)"] == ["-", like_one(base_items)]
+    for arm in ("fora", "lora", "fora-a"):
+        assert one[arm] == ["1", like_one(json.loads((out / "tiny" / f"{arm}-s0" / "items.json").read_text()))]
     assert "| fora-a | 1 | 0.0002 |" in md and "| dora | not run |" in md and "| base (zero-shot) | - |" in md
     # the budget on validation: rung 2 is the finished main run (copied, not trained), rung 1 is trained
     # and reuses the main run's Fisher selection; every score is the mean of its stored items
