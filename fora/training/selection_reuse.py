@@ -93,6 +93,8 @@ def find_shared_selection(folders: Sequence[str | Path], config: Mapping[str, An
             record, source_cfg = read_source(folder)
         except (FileNotFoundError, ValueError):
             continue  # not a run, or one that has not selected yet: not a candidate
+        if record.get("rank_pattern") is not None and record.get("rank") != config.get("rank"):
+            continue  # a per-module rank pattern (FIM-LoRA's) is made for its rank
         if record.get("selector") == selector and all(source_cfg.get(f) == config.get(f) for f in SHARED_FIELDS):
             return folder
     return None

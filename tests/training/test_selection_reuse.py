@@ -12,6 +12,7 @@ import pytest
 import fora.training.distributed
 from fora.training.config import TrainConfig
 from fora.training.run import main
+from fora.training.selection_reuse import find_shared_selection
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -86,3 +87,23 @@ def test_missing_or_unreadable_sources_are_named(source, tmp_path):
 def test_methods_that_score_nothing_refuse_it(cfg):
     with pytest.raises(ValueError, match="--method lora does not score layers"):
         replace(cfg, method="lora", selection_from="runs/a")
+
+
+def test_find_shared_selection_picks_the_first_matching_run(tmp_path, cfg):
+    config = replace(cfg, method="fg-lora").to_dict()
+
+    def run(name, selector="fisher", rank_pattern=None, rank=4, **changes):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "selection.json").write_text(json.dumps({"selector": selector, "selected": [1],
+                                                           "rank_pattern": rank_pattern, "rank": rank}))
+        (folder / "train_config.json").write_text(json.dumps({**config, **changes}))
+        return folder
+
+    (tmp_path / "empty").mkdir()
+    candidates = [tmp_path / "empty", run("cka", selector="cka"), run("seed", seed=9), run("n", fisher_batches=9),
+                  run("dtype", dtype="bfloat16"), run("pattern", rank_pattern={"x": 2}, rank=8), run("good"), run("later")]
+    assert find_shared_selection(candidates, config, "fisher") == tmp_path / "good"
+    assert find_shared_selection(candidates[:-2], config, "fisher") is None
+    assert find_shared_selection(candidates, config, "all") is None  # lora scores nothing
+    assert find_shared_selection(candidates, {**config, "rank": 8}, "fisher") == tmp_path / "pattern"
