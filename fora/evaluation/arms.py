@@ -24,7 +24,8 @@ from fora.training.selection_reuse import find_shared_selection
 
 log = logging.getLogger("reproduce")
 COPIED_FROM = "copied_from.json"  # a run copied from an identical finished training (train_arm)
-MEASURED = ("result.json", "items.json", "diagnostics.json", "val_scores.json", "eval.json")  # not copied
+VAL_SCORES = "val_scores.json"  # a run scored on the suite's validation split (fora.evaluation.validation_choices)
+MEASURED = ("result.json", "items.json", "diagnostics.json", VAL_SCORES, "eval.json")  # not copied
 CANDIDATES = ("", "steps-select", "lr-select")  # where under OUT/<model> finished trainings are looked for
 
 

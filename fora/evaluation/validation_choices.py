@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fora.evaluation.arms import slug, train_arm
+from fora.evaluation.arms import VAL_SCORES, slug, train_arm
 from fora.evaluation.budget_choice import BUDGET_CHOICE, budget_choice_markdown, choose_budget
 from fora.evaluation.lr_choice import LR_CHOICE, choose_lr, chosen_lr, lr_choice_markdown
 from fora.evaluation.plots import read_metrics
@@ -22,6 +22,14 @@ from fora.formats.atomic import atomic_write_json, atomic_write_text
 from fora.training.commonsense import read_suite
 
 log = logging.getLogger("reproduce")
+METRIC = "loglik accuracy, the mean over tasks"
+
+
+def _cached(path: Path, make: Callable[[], dict]) -> dict:
+    """path's JSON, made (and written atomically) first when it is not there: what makes a choice resumable."""
+    if not path.is_file():
+        atomic_write_json(path, make())
+    return json.loads(path.read_text())
 
 
 def suite_train_file(suite: Path) -> Path:
@@ -51,14 +59,15 @@ def select_lr(cfg: Any, train: Callable[..., None] = train_arm) -> dict[str, dic
             scores = []
             for lr in cfg.select_lr:
                 run = folder / "lr-select" / f"{arm}-lr{lr:g}-s{seed}"
-                if not (run / "val_scores.json").is_file():
+
+                def candidate() -> dict:
                     log.info("%s: training at lr %g for the choice on validation", run, lr)
                     train(model, method, seed, train_file, cfg, run, lr=lr, stiefel_factor=factor)
-                    atomic_write_json(run / "val_scores.json", {"lr": lr, **validation_scores(model, run, val)})
-                scores.append(json.loads((run / "val_scores.json").read_text()))
+                    return {"lr": lr, **validation_scores(model, run, val)}
+                scores.append(_cached(run / VAL_SCORES, candidate))
             # read just before writing: an invocation beside this one may have chosen another arm's rate
             choice = json.loads(path.read_text()) if path.is_file() else {
-                "model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "arms": {}}
+                "model": model, "split": "val", "metric": METRIC, "arms": {}}
             choice["arms"][arm] = {"chosen": choose_lr(scores), "seed": seed, "steps": cfg.steps, "scores": scores}
             atomic_write_json(path, choice)
             log.info("%s %s: lr %g chosen on validation", model, arm, choice["arms"][arm]["chosen"])
@@ -79,34 +88,28 @@ def select_steps(cfg: Any, train: Callable[..., None] = train_arm) -> dict[str, 
     train_file = suite_train_file(cfg.suite)
     val = read_suite(cfg.suite, "val")
     seed, out = cfg.seeds[0], {}
-
-    def scored(path: Path, make) -> dict:
-        if not path.is_file():
-            atomic_write_json(path, make())
-        return json.loads(path.read_text())
-
     for model in cfg.models:
         folder = cfg.out / slug(model)
         folder.mkdir(parents=True, exist_ok=True)
         log.info("%s: the base model on the validation split (%d records), unless scored before", model,
                  sum(map(len, val.values())))
-        base = scored(folder / "base_val_scores.json", lambda: validation_scores(model, None, val))
+        base = _cached(folder / "base_val_scores.json", lambda: validation_scores(model, None, val))
         scores: dict[str, dict[int, dict]] = {}
         for arm in cfg.methods:
             method, factor = VARIANTS.get(arm, (arm, "B"))
             lr = chosen_lr(folder, arm)
             for steps in sorted(set(cfg.select_steps)):
                 run = folder / "steps-select" / f"{arm}-steps{steps}-s{seed}"
-                if not (run / "val_scores.json").is_file():
+
+                def rung() -> dict:
                     log.info("%s: %d steps for the budget's choice on validation", run, steps)
                     train(model, method, seed, train_file, replace(cfg, steps=steps), run, lr=lr,
-                              stiefel_factor=factor)
+                          stiefel_factor=factor)
                     log.info("%s: scoring it on the validation split", run)
                     vals = [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
-                    atomic_write_json(run / "val_scores.json", {"steps": steps, "val_loss": vals[-1] if vals else None,
-                                                                 **validation_scores(model, run, val)})
-                scores.setdefault(arm, {})[steps] = json.loads((run / "val_scores.json").read_text())
-        choice = {"model": model, "split": "val", "metric": "loglik accuracy, the mean over tasks", "seed": seed,
+                    return {"steps": steps, "val_loss": vals[-1] if vals else None, **validation_scores(model, run, val)}
+                scores.setdefault(arm, {})[steps] = _cached(run / VAL_SCORES, rung)
+        choice = {"model": model, "split": "val", "metric": METRIC, "seed": seed,
                   "arms": list(cfg.methods), "base": {k: base[k] for k in ("average", "tasks")},
                   **choose_budget(base, scores, gold={t: [r["answer"] for r in v] for t, v in val.items()},
                                   n_boot=cfg.n_boot)}

@@ -46,6 +46,18 @@ def read_source(run: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return found[0], found[1]
 
 
+def differences(record: Mapping[str, Any], source_cfg: Mapping[str, Any], want: Mapping[str, Any],
+                config: Mapping[str, Any], fields: Sequence[str]) -> list[str]:
+    """What keeps a source's selection (`record`, made under `source_cfg`) from being this run's: the
+    record's entries unlike `want` (its rank only where it holds a per-module rank pattern, FIM-LoRA's,
+    which is made for its rank) and the train-config `fields` unlike `config`; one phrase each."""
+    want = {k: v for k, v in want.items() if k != "rank" or record.get("rank_pattern") is not None}
+    return ([f"{name} {record.get(name)!r} there, {value!r} here" for name, value in want.items()
+             if record.get(name) != value]
+            + [f"--{name.replace('_', '-')} {source_cfg.get(name)!r} there, {config.get(name)!r} here"
+               for name in fields if source_cfg.get(name) != config.get(name)])
+
+
 def reused_selection(run: str | Path, *, selector: str, config: Mapping[str, Any],
                      calibration: Sequence[Mapping[str, torch.Tensor]], num_layers: int, k: int,
                      rank: int) -> tuple[Selection, dict[str, Any]]:
@@ -62,14 +74,9 @@ def reused_selection(run: str | Path, *, selector: str, config: Mapping[str, Any
         ValueError naming every field that differs.
     """
     record, source_cfg = read_source(run)
-    want = {"selector": selector, "num_layers": num_layers, "k": k,
+    want = {"selector": selector, "num_layers": num_layers, "k": k, "rank": rank,
             "calibration_sha256": calibration_fingerprint(calibration)}
-    if record.get("rank_pattern") is not None:
-        want["rank"] = rank
-    differ = [f"{name} {record.get(name)!r} there, {value!r} here" for name, value in want.items()
-              if record.get(name) != value]
-    differ += [f"--{name.replace('_', '-')} {source_cfg.get(name)!r} there, {config.get(name)!r} here"
-               for name in SCORE_FIELDS if source_cfg.get(name) != config.get(name)]
+    differ = differences(record, source_cfg, want, config, SCORE_FIELDS)
     if differ:
         raise ValueError(f"--selection-from {run}: that selection is not the one this run would compute ("
                          + "; ".join(differ) + "); match those settings or drop --selection-from")
@@ -93,8 +100,7 @@ def find_shared_selection(folders: Sequence[str | Path], config: Mapping[str, An
             record, source_cfg = read_source(folder)
         except (FileNotFoundError, ValueError):
             continue  # not a run, or one that has not selected yet: not a candidate
-        if record.get("rank_pattern") is not None and record.get("rank") != config.get("rank"):
-            continue  # a per-module rank pattern (FIM-LoRA's) is made for its rank
-        if record.get("selector") == selector and all(source_cfg.get(f) == config.get(f) for f in SHARED_FIELDS):
+        if not differences(record, source_cfg, {"selector": selector, "rank": config.get("rank")}, config,
+                           SHARED_FIELDS):
             return folder
     return None
