@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fora.defaults import FORA  # noqa: E402
 from fora.training.argparser import ArgumentParser  # noqa: E402
 from fora.evaluation.measure import EvalSizes, arm_row, base_row  # noqa: E402
-from fora.evaluation.arms import arm_name, run_dir, slug, train_arm  # noqa: E402
+from fora.evaluation.arms import arm_config, arm_name, refuse_other_training, run_dir, slug, train_arm  # noqa: E402
 from fora.evaluation.lr_choice import LR_CHOICE, chosen_lr  # noqa: E402
 from fora.evaluation.suite import VARIANTS  # noqa: E402
 from fora.training.commonsense import TASKS as TASKS_OF_SUITE  # noqa: E402
@@ -203,8 +203,8 @@ def _method_lr(p: argparse.ArgumentParser, text: str) -> tuple[str, float]:
     if method not in ALL_ARMS or not lr > 0:
         p.error(f"--method-lr takes METHOD=LR with METHOD one of {', '.join(ALL_ARMS)} and LR > 0, got {text!r}")
     if METHODS[method].stiefel:
-        p.error(f"--method-lr {text}: {method} trains a Stiefel A, whose step follows --lr; "
-                f"vary it with --stiefel-scales instead")
+        p.error(f"--method-lr {text}: {method} trains a Stiefel factor; vary its Cayley step with "
+                f"--stiefel-scales and its AdamW rate with --select-lr instead")
     return method, lr
 
 
@@ -375,10 +375,12 @@ def main(cfg: ReproduceConfig) -> dict:
                 method, factor = VARIANTS.get(arm, (arm, "B"))
                 lr = dict(cfg.method_lr).get(arm)  # an arm of its own, "<method> lr <LR>"
                 run = run_dir(cfg, model, arm, seed, scale, lr)
+                chosen = None if lr is not None or cfg.task == "cloze" else chosen_lr(folder, arm)
                 if (run / "result.json").is_file():
+                    refuse_other_training(run, arm_config(model, method, seed, train_file, cfg, run, scale,
+                                                          chosen if lr is None else lr, factor))
                     log.info("%s: done, skipped", run)
                     continue
-                chosen = None if lr is not None or cfg.task == "cloze" else chosen_lr(folder, arm)
                 log.info("%s: training (%.0f s into this invocation)", run, time.perf_counter() - t0)
                 train_arm(model, method, seed, train_file, cfg, run, scale, chosen if lr is None else lr,
                           **({} if factor == "B" else {"stiefel_factor": factor}))

@@ -26,7 +26,7 @@ log = logging.getLogger("reproduce")
 COPIED_FROM = "copied_from.json"  # a run copied from an identical finished training (train_arm)
 VAL_SCORES = "val_scores.json"  # a run scored on the suite's validation split (fora.evaluation.validation_choices)
 MEASURED = ("result.json", "items.json", "diagnostics.json", VAL_SCORES, "eval.json")  # not copied
-CANDIDATES = ("", "steps-select", "lr-select")  # where under OUT/<model> finished trainings are looked for
+CANDIDATES = ("", "candidates")  # where under OUT/<model> finished trainings are looked for
 
 
 class ArmSettings(Protocol):
@@ -71,13 +71,13 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Ar
     calibration batches with the same selector (train.py --selection-from), if there is one."""
     from fora.training.run import main  # at call time: the trainer, as tests replace it
 
+    want = arm_config(model_name, method, seed, train_file, cfg, run, stiefel_scale, lr, stiefel_factor)
     if (run / ADAPTER_WEIGHTS).is_file():
-        return
+        return refuse_other_training(run, want)
     resume = str(run) if (run / "checkpoint").is_dir() else None
     if resume is None and run.exists():
         shutil.rmtree(run)  # an attempt killed before its first checkpoint: nothing to keep
-    tc = replace(arm_config(model_name, method, seed, train_file, cfg, run, stiefel_scale, lr, stiefel_factor),
-                 resume=resume)
+    tc = replace(want, resume=resume)
     if resume is None:
         model_dir = cfg.out / slug(model_name)
         others = [f for d in (model_dir / c for c in CANDIDATES) if d.is_dir()
@@ -93,6 +93,27 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Ar
             log.info("%s: reusing the layer selection of %s", run, shared)
             tc = replace(tc, selection_from=str(shared))
     main(tc)
+
+
+def refuse_other_training(run: Path, want: TrainConfig) -> None:
+    """Stop when `run` holds a finished training other than `want` (a store filled at another --steps or
+    learning rate): its results would be read as this arm's. Every differing field is named."""
+    path = run / "train_config.json"
+    if not path.is_file():
+        return
+    try:
+        diff = TrainConfig.from_dict(json.loads(path.read_text())).trajectory_diff(want)
+    except ValueError as e:  # json's errors are ValueErrors too
+        raise SystemExit(f"{path} cannot be read as a training's settings ({e}); move {run} away or give another --out")
+    if diff:
+        fields = ", ".join(f"{k} {a!r} (wanted: {b!r})" for k, (a, b) in sorted(diff.items()))
+        raise SystemExit(f"{run} holds another training: {fields}. Move it away or give another --out")
+
+
+def candidate_dir(folder: Path, arm: str, steps: int, lr: float, seed: int) -> Path:
+    """OUT/<model>/candidates/<arm>-steps<S>-lr<LR>-s<seed>: a run trained for a choice on the validation
+    split (a budget's rung, a learning rate's candidate; one folder when they are the same training)."""
+    return Path(folder) / "candidates" / f"{arm}-steps{steps}-lr{lr:g}-s{seed}"
 
 
 def arm_name(method: str, stiefel_scale: float = 1.0, lr: float | None = None) -> str:

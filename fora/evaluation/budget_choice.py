@@ -2,7 +2,7 @@
 
 An arm trained too briefly learns the answer format and nothing else: its accuracy stays at the
 base model's zero-shot level, and comparing two such arms compares noise. So before seeds are
-spent, each arm is trained (first seed, the run's batch size and learning rate) at every candidate
+spent, each arm is trained (first seed, the run's batch size, its chosen learning rate) at every candidate
 number of steps, and it and the base model are scored by loglik on the suite's validation split
 (`fora.evaluation.measure.validation_scores`). The rule, fixed before the runs: a budget leaves
 the zero-shot level when, for every arm, the paired 95 % bootstrap interval of acc(arm) - acc(base)
@@ -13,7 +13,7 @@ says how much each arm's results look like giving one constant answer, what an a
 the format and nothing else does. OUT/<model>/budget_choice.json:
 
     {"model", "split": "val", "metric", "seed", "arms": [...], "base": {"average", "tasks"},
-     "base_one_label", "rungs": [{"steps", "arms": {arm: {"average", "tasks", "val_loss", "gain":
+     "base_one_label", "rungs": [{"steps", "arms": {arm: {"average", "tasks", "val_loss", "lr", "gain":
      {"estimate", "low", "high"}, "one_label"}}, "leaves_zero_shot": bool}], "chosen": steps or None, "why"}
 """
 from __future__ import annotations
@@ -52,7 +52,8 @@ def choose_budget(base: Mapping[str, Any], scores: Mapping[str, Mapping[int, Map
 
     Args:
         base: the base model's `validation_scores` (with "items").
-        scores: arm -> steps -> that run's `validation_scores`, plus "val_loss" (its last validation loss).
+        scores: arm -> steps -> that run's `validation_scores`, plus "val_loss" (its last validation loss)
+            and "lr" (the rate it trained at), both kept as they are.
         gold: task -> the validation items' gold answers: adds each arm's `one_label_agreement`
             ("one_label"; information beside the rule, not part of it).
     Returns:
@@ -74,6 +75,7 @@ def choose_budget(base: Mapping[str, Any], scores: Mapping[str, Mapping[int, Map
                                  f"score both on the same SUITE/<task>/val.json")
             gain = paired_difference([items], [base_items], strata=strata, n_boot=n_boot, seed=seed)
             row["arms"][arm] = {"average": s["average"], "tasks": s["tasks"], "val_loss": s.get("val_loss"),
+                                "lr": s.get("lr"),
                                 "gain": {"estimate": gain.estimate, "low": gain.low, "high": gain.high},
                                 "one_label": None if gold is None else one_label_agreement(s["items"], gold)}
         row["leaves_zero_shot"] = all(a["gain"]["low"] > 0 for a in row["arms"].values())
@@ -99,8 +101,8 @@ def budget_choice_markdown(choice: Mapping[str, Any], slug: Callable[[str], str]
     labels = labels or {}
     order = list(labels)
     tasks = sorted(choice["base"]["tasks"], key=lambda t: (order.index(t) if t in order else len(order), t))
-    lines = [f"| model | steps | arm | {' | '.join(labels.get(t, t) for t in tasks)} | average | "
-             "− zero-shot [95 % CI] | like one answer | held-out loss |", "|" + "---|" * (7 + len(tasks))]
+    lines = [f"| model | steps | arm | lr | {' | '.join(labels.get(t, t) for t in tasks)} | average | "
+             "− zero-shot [95 % CI] | like one answer | held-out loss |", "|" + "---|" * (8 + len(tasks))]
 
     def cells(s: Mapping[str, Any]) -> str:
         return " | ".join(f"{100 * s['tasks'][t]:.1f}" for t in tasks) + f" | {100 * s['average']:.1f}"
@@ -108,13 +110,14 @@ def budget_choice_markdown(choice: Mapping[str, Any], slug: Callable[[str], str]
     def share(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.0f} %"
 
-    lines.append(f"| {slug(choice['model'])} | 0 | base (zero-shot) | {cells(choice['base'])} | | "
+    lines.append(f"| {slug(choice['model'])} | 0 | base (zero-shot) | | {cells(choice['base'])} | | "
                  f"{share(choice.get('base_one_label'))} | |")
     for r in choice["rungs"]:
         for arm, a in r["arms"].items():
             g = a["gain"]
             loss = "" if a["val_loss"] is None else f"{a['val_loss']:.3f}"
-            lines.append(f"| {slug(choice['model'])} | {r['steps']} | {arm} | {cells(a)} | "
+            lr = "-" if a.get("lr") is None else f"{a['lr']:g}"
+            lines.append(f"| {slug(choice['model'])} | {r['steps']} | {arm} | {lr} | {cells(a)} | "
                          f"{100 * g['estimate']:+.1f} [{100 * g['low']:+.1f}, {100 * g['high']:+.1f}] | "
                          f"{share(a.get('one_label'))} | {loss} |")
     chosen = "none" if choice["chosen"] is None else f"{choice['chosen']} steps"

@@ -1,6 +1,7 @@
 """The choices made on a suite's validation split before any seeds are spent, as flows over a store of
-runs (`scripts/reproduce.py --task commonsense --select-lr / --select-steps`): each candidate is trained
-(`fora.evaluation.arms.train_arm`, the first seed) and scored by loglik on SUITE/<task>/val.json; the
+runs (`scripts/reproduce.py --task commonsense --select-lr / --select-steps`): each candidate, an arm at a
+number of steps and a learning rate, is trained (`fora.evaluation.arms.train_arm`, the first seed) into
+OUT/<model>/candidates/<arm>-steps<S>-lr<LR>-s<seed> and scored by loglik on SUITE/<task>/val.json; the
 rules themselves are `fora.evaluation.lr_choice` and `fora.evaluation.budget_choice`. `cfg` is the
 script's ReproduceConfig (the `ArmSettings` plus models, methods, seeds, suite, n_boot and the candidates).
 """
@@ -13,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fora.evaluation.arms import VAL_SCORES, slug, train_arm
+from fora.evaluation.arms import VAL_SCORES, arm_config, candidate_dir, refuse_other_training, slug, train_arm
 from fora.evaluation.budget_choice import BUDGET_CHOICE, budget_choice_markdown, choose_budget
 from fora.evaluation.lr_choice import LR_CHOICE, choose_lr, chosen_lr, lr_choice_markdown
 from fora.evaluation.plots import read_metrics
@@ -41,34 +42,42 @@ def suite_train_file(suite: Path) -> Path:
     return train
 
 
-def select_lr(cfg: Any, train: Callable[..., None] = train_arm) -> dict[str, dict]:
-    """--select-lr: each --methods arm trained (first seed, the run's steps) at every learning rate into
-    OUT/<model>/lr-select/<arm>-lr<LR>-s<seed>, its loglik accuracy on the suite's validation split
-    (val_scores.json there), and the best one (`fora.evaluation.lr_choice.choose_lr`) in OUT/<model>/lr_choice.json
-    and lr_choice.md. Resumable like the runs: a scored lr is not trained or scored again."""
+def _candidate(cfg: Any, model: str, arm: str, steps: int, lr: float, train: Callable[..., None]) -> dict:
+    """One candidate's scores on the suite's validation split, with its steps and lr: the arm trained (first
+    seed) into `candidate_dir` and scored by loglik, unless scored before (val_scores.json there). A folder
+    holding another training is refused (`refuse_other_training`), not read as this one."""
     from fora.evaluation.measure import validation_scores  # at call time: tests replace it
 
-    train_file = suite_train_file(cfg.suite)
-    val = read_suite(cfg.suite, "val")
-    seed, out = cfg.seeds[0], {}
+    method, factor = VARIANTS.get(arm, (arm, "B"))
+    seed, train_file, at = cfg.seeds[0], suite_train_file(cfg.suite), replace(cfg, steps=steps)
+    run = candidate_dir(cfg.out / slug(model), arm, steps, lr, seed)
+    refuse_other_training(run, arm_config(model, method, seed, train_file, at, run, lr=lr, stiefel_factor=factor))
+
+    def make() -> dict:
+        log.info("%s: training for a choice on the validation split", run)
+        train(model, method, seed, train_file, at, run, lr=lr, stiefel_factor=factor)
+        log.info("%s: scoring it on the validation split", run)
+        metrics = run / "metrics.jsonl"
+        vals = [r["val_loss"] for r in read_metrics(metrics) if "val_loss" in r] if metrics.is_file() else []
+        return {"val_loss": vals[-1] if vals else None, **validation_scores(model, run, read_suite(cfg.suite, "val"))}
+    return {**_cached(run / VAL_SCORES, make), "steps": steps, "lr": lr}
+
+
+def select_lr(cfg: Any, train: Callable[..., None] = train_arm) -> dict[str, dict]:
+    """--select-lr: each --methods arm trained (first seed, the run's steps) at every learning rate
+    (`_candidate`), and the best one on validation (`fora.evaluation.lr_choice.choose_lr`) in
+    OUT/<model>/lr_choice.json and lr_choice.md. Resumable like the runs."""
+    out = {}
     for model in cfg.models:
         folder = cfg.out / slug(model)
         path = folder / LR_CHOICE
         for arm in cfg.methods:
-            method, factor = VARIANTS.get(arm, (arm, "B"))
-            scores = []
-            for lr in cfg.select_lr:
-                run = folder / "lr-select" / f"{arm}-lr{lr:g}-s{seed}"
-
-                def candidate() -> dict:
-                    log.info("%s: training at lr %g for the choice on validation", run, lr)
-                    train(model, method, seed, train_file, cfg, run, lr=lr, stiefel_factor=factor)
-                    return {"lr": lr, **validation_scores(model, run, val)}
-                scores.append(_cached(run / VAL_SCORES, candidate))
+            scores = [_candidate(cfg, model, arm, cfg.steps, lr, train) for lr in cfg.select_lr]
             # read just before writing: an invocation beside this one may have chosen another arm's rate
             choice = json.loads(path.read_text()) if path.is_file() else {
                 "model": model, "split": "val", "metric": METRIC, "arms": {}}
-            choice["arms"][arm] = {"chosen": choose_lr(scores), "seed": seed, "steps": cfg.steps, "scores": scores}
+            choice["arms"][arm] = {"chosen": choose_lr(scores), "seed": cfg.seeds[0], "steps": cfg.steps,
+                                   "scores": scores}
             atomic_write_json(path, choice)
             log.info("%s %s: lr %g chosen on validation", model, arm, choice["arms"][arm]["chosen"])
         atomic_write_text(folder / "lr_choice.md", lr_choice_markdown(choice, slug, LABELS) + "\n")
@@ -77,39 +86,25 @@ def select_lr(cfg: Any, train: Callable[..., None] = train_arm) -> dict[str, dic
 
 
 def select_steps(cfg: Any, train: Callable[..., None] = train_arm) -> dict[str, dict]:
-    """--select-steps: each --methods arm trained (first seed) for each number of steps into
-    OUT/<model>/steps-select/<arm>-steps<S>-s<seed> and scored on the suite's validation split (val_scores.json
-    there), the base model too (OUT/<model>/base_val_scores.json), and the budget
-    (`fora.evaluation.budget_choice.choose_budget`) in OUT/<model>/budget_choice.json and .md. A run of the
-    arm at --steps with the same settings (OUT/<model>/<arm>-s<seed>) is not trained again for
-    that rung (`train_arm` copies it). Resumable: a scored rung is not trained or scored again."""
+    """--select-steps: each --methods arm trained (first seed, its chosen learning rate or --lr) for each
+    number of steps (`_candidate`), the base model scored on the same validation split
+    (OUT/<model>/base_val_scores.json), and the budget (`fora.evaluation.budget_choice.choose_budget`) in
+    OUT/<model>/budget_choice.json and .md. A finished run of the same training (a main arm, a learning
+    rate's candidate) is copied, not trained again (`train_arm`). Resumable like the runs."""
     from fora.evaluation.measure import validation_scores  # at call time: tests replace it
 
-    train_file = suite_train_file(cfg.suite)
     val = read_suite(cfg.suite, "val")
-    seed, out = cfg.seeds[0], {}
+    suite_train_file(cfg.suite)
+    out = {}
     for model in cfg.models:
         folder = cfg.out / slug(model)
         folder.mkdir(parents=True, exist_ok=True)
         log.info("%s: the base model on the validation split (%d records), unless scored before", model,
                  sum(map(len, val.values())))
         base = _cached(folder / "base_val_scores.json", lambda: validation_scores(model, None, val))
-        scores: dict[str, dict[int, dict]] = {}
-        for arm in cfg.methods:
-            method, factor = VARIANTS.get(arm, (arm, "B"))
-            lr = chosen_lr(folder, arm)
-            for steps in sorted(set(cfg.select_steps)):
-                run = folder / "steps-select" / f"{arm}-steps{steps}-s{seed}"
-
-                def rung() -> dict:
-                    log.info("%s: %d steps for the budget's choice on validation", run, steps)
-                    train(model, method, seed, train_file, replace(cfg, steps=steps), run, lr=lr,
-                          stiefel_factor=factor)
-                    log.info("%s: scoring it on the validation split", run)
-                    vals = [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
-                    return {"steps": steps, "val_loss": vals[-1] if vals else None, **validation_scores(model, run, val)}
-                scores.setdefault(arm, {})[steps] = _cached(run / VAL_SCORES, rung)
-        choice = {"model": model, "split": "val", "metric": METRIC, "seed": seed,
+        scores = {arm: {steps: _candidate(cfg, model, arm, steps, chosen_lr(folder, arm) or cfg.lr, train)
+                        for steps in sorted(set(cfg.select_steps))} for arm in cfg.methods}
+        choice = {"model": model, "split": "val", "metric": METRIC, "seed": cfg.seeds[0],
                   "arms": list(cfg.methods), "base": {k: base[k] for k in ("average", "tasks")},
                   **choose_budget(base, scores, gold={t: [r["answer"] for r in v] for t, v in val.items()},
                                   n_boot=cfg.n_boot)}

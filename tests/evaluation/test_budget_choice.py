@@ -52,14 +52,14 @@ def test_no_budget_and_bad_input_say_so():
 def test_the_table_shows_every_rung_and_the_choice():
     base = _scores(0.4, 0)
     choice = {"model": "m", "seed": 0, "base": base,
-              **choose_budget(base, {"lora": {200: _scores(0.95, 1)}}, n_boot=200)}
+              **choose_budget(base, {"lora": {200: {**_scores(0.95, 1), "lr": 1e-3}}}, n_boot=200)}
     md = budget_choice_markdown(choice, labels={"piqa": "PIQA", "boolq": "BoolQ"})
     lines = md.splitlines()
-    assert lines[0].startswith("| model | steps | arm | PIQA | BoolQ | average |")
-    assert lines[2] == (f"| m | 0 | base (zero-shot) | {100 * base['tasks']['piqa']:.1f} | "
+    assert lines[0].startswith("| model | steps | arm | lr | PIQA | BoolQ | average |")
+    assert lines[2] == (f"| m | 0 | base (zero-shot) | | {100 * base['tasks']['piqa']:.1f} | "
                         f"{100 * base['tasks']['boolq']:.1f} | {100 * base['average']:.1f} | | - | |")
     gain = choice["rungs"][0]["arms"]["lora"]["gain"]
-    assert f"| m | 200 | lora |" in lines[3] and f"{100 * gain['estimate']:+.1f} [{100 * gain['low']:+.1f}," in lines[3]
+    assert "| m | 200 | lora | 0.001 |" in lines[3] and f"{100 * gain['estimate']:+.1f} [{100 * gain['low']:+.1f}," in lines[3]
     assert "**Chosen: 200 steps**" in md
 
 

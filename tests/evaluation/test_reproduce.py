@@ -301,10 +301,19 @@ def test_method_lr_runs_a_baseline_at_its_own_rate_as_a_separate_arm(reproduce, 
     real_train_arm("m", "adalora", 0, tmp_path / "train.jsonl", cfg, tmp_path / "a", 1.0, 0.002)
     real_train_arm("m", "lora", 0, tmp_path / "train.jsonl", cfg, tmp_path / "b")
     assert [c.lr for c in seen] == [0.002, 5e-4]
+    # a finished training there is this arm's when nothing that shapes training differs, refused otherwise
+    done = tmp_path / "b"
+    done.mkdir(exist_ok=True)
+    (done / "adapter_model.safetensors").write_bytes(b"")
+    (done / "train_config.json").write_text(json.dumps(seen[1].to_dict()))
+    real_train_arm("m", "lora", 0, tmp_path / "train.jsonl", cfg, done)
+    with pytest.raises(SystemExit, match=r"/b holds another training: lr 0.0005 \(wanted: 0.002\)\. Move it away"):
+        real_train_arm("m", "lora", 0, tmp_path / "train.jsonl", cfg, done, 1.0, 0.002)
+    assert len(seen) == 2
     for bad, message in (("adalora=fast", "--method-lr takes METHOD=LR with METHOD one of fora, lora"),
                          ("adalora=0", "and LR > 0, got 'adalora=0'"), ("nope=1e-3", "got 'nope=1e-3'"),
-                         ("fora=1e-3", "--method-lr fora=1e-3: fora trains a Stiefel A, whose step follows --lr; "
-                                       "vary it with --stiefel-scales instead")):
+                         ("fora=1e-3", "--method-lr fora=1e-3: fora trains a Stiefel factor; vary its Cayley step with "
+                                       "--stiefel-scales and its AdamW rate with --select-lr instead")):
         with pytest.raises(SystemExit):
             reproduce.parse_args(["--method-lr", bad])
         assert message in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 
 import numpy as np
@@ -68,7 +69,7 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
     assert by["fora"]["lr"] == choose_lr(scores) and by["fora"]["lr_source"].startswith("lr_choice.json")
     assert by["lora"]["lr"] == 2e-4 and by["lora"]["lr_source"] == "--lr"
     # fora's run at its chosen rate is the candidate trained for the choice: copied, then measured here
-    chosen = out / "tiny" / "lr-select" / f"fora-lr{choose_lr(scores):g}-s0"
+    chosen = out / "tiny" / "candidates" / f"fora-steps2-lr{choose_lr(scores):g}-s0"
     assert json.loads((out / "tiny" / "fora-s0" / "copied_from.json").read_text()) == {"from": str(chosen)}
     assert not (out / "tiny" / "lora-s0" / "copied_from.json").exists()
     for arm, factor in (("fora", "B"), ("fora-a", "A"), ("lora", "B")):
@@ -99,21 +100,31 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
     for arm in ("fora", "lora", "fora-a"):
         assert one[arm] == ["1", like_one(json.loads((out / "tiny" / f"{arm}-s0" / "items.json").read_text()))]
     assert "| fora-a | 1 | 0.0002 |" in md and "| dora | not run |" in md and "| base (zero-shot) | - |" in md
-    # the budget on validation: rung 2 is the finished main run (copied, not trained), rung 1 is trained
-    # and reuses the main run's Fisher selection; every score is the mean of its stored items
+    # the budget on validation, each arm at its chosen rate (fora) or --lr (lora): fora's rung 2 is its
+    # lr candidate (one folder, scored once), lora's the finished main run (copied, not trained), rung 1 is
+    # trained and reuses the main run's Fisher selection; every score is the mean of its stored items
     budget = reproduce.main(reproduce.parse_args([*argv, "--methods", "fora", "lora", "--select-steps", "2", "1"]))
     choice = budget[str(tiny)]
     assert [r["steps"] for r in choice["rungs"]] == [1, 2] and set(choice["rungs"][0]["arms"]) == {"fora", "lora"}
-    rungs = out / "tiny" / "steps-select"
-    assert sorted(p.name for p in rungs.iterdir()) == ["fora-steps1-s0", "fora-steps2-s0", "lora-steps1-s0", "lora-steps2-s0"]
-    for arm in ("fora", "lora"):  # the same training as the main run: copied, not trained again
-        rung, main_run = rungs / f"{arm}-steps2-s0", out / "tiny" / f"{arm}-s0"
-        assert json.loads((rung / "copied_from.json").read_text()) == {"from": str(main_run)}
+    assert [r["arms"]["fora"]["lr"] for r in choice["rungs"]] == [choose_lr(scores)] * 2
+    assert [r["arms"]["lora"]["lr"] for r in choice["rungs"]] == [2e-4] * 2
+    assert choice["rungs"][1]["arms"]["fora"]["tasks"] == next(s for s in scores if s["lr"] == choose_lr(scores))["tasks"]
+    rungs, lr = out / "tiny" / "candidates", f"{choose_lr(scores):g}"
+    assert sorted(p.name for p in rungs.iterdir()) == sorted(
+        ["fora-steps2-lr0.001-s0", "fora-steps2-lr0.03-s0", f"fora-steps1-lr{lr}-s0", "lora-steps1-lr0.0002-s0",
+         "lora-steps2-lr0.0002-s0"])
+    for arm, rung, source in (("lora", "lora-steps2-lr0.0002-s0", out / "tiny" / "lora-s0"),
+                              ("fora", f"fora-steps2-lr{lr}-s0", None)):  # the same training: copied, or the same folder
+        rung, main_run = rungs / rung, out / "tiny" / f"{arm}-s0"
+        if source is not None:
+            assert json.loads((rung / "copied_from.json").read_text()) == {"from": str(source)}
+            assert not (rung / "checkpoint").exists()
         assert (rung / "adapter_model.safetensors").read_bytes() == (main_run / "adapter_model.safetensors").read_bytes()
-        assert not (rung / "result.json").exists() and not (rung / "checkpoint").exists()
-    assert not (rungs / "fora-steps1-s0" / "copied_from.json").exists()
-    assert json.loads((rungs / "fora-steps1-s0" / "train_config.json").read_text())["max_steps"] == 1
-    reused = json.loads((rungs / "fora-steps1-s0" / "selection.json").read_text())
+        assert not (rung / "result.json").exists()
+    rungs_1 = rungs / f"fora-steps1-lr{lr}-s0"
+    assert not (rungs_1 / "copied_from.json").exists()
+    assert json.loads((rungs_1 / "train_config.json").read_text())["max_steps"] == 1
+    reused = json.loads((rungs_1 / "selection.json").read_text())
     assert reused["reused_from"] in (str(out / "tiny" / "fora-s0"), str(out / "tiny" / "fora-a-s0"))
     assert reused["selected"] == by["fora"]["layers"] == by["fora-a"]["layers"]
     # the main runs share too: fora-a (trained after fora, same calibration batches) did not score again
@@ -122,7 +133,8 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
         v = json.loads(path.read_text())
         assert {t: len(x) for t, x in v["items"].items()} == {t: 2 for t in TASKS}
         assert v["tasks"] == {t: pytest.approx(statistics.fmean(x)) for t, x in v["items"].items()}
-    assert "| tiny | 0 | base (zero-shot) |" in (out / "tiny" / "budget_choice.md").read_text()
+    assert "| tiny | 0 | base (zero-shot) | |" in (out / "tiny" / "budget_choice.md").read_text()
+    assert f"| tiny | 1 | fora | {lr} |" in (out / "tiny" / "budget_choice.md").read_text()
     # a second invocation: every arm is done, nothing is trained or measured again
     before = {a: (out / "tiny" / f"{a}-s0" / "result.json").read_text() for a in by}
     for name in ("train_arm", "arm_row", "base_row"):
@@ -132,6 +144,15 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
     monkeypatch.setattr("fora.evaluation.measure.validation_scores", lambda *a: pytest.fail("a rung was scored again"))
     reproduce.main(reproduce.parse_args([*argv, "--methods", "fora", "lora", "--select-steps", "2", "1"]))
     assert before == {a: (out / "tiny" / f"{a}-s0" / "result.json").read_text() for a in by}
+    # a store filled with other settings is refused, every differing field named, not read as this arm's
+    with pytest.raises(SystemExit, match=r"lora-s0 holds another training: max_steps 2 \(wanted: 3\)\. Move it away"):
+        reproduce.main(reproduce.parse_args([*argv, "--steps", "3", "--methods", "lora"]))
+    shutil.copytree(rungs / "lora-steps2-lr0.0002-s0", rungs / "lora-steps2-lr0.0005-s0")
+    with pytest.raises(SystemExit, match=r"lora-steps2-lr0.0005-s0 holds another training: lr 0.0002 \(wanted: 0.0005\)"):
+        reproduce.main(reproduce.parse_args([*argv, "--methods", "lora", "--select-lr", "5e-4"]))
+    (rungs / "lora-steps2-lr0.0005-s0" / "train_config.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=r"train_config.json cannot be read as a training's settings .*give another --out"):
+        reproduce.main(reproduce.parse_args([*argv, "--methods", "lora", "--select-lr", "5e-4"]))
 
 
 def test_suite_defaults_are_the_papers_settings(reproduce, tmp_path, monkeypatch, capsys):
@@ -166,7 +187,7 @@ def test_select_lr_keeps_the_best_validation_accuracy_and_the_runs_use_it(reprod
 
     def fake_scores(model, run, val):  # deterministic: the accuracy of the lr this run trained at
         assert set(val) == set(TASKS) and all(len(v) == 2 for v in val.values())
-        method = run.name.split("-lr")[0]
+        method = run.name.split("-steps")[0]
         acc = accuracy[method][float((run / "lr").read_text())]
         return {"average": acc, "tasks": {t: acc for t in val}, "n": 16}
 
@@ -177,7 +198,7 @@ def test_select_lr_keeps_the_best_validation_accuracy_and_the_runs_use_it(reprod
     choice = json.loads((out / "m" / "lr_choice.json").read_text())
     assert {a: c["chosen"] for a, c in choice["arms"].items()} == {"fora": 1e-3, "adalora": 3e-3}
     assert [s["average"] for s in choice["arms"]["fora"]["scores"]] == [0.5, 0.7, 0.6]
-    assert trained[0] == ("fora", "fora-lr0.0002-s0", 2e-4) and len(trained) == 6
+    assert trained[0] == ("fora", "fora-steps200-lr0.0002-s0", 2e-4) and len(trained) == 6
     md = (out / "m" / "lr_choice.md").read_text()
     assert "| m | fora | 0.001 | 0 | 200 | 70.0 | 70.0 |" in md and md.count("**chosen**") == 2
     assert choose_lr([{"lr": 1, "average": 0.5}, {"lr": 2, "average": 0.5}]) == 1  # a tie: the first listed
