@@ -23,6 +23,9 @@ from fora.training.methods import METHODS
 from fora.training.selection_reuse import find_shared_selection
 
 log = logging.getLogger("reproduce")
+ARMS = ("fora", "lora", "fg-lora", "stiefel-lora", "lora-half-rank", "random-k")  # the default arms
+BASELINES = ("dora", "adalora")  # Table 1's other baselines, opt-in with --methods
+ALL_ARMS = ARMS + BASELINES
 COPIED_FROM = "copied_from.json"  # a run copied from an identical finished training (train_arm)
 VAL_SCORES = "val_scores.json"  # a run scored on the suite's validation split (fora.evaluation.validation_choices)
 MEASURED = ("result.json", "items.json", "diagnostics.json", VAL_SCORES, "eval.json")  # not copied

@@ -43,7 +43,7 @@ def test_report_rebuilds_the_stored_tables(tmp_path, monkeypatch):
         pages.append(tmp_path / rel.replace("/", "_"))
         pages[-1].write_text(stale)
     reproduce = load_script("reproduce")
-    monkeypatch.setattr(reproduce, "plots", lambda *a: None)
+    monkeypatch.setattr("fora.evaluation.store_report.plot_store", lambda *a: None)
     report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report", "--sync-docs", *map(str, pages)]))
     assert len(report["runs"]) == len(runs)
     for name in TABLES:
@@ -63,7 +63,7 @@ def test_the_init_norm_control_store_rebuilds_its_tables(tmp_path, monkeypatch):
     out = tmp_path / "claims-mn"
     _copy_run_files(store, out)
     reproduce = load_script("reproduce")
-    monkeypatch.setattr(reproduce, "plots", lambda *a: None)
+    monkeypatch.setattr("fora.evaluation.store_report.plot_store", lambda *a: None)
     report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report"]))
     assert len(report["runs"]) == len(runs)
     assert all(json.loads(r.read_text())["method"] in ("lora", "fg-lora") for r in runs)

@@ -125,7 +125,7 @@ def test_report_from_finished_runs_equals_a_direct_computation(reproduce, tmp_pa
     json_path = out / "m" / "fora-x0.25-s0" / "result.json"
     json_path.write_text(json_path.read_text().replace('"method": "fora-x0.25"', '"method": "fora"'))
     (out / "m" / "base.json").write_text(json.dumps({"model": "m", "acc_loglik": 0.5, "acc_norm": 0.5, "perplexity": 9.0}))
-    monkeypatch.setattr(reproduce, "plots", lambda *a: None)
+    monkeypatch.setattr("fora.evaluation.store_report.plot_store", lambda *a: None)
     report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report", "--n-boot", "500"]))
     got = {c["claim"]: c for c in report["claims"]}
     assert [c["claim"] for c in report["claims"]] == [c.name for c in CLAIMS]
@@ -231,7 +231,7 @@ def test_stiefel_scales_run_only_the_stiefel_arms_at_each_scale(reproduce, tmp_p
                         lambda m, meth, s, f, cfg, run, scale, lr=None: trained.append((meth, scale, run.name)))
     monkeypatch.setattr(reproduce, "base_row", lambda *a: {})
     monkeypatch.setattr(reproduce, "arm_row", lambda *a, **kw: measured.append(kw["stiefel_lr_scale"]))
-    monkeypatch.setattr(reproduce, "finish", lambda cfg: None)
+    monkeypatch.setattr(reproduce, "write_report", lambda cfg: None)
     cfg = reproduce.parse_args(["--out", str(tmp_path), "--models", "m", "--methods", "fora", "lora",
                                 "--stiefel-scales", "1", "0.25", "0.0625"])
     reproduce.main(cfg)
@@ -290,7 +290,7 @@ def test_method_lr_runs_a_baseline_at_its_own_rate_as_a_separate_arm(reproduce, 
                         lambda m, meth, s, f, cfg, run, scale, lr=None: trained.append((meth, run.name, lr)))
     monkeypatch.setattr(reproduce, "base_row", lambda *a: {})
     monkeypatch.setattr(reproduce, "arm_row", lambda *a, **kw: labels.append(kw))
-    monkeypatch.setattr(reproduce, "finish", lambda cfg: None)
+    monkeypatch.setattr(reproduce, "write_report", lambda cfg: None)
     cfg = reproduce.parse_args(["--out", str(tmp_path), "--models", "m", "--methods", "adalora", "lora",
                                 "--method-lr", "adalora=2e-3"])
     assert cfg.method_lr == (("adalora", 0.002),)
@@ -333,7 +333,7 @@ def test_an_arm_at_its_own_lr_is_reported_but_kept_out_of_the_claims(reproduce, 
         (out / "m" / f"adalora-lr0.002-s{s}" / "result.json").write_text(
             (out / "m" / f"adalora-lr0.002-s{s}" / "result.json").read_text().replace('"adalora-lr0.002"', '"adalora"'))
     (out / "m" / "base.json").write_text(json.dumps({"model": "m", "acc_loglik": 0.5, "acc_norm": 0.5, "perplexity": 9.0}))
-    monkeypatch.setattr(reproduce, "plots", lambda *a: None)
+    monkeypatch.setattr("fora.evaluation.store_report.plot_store", lambda *a: None)
     report = reproduce.main(reproduce.parse_args(["--out", str(out), "--report", "--n-boot", "200"]))
     claim = {c["claim"]: c for c in report["claims"]}[CLAIMS[2].name]
     assert claim["estimate"] == pytest.approx(1.0) and claim["seeds"] == 2  # fora - adalora at the shared lr only

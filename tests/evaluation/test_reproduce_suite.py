@@ -206,7 +206,7 @@ def test_select_lr_keeps_the_best_validation_accuracy_and_the_runs_use_it(reprod
     trained.clear()
     monkeypatch.setattr(reproduce, "base_row", lambda *a: {})
     monkeypatch.setattr(reproduce, "arm_row", lambda *a, **kw: None)
-    monkeypatch.setattr(reproduce, "finish", lambda cfg: None)
+    monkeypatch.setattr(reproduce, "write_report", lambda cfg: None)
     reproduce.main(reproduce.parse_args([*common, "--methods", "fora", "adalora", "lora"]))
     assert trained == [("fora", "fora-s0", 1e-3), ("adalora", "adalora-s0", 3e-3), ("lora", "lora-s0", None)]
 
