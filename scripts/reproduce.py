@@ -109,6 +109,7 @@ class ReproduceConfig:
     dtype: str = "auto"        # training dtype (train.py --dtype); measurement is float32 either way
     fisher_batches: int = 4    # calibration batches N of Fisher's Eq. 2 (the authors': 128)
     select_lr: tuple[float, ...] = ()  # train each --methods arm at these lrs, keep the best on validation
+    shared_lr: bool = False  # with select_lr: one rate for all --methods arms, the best mean over them
     select_steps: tuple[int, ...] = ()  # train each --methods arm at these step counts, choose the budget on validation
 
 
@@ -142,6 +143,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
                    help="--task commonsense: train each --methods arm (first --seeds seed) at every LR, score "
                         "SUITE/<task>/val.json by loglik and keep the LR with the best mean over tasks in "
                         f"OUT/<model>/{LR_CHOICE} (and lr_choice.md); later runs of that arm train at it")
+    p.add_argument("--shared-lr", action="store_true",
+                   help="with --select-lr: one LR for all --methods arms, the best mean validation accuracy "
+                        "over them (a comparison of the arms is then not also one of their rates)")
     p.add_argument("--select-steps", nargs="+", type=int, default=[], metavar="STEPS",
                    help="--task commonsense: train each --methods arm (first seed) for each number of STEPS, score "
                         "it and the base model on the validation split, and choose the smallest budget that takes "
@@ -175,7 +179,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ReproduceConfig:
             p.error(f"{' '.join(variants) or ('--select-lr' if a['select_lr'] else '--select-steps')}: "
                     f"only with --task commonsense")
     if a["select_lr"] and a["select_steps"]:
-        p.error("--select-lr and --select-steps: choose one at a time (the budget first, at --lr)")
+        p.error("--select-lr and --select-steps: choose one at a time (the learning rate first, then the budget at it)")
+    if a["shared_lr"] and not a["select_lr"]:
+        p.error("--shared-lr: only with --select-lr LR...")
     if any(x < 1 for x in a["select_steps"]):
         p.error(f"--select-steps takes step counts >= 1, got {a['select_steps']}")
     if any(not x > 0 for x in a["select_lr"]):

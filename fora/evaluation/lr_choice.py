@@ -3,10 +3,13 @@
 Each arm is trained at every candidate learning rate (the run's steps, data and first seed) and
 scored by loglik on the suite's validation split (`fora.evaluation.measure.validation_scores`);
 the rule, fixed before the runs: the highest accuracy averaged over tasks wins, a tie goes to the
-rate listed first. OUT/<model>/lr_choice.json keeps every figure and the choice per arm:
+rate listed first. With `--shared-lr` the arms share one rate, the one with the highest mean of
+that accuracy over them (`choose_shared_lr`), and so does every arm without a rate of its own, so
+that a comparison of the arms is not also one of their rates. OUT/<model>/lr_choice.json keeps
+every figure and the rate each arm trains at:
 
     {"model", "split": "val", "metric", "arms": {arm: {"chosen": lr, "seed", "steps",
-     "scores": [{"lr", "average", "tasks": {task: accuracy}, "n"}]}}}
+     "scores": [{"lr", "average", "tasks": {task: accuracy}, "n"}], "shared_with": [arms] (shared only)}}}
 
 and the runs of that arm train at the chosen rate (`chosen_lr`).
 """
@@ -21,16 +24,20 @@ LR_CHOICE = "lr_choice.json"
 
 
 def chosen_lr(folder: Path, arm: str) -> float | None:
-    """The learning rate chosen for `arm` in folder/lr_choice.json, or None (no file, or no choice for it)."""
+    """The rate `arm` trains at by folder/lr_choice.json: its own choice, else the rate its comparison
+    shares (`--shared-lr`, for every arm without one of its own), else None (train at --lr)."""
     path = Path(folder) / LR_CHOICE
-    choice = json.loads(path.read_text())["arms"].get(arm) if path.is_file() else None
-    return None if choice is None else choice["chosen"]
+    arms = json.loads(path.read_text())["arms"] if path.is_file() else {}
+    if arm in arms:
+        return arms[arm]["chosen"]
+    return next((c["chosen"] for c in arms.values() if "shared_with" in c), None)
 
 
 def lr_choice_markdown(choice: Mapping[str, Any], slug: Callable[[str], str] = lambda m: m,
                        labels: Mapping[str, str] | None = None) -> str:
     """One line per (arm, lr) of an lr_choice.json: validation accuracy per task (columns in the order of
-    `labels`, task -> column name) and on average, the chosen one marked."""
+    `labels`, task -> column name) and on average, the chosen one marked (**shared**: one rate for several
+    arms, `choose_shared_lr`)."""
     labels = labels or {}
     order = list(labels)
     tasks = sorted(dict.fromkeys(t for arm in choice["arms"].values() for s in arm["scores"] for t in s["tasks"]),
@@ -39,7 +46,7 @@ def lr_choice_markdown(choice: Mapping[str, Any], slug: Callable[[str], str] = l
              "|" + "---|" * (7 + len(tasks))]
     for arm, c in choice["arms"].items():
         for s in c["scores"]:
-            mark = "**chosen**" if s["lr"] == c["chosen"] else ""
+            mark = ("**chosen**" if "shared_with" not in c else "**shared**") if s["lr"] == c["chosen"] else ""
             lines.append(f"| {slug(choice['model'])} | {arm} | {s['lr']:g} | {c['seed']} | {c['steps']} | "
                          + " | ".join(f"{100 * s['tasks'][t]:.1f}" if t in s["tasks"] else "-" for t in tasks)
                          + f" | {100 * s['average']:.1f} | {mark} |")
@@ -51,3 +58,18 @@ def choose_lr(scores: Sequence[Mapping[str, Any]]) -> float:
     if not scores:
         raise ValueError("no validation scores to choose a learning rate from")
     return max(enumerate(scores), key=lambda kv: (kv[1]["average"], -kv[0]))[1]["lr"]
+
+
+def choose_shared_lr(scores: Mapping[str, Sequence[Mapping[str, Any]]]) -> float:
+    """One learning rate for several arms: the highest mean over the arms of their validation accuracy
+    (mean over tasks); a tie goes to the rate listed first. Every arm must have scored the same rates."""
+    rates = {arm: [s["lr"] for s in arm_scores] for arm, arm_scores in scores.items()}
+    first = next(iter(rates.values()), None)
+    if not first:
+        raise ValueError("no validation scores to choose a learning rate from")
+    if any(r != first for r in rates.values()):
+        raise ValueError(f"a shared learning rate needs every arm scored at the same rates, got {rates}")
+    means = [{"lr": lr, "average": sum(s[i]["average"] for s in scores.values()) / len(scores)}
+             for i, lr in enumerate(first)]
+    return choose_lr(means)
+

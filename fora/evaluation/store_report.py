@@ -89,7 +89,7 @@ def report_config(cfg: Any, rows: list[dict], stored: dict | None) -> dict:
     """results.json's config: this invocation's settings (--report: the runs' own, as stored), and
     which models, methods, seeds and scales the tables hold, whichever invocations trained them."""
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
-              if k not in ("sync_docs", "method_lr", "select_lr", "select_steps")}  # output options; per-arm lr kept in each row
+              if k not in ("sync_docs", "method_lr", "select_lr", "shared_lr", "select_steps")}  # output options; per-arm lr kept in each row
     config = stored if cfg.report and stored else config  # --report keeps the runs' own settings
     return {**config, "models": sorted({r["model"] for r in rows}), "methods": sorted({r["method"] for r in rows}),
             "seeds": sorted({r["seed"] for r in rows}),

@@ -16,7 +16,7 @@ from typing import Any
 
 from fora.evaluation.arms import VAL_SCORES, arm_config, candidate_dir, refuse_other_training, slug, train_arm
 from fora.evaluation.budget_choice import BUDGET_CHOICE, budget_choice_markdown, choose_budget
-from fora.evaluation.lr_choice import LR_CHOICE, choose_lr, chosen_lr, lr_choice_markdown
+from fora.evaluation.lr_choice import LR_CHOICE, choose_lr, choose_shared_lr, chosen_lr, lr_choice_markdown
 from fora.evaluation.plots import read_metrics
 from fora.evaluation.suite import LABELS, VARIANTS
 from fora.formats.atomic import atomic_write_json, atomic_write_text
@@ -63,23 +63,42 @@ def _candidate(cfg: Any, model: str, arm: str, steps: int, lr: float, train: Cal
     return {**_cached(run / VAL_SCORES, make), "steps": steps, "lr": lr}
 
 
+def _write_lr_choice(path: Path, model: str, chosen: dict[str, dict], scores: dict[str, list], cfg: Any) -> dict:
+    """OUT/<model>/lr_choice.json with these arms' choices, the other arms' kept (but a shared rate
+    replaces the one shared before): the file is read just before writing, as an invocation beside
+    this one may have chosen another arm's rate."""
+    choice = json.loads(path.read_text()) if path.is_file() else {
+        "model": model, "split": "val", "metric": METRIC, "arms": {}}
+    if any("shared_with" in c for c in chosen.values()):  # a new shared rate replaces the old one
+        choice["arms"] = {a: c for a, c in choice["arms"].items() if "shared_with" not in c}
+    for arm, c in chosen.items():
+        choice["arms"][arm] = {**c, "seed": cfg.seeds[0], "steps": cfg.steps, "scores": scores[arm]}
+    atomic_write_json(path, choice)
+    return choice
+
+
 def select_lr(cfg: Any, train: Callable[..., None] = train_arm) -> dict[str, dict]:
     """--select-lr: each --methods arm trained (first seed, the run's steps) at every learning rate
-    (`_candidate`), and the best one on validation (`fora.evaluation.lr_choice.choose_lr`) in
-    OUT/<model>/lr_choice.json and lr_choice.md. Resumable like the runs."""
+    (`_candidate`), and the best one on validation (`fora.evaluation.lr_choice.choose_lr`; with --shared-lr
+    one rate for all of them, `choose_shared_lr`) in OUT/<model>/lr_choice.json and lr_choice.md.
+    Resumable like the runs."""
     out = {}
     for model in cfg.models:
         folder = cfg.out / slug(model)
         path = folder / LR_CHOICE
+        scores = {}
         for arm in cfg.methods:
-            scores = [_candidate(cfg, model, arm, cfg.steps, lr, train) for lr in cfg.select_lr]
-            # read just before writing: an invocation beside this one may have chosen another arm's rate
-            choice = json.loads(path.read_text()) if path.is_file() else {
-                "model": model, "split": "val", "metric": METRIC, "arms": {}}
-            choice["arms"][arm] = {"chosen": choose_lr(scores), "seed": cfg.seeds[0], "steps": cfg.steps,
-                                   "scores": scores}
-            atomic_write_json(path, choice)
-            log.info("%s %s: lr %g chosen on validation", model, arm, choice["arms"][arm]["chosen"])
+            scores[arm] = [_candidate(cfg, model, arm, cfg.steps, lr, train) for lr in cfg.select_lr]
+            if cfg.shared_lr:
+                continue  # chosen once every arm is scored
+            chosen = {arm: {"chosen": choose_lr(scores[arm])}}
+            choice = _write_lr_choice(path, model, chosen, scores, cfg)
+            log.info("%s %s: lr %g chosen on validation", model, arm, chosen[arm]["chosen"])
+        if cfg.shared_lr:
+            shared = choose_shared_lr(scores)
+            choice = _write_lr_choice(path, model, {arm: {"chosen": shared, "shared_with": list(cfg.methods)}
+                                                    for arm in cfg.methods}, scores, cfg)
+            log.info("%s %s: lr %g shared, chosen on validation", model, ", ".join(cfg.methods), shared)
         atomic_write_text(folder / "lr_choice.md", lr_choice_markdown(choice, slug, LABELS) + "\n")
         out[model] = choice
     return out

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fora.evaluation.report import UNDECIDED
-from fora.evaluation.lr_choice import choose_lr
+from fora.evaluation.lr_choice import choose_lr, choose_shared_lr
 from fora.evaluation.suite import AVERAGES, CLAIM_TASKS, LABELS, SUITE_ARMS, TABLE_B
 from fora.training.commonsense import TASKS
 from script_loader import load_script
@@ -173,6 +173,14 @@ def test_suite_defaults_are_the_papers_settings(reproduce, tmp_path, monkeypatch
         with pytest.raises(SystemExit):
             reproduce.parse_args(bad)
         assert "only with --task commonsense" in capsys.readouterr().err
+    cs = ["--task", "commonsense"]
+    for bad, message in (([*cs, "--select-lr", "1e-3", "--select-steps", "400"], "choose one at a time (the learning "
+                           "rate first, then the budget at it)"), ([*cs, "--shared-lr"], "--shared-lr: only with --select-lr"),
+                         ([*cs, "--select-steps", "0"], "--select-steps takes step counts >= 1, got [0]"),
+                         ([*cs, "--select-lr", "0"], "--select-lr takes learning rates > 0, got [0.0]")):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(bad)
+        assert message in capsys.readouterr().err
 
 
 def test_select_lr_keeps_the_best_validation_accuracy_and_the_runs_use_it(reproduce, tmp_path, monkeypatch):
@@ -209,6 +217,32 @@ def test_select_lr_keeps_the_best_validation_accuracy_and_the_runs_use_it(reprod
     monkeypatch.setattr(reproduce, "write_report", lambda cfg: None)
     reproduce.main(reproduce.parse_args([*common, "--methods", "fora", "adalora", "lora"]))
     assert trained == [("fora", "fora-s0", 1e-3), ("adalora", "adalora-s0", 3e-3), ("lora", "lora-s0", None)]
+    # one rate shared by both arms: the best mean over them (0.45, 0.55, 0.525), their own choices replaced
+    reproduce.main(reproduce.parse_args([*common, "--methods", "fora", "adalora", "--select-lr", "2e-4", "1e-3",
+                                         "3e-3", "--shared-lr"]))
+    choice = json.loads((out / "m" / "lr_choice.json").read_text())
+    assert {a: (c["chosen"], c["shared_with"]) for a, c in choice["arms"].items()} == {
+        "fora": (1e-3, ["fora", "adalora"]), "adalora": (1e-3, ["fora", "adalora"])}
+    md = (out / "m" / "lr_choice.md").read_text()
+    assert "| m | adalora | 0.001 | 0 | 200 | " + "40.0 | " * 9 + "**shared** |" in md and "**chosen**" not in md
+    trained.clear()  # lora has no rate of its own: it trains at the shared one too
+    reproduce.main(reproduce.parse_args([*common, "--methods", "fora", "adalora", "lora"]))
+    assert trained == [("fora", "fora-s0", 1e-3), ("adalora", "adalora-s0", 1e-3), ("lora", "lora-s0", 1e-3)]
+    reproduce.main(reproduce.parse_args([*common, "--methods", "fora", "--select-lr", "3e-3", "--shared-lr"]))
+    assert {a: c["chosen"] for a, c in json.loads((out / "m" / "lr_choice.json").read_text())["arms"].items()} \
+        == {"fora": 3e-3}  # a new shared rate replaces the old one
+
+
+def test_a_shared_learning_rate_is_the_best_mean_over_the_arms():
+    lora = [{"lr": 2e-4, "average": 0.5}, {"lr": 1e-3, "average": 0.6}, {"lr": 3e-3, "average": 0.4}]
+    fora = [{"lr": 2e-4, "average": 0.3}, {"lr": 1e-3, "average": 0.4}, {"lr": 3e-3, "average": 0.7}]
+    assert choose_shared_lr({"lora": lora, "fora": fora}) == 3e-3  # means 0.4, 0.5, 0.55
+    assert choose_shared_lr({"lora": lora, "fora": [{**s, "average": 0.5} for s in fora]}) == 1e-3
+    assert choose_shared_lr({"lora": lora, "fora": [{**s, "average": 0.6 - s["average"]} for s in lora]}) == 2e-4  # a tie
+    with pytest.raises(ValueError, match="every arm scored at the same rates"):
+        choose_shared_lr({"lora": lora, "fora": fora[:2]})
+    with pytest.raises(ValueError, match="no validation scores"):
+        choose_shared_lr({})
 
 
 
