@@ -113,7 +113,7 @@ def select_steps(cfg: Any, train: Callable[..., None] = train_arm) -> dict[str, 
     from fora.evaluation.measure import validation_scores  # at call time: tests replace it
 
     val = read_suite(cfg.suite, "val")
-    suite_train_file(cfg.suite)
+    suite_train_file(cfg.suite)  # its error, before the base model is scored
     out = {}
     for model in cfg.models:
         folder = cfg.out / slug(model)
