@@ -57,10 +57,11 @@ def _candidate(cfg: Any, model: str, arm: str, steps: int, lr: float, train: Cal
         log.info("%s: training for a choice on the validation split", run)
         train(model, method, seed, train_file, at, run, lr=lr, stiefel_factor=factor)
         log.info("%s: scoring it on the validation split", run)
-        metrics = run / "metrics.jsonl"
-        vals = [r["val_loss"] for r in read_metrics(metrics) if "val_loss" in r] if metrics.is_file() else []
-        return {"val_loss": vals[-1] if vals else None, **validation_scores(model, run, read_suite(cfg.suite, "val"))}
-    return {**_cached(run / VAL_SCORES, make), "steps": steps, "lr": lr}
+        return validation_scores(model, run, read_suite(cfg.suite, "val"))
+    scores = _cached(run / VAL_SCORES, make)
+    metrics = run / "metrics.jsonl"  # the run's own record of its held-out loss, read as it is now
+    vals = [r["val_loss"] for r in read_metrics(metrics) if "val_loss" in r] if metrics.is_file() else []
+    return {**scores, "val_loss": vals[-1] if vals else None, "steps": steps, "lr": lr}
 
 
 def _write_lr_choice(path: Path, model: str, chosen: dict[str, dict], scores: dict[str, list], cfg: Any) -> dict:

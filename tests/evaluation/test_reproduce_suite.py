@@ -103,6 +103,8 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
     # the budget on validation, each arm at its chosen rate (fora) or --lr (lora): fora's rung 2 is its
     # lr candidate (one folder, scored once), lora's the finished main run (copied, not trained), rung 1 is
     # trained and reuses the main run's Fisher selection; every score is the mean of its stored items
+    stored = chosen / "val_scores.json"  # scores kept without the held-out loss: it is read from the run
+    stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items() if k != "val_loss"}))
     budget = reproduce.main(reproduce.parse_args([*argv, "--methods", "fora", "lora", "--select-steps", "2", "1"]))
     choice = budget[str(tiny)]
     assert [r["steps"] for r in choice["rungs"]] == [1, 2] and set(choice["rungs"][0]["arms"]) == {"fora", "lora"}
@@ -121,6 +123,10 @@ def test_suite_arms_train_are_measured_per_task_and_skip_on_rerun(reproduce, tmp
             assert not (rung / "checkpoint").exists()
         assert (rung / "adapter_model.safetensors").read_bytes() == (main_run / "adapter_model.safetensors").read_bytes()
         assert not (rung / "result.json").exists()
+    for r in choice["rungs"]:  # each rung's held-out loss is its run's last, the lr candidate's too
+        for arm, a in r["arms"].items():
+            metrics = (rungs / f"{arm}-steps{r['steps']}-lr{a['lr']:g}-s0" / "metrics.jsonl").read_text().splitlines()
+            assert a["val_loss"] == [m["val_loss"] for m in map(json.loads, metrics) if "val_loss" in m][-1]
     rungs_1 = rungs / f"fora-steps1-lr{lr}-s0"
     assert not (rungs_1 / "copied_from.json").exists()
     assert json.loads((rungs_1 / "train_config.json").read_text())["max_steps"] == 1
