@@ -35,14 +35,15 @@ report (`fora.evaluation.suite`) gives per-task tables beside the paper's Table 
 contrasts and the claims. `fora-a` and `stiefel-lora-a` are the A-side ablation's arms
 (--stiefel-factor A). --select-lr LR... trains each --methods arm at every LR and keeps the one with
 the best validation accuracy (SUITE/<task>/val.json) in OUT/<model>/lr_choice.json, which later
-runs of that arm use; --select-steps STEPS... chooses the budget the same way (the smallest that takes
+runs of that arm use (--shared-lr: one LR for all of them and every arm without its own);
+--select-steps STEPS... then chooses the budget at that rate the same way (the smallest that takes
 every arm above the base model's zero-shot level, OUT/<model>/budget_choice.json). Arms of one seed
 that score layers share one Fisher selection (train.py --selection-from).
 
     nice -n 10 python scripts/reproduce.py --task commonsense --out results/commonsense --models gemma-3-270m \
-        --methods lora fora --select-steps 200 600
+        --methods lora fora --select-lr 2e-4 1e-3 3e-3 --shared-lr
     nice -n 10 python scripts/reproduce.py --task commonsense --out results/commonsense --models gemma-3-270m \
-        --methods fora --select-lr 2e-4 1e-3 3e-3
+        --methods lora fora --select-steps 200 600 1200
     nice -n 10 python scripts/reproduce.py --task commonsense --out results/commonsense --models gemma-3-270m \
         --methods fora lora fg-lora stiefel-lora --seeds 0 1 2
     python scripts/reproduce.py --task commonsense --out results/commonsense --report --sync-docs README.md docs/reproduction.md
