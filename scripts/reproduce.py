@@ -260,13 +260,14 @@ def main(cfg: ReproduceConfig) -> dict:
                 lr = dict(cfg.method_lr).get(arm)  # an arm of its own, "<method> lr <LR>"
                 run = run_dir(cfg, model, arm, seed, scale, lr)
                 chosen = None if lr is not None or cfg.task == "cloze" else chosen_lr(folder, arm)
+                train_lr = chosen if lr is None else lr  # None: --lr
                 if (run / "result.json").is_file():
                     refuse_other_training(run, arm_config(model, method, seed, train_file, cfg, run, scale,
-                                                          chosen if lr is None else lr, factor))
+                                                          train_lr, factor))
                     log.info("%s: done, skipped", run)
                     continue
                 log.info("%s: training (%.0f s into this invocation)", run, time.perf_counter() - t0)
-                train_arm(model, method, seed, train_file, cfg, run, scale, chosen if lr is None else lr,
+                train_arm(model, method, seed, train_file, cfg, run, scale, train_lr,
                           **({} if factor == "B" else {"stiefel_factor": factor}))
                 if model not in base:  # after training: a parallel invocation may have measured it meanwhile
                     base[model] = base_row(model, test, sizes, folder / "base.json")

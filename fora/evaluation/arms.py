@@ -98,16 +98,23 @@ def train_arm(model_name: str, method: str, seed: int, train_file: Path, cfg: Ar
     main(tc)
 
 
+def _training_diff(run: Path, want: TrainConfig) -> dict[str, tuple] | None:
+    """The fields that change the trajectory and differ between `run`'s train_config.json and `want`, or
+    None when `run` has no train_config.json; ValueError when it cannot be read as one."""
+    path = run / "train_config.json"
+    if not path.is_file():
+        return None
+    return TrainConfig.from_dict(json.loads(path.read_text())).trajectory_diff(want)  # json's errors are ValueErrors
+
+
 def refuse_other_training(run: Path, want: TrainConfig) -> None:
     """Stop when `run` holds a finished training other than `want` (a store filled at another --steps or
     learning rate): its results would be read as this arm's. Every differing field is named."""
-    path = run / "train_config.json"
-    if not path.is_file():
-        return
     try:
-        diff = TrainConfig.from_dict(json.loads(path.read_text())).trajectory_diff(want)
-    except ValueError as e:  # json's errors are ValueErrors too
-        raise SystemExit(f"{path} cannot be read as a training's settings ({e}); move {run} away or give another --out")
+        diff = _training_diff(run, want)
+    except ValueError as e:
+        raise SystemExit(f"{run / 'train_config.json'} cannot be read as a training's settings ({e}); "
+                         f"move {run} away or give another --out")
     if diff:
         fields = ", ".join(f"{k} {a!r} (wanted: {b!r})" for k, (a, b) in sorted(diff.items()))
         raise SystemExit(f"{run} holds another training: {fields}. Move it away or give another --out")
@@ -135,10 +142,9 @@ def run_dir(cfg: ArmSettings, model: str, method: str, seed: int, stiefel_scale:
 
 def trained_as(run: Path, want: TrainConfig) -> bool:
     """Whether `run` is a finished training of `want` (no field that changes the trajectory differs)."""
-    path = run / "train_config.json"
-    if not (run / ADAPTER_WEIGHTS).is_file() or not path.is_file():
+    if not (run / ADAPTER_WEIGHTS).is_file():
         return False
     try:
-        return not TrainConfig.from_dict(json.loads(path.read_text())).trajectory_diff(want)
+        return _training_diff(run, want) == {}
     except ValueError:  # unreadable, or written by another fora version: not the same training
         return False
