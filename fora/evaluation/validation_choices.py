@@ -59,9 +59,18 @@ def _candidate(cfg: Any, model: str, arm: str, steps: int, lr: float, train: Cal
         log.info("%s: scoring it on the validation split", run)
         return validation_scores(model, run, read_suite(cfg.suite, "val"))
     scores = _cached(run / VAL_SCORES, make)
-    metrics = run / "metrics.jsonl"  # the run's own record of its held-out loss, read as it is now
-    vals = [r["val_loss"] for r in read_metrics(metrics) if "val_loss" in r] if metrics.is_file() else []
-    return {**scores, "val_loss": vals[-1] if vals else None, "steps": steps, "lr": lr}
+    return {**scores, **held_out_losses(run / "metrics.jsonl"), "steps": steps, "lr": lr}
+
+
+def held_out_losses(metrics: Path) -> dict[str, float | None]:
+    """A run's held-out losses from its metrics.jsonl, read as it is now: the base model's (step 0,
+    `val_loss_start`), the worst after it (`val_loss_worst`, what `lr_choice.diverged` compares) and the
+    last (`val_loss`); None where not recorded."""
+    rows = [r for r in read_metrics(metrics) if "val_loss" in r] if metrics.is_file() else []
+    start = [r["val_loss"] for r in rows if r["step"] == 0]
+    after = [r["val_loss"] for r in rows if r["step"] > 0]
+    return {"val_loss": rows[-1]["val_loss"] if rows else None, "val_loss_start": start[0] if start else None,
+            "val_loss_worst": max(after) if after else None}
 
 
 def _write_lr_choice(path: Path, model: str, chosen: dict[str, dict], scores: dict[str, list], cfg: Any) -> dict:

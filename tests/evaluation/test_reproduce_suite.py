@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fora.evaluation.report import UNDECIDED
-from fora.evaluation.lr_choice import choose_lr, choose_shared_lr
+from fora.evaluation.lr_choice import choose_lr, choose_shared_lr, diverged
 from fora.evaluation.suite import AVERAGES, CLAIM_TASKS, LABELS, SUITE_ARMS, TABLE_B
 from fora.training.commonsense import TASKS
 from script_loader import load_script
@@ -230,7 +230,7 @@ def test_select_lr_keeps_the_best_validation_accuracy_and_the_runs_use_it(reprod
     assert {a: (c["chosen"], c["shared_with"]) for a, c in choice["arms"].items()} == {
         "fora": (1e-3, ["fora", "adalora"]), "adalora": (1e-3, ["fora", "adalora"])}
     md = (out / "m" / "lr_choice.md").read_text()
-    assert "| m | adalora | 0.001 | 0 | 200 | " + "40.0 | " * 9 + "**shared** |" in md and "**chosen**" not in md
+    assert "| m | adalora | 0.001 | 0 | 200 | " + "40.0 | " * 9 + "- | **shared** |" in md and "**chosen**" not in md
     trained.clear()  # lora has no rate of its own: it trains at the shared one too
     reproduce.main(reproduce.parse_args([*common, "--methods", "fora", "adalora", "lora"]))
     assert trained == [("fora", "fora-s0", 1e-3), ("adalora", "adalora-s0", 1e-3), ("lora", "lora-s0", 1e-3)]
@@ -249,6 +249,49 @@ def test_a_shared_learning_rate_is_the_best_mean_over_the_arms():
         choose_shared_lr({"lora": lora, "fora": fora[:2]})
     with pytest.raises(ValueError, match="no validation scores"):
         choose_shared_lr({})
+
+
+def test_a_rate_at_which_a_training_diverged_is_no_candidate():
+    def at(lr, acc, worst=None, start=3.0):
+        return {"lr": lr, "average": acc, "val_loss_start": start if worst is not None else None, "val_loss_worst": worst}
+
+    assert not diverged(at(1, 0.5)) and not diverged(at(1, 0.5, worst=3.0)) and diverged(at(1, 0.5, worst=3.01))
+    lora = [at(2e-4, 0.50, 0.2), at(1e-3, 0.45, 0.2), at(3e-3, 0.90, 4.1)]  # the best accuracy, but diverged
+    fora = [at(2e-4, 0.30, 0.3), at(1e-3, 0.40, 0.2), at(3e-3, 0.60, 0.2)]
+    assert choose_lr(lora) == 2e-4 and choose_lr(fora) == 3e-3
+    assert choose_shared_lr({"lora": lora, "fora": fora}) == 1e-3  # 3e-3 (mean 0.75) is out: lora diverged there
+    assert choose_lr([at(1e-3, 0.4), at(3e-3, 0.5)]) == 3e-3  # no held-out records: no evidence of divergence
+    with pytest.raises(ValueError, match=r"diverged at every learning rate tried \(0.003\).*try lower rates"):
+        choose_lr(lora[2:])
+    with pytest.raises(ValueError, match=r"an arm's training diverged at every learning rate tried \(0.003\)"):
+        choose_shared_lr({"lora": lora[2:], "fora": fora[2:]})
+
+
+def test_select_lr_reads_divergence_from_the_candidates_held_out_losses(reproduce, tmp_path, monkeypatch):
+    suite, out = write_suite(tmp_path / "suite"), tmp_path / "out"
+    losses = {2e-4: [3.0, 0.5, 0.4], 1e-3: [3.0, 4.2, 0.3]}  # held-out loss at steps 0, 100, 200: 1e-3 diverged
+
+    def fake_train(model, method, seed, train_file, cfg, run, scale=1.0, lr=None, stiefel_factor="B"):
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "lr").write_text(str(lr))
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": 100 * i, "val_loss": v}) + "\n" + json.dumps({"step": 100 * i + 10, "loss": 9.9}) + "\n"
+            for i, v in enumerate(losses[lr])))
+
+    def fake_scores(model, run, val):
+        acc = {2e-4: 0.5, 1e-3: 0.7}[float((run / "lr").read_text())]
+        return {"average": acc, "tasks": {t: acc for t in val}, "n": 16}
+
+    monkeypatch.setattr(reproduce, "train_arm", fake_train)
+    monkeypatch.setattr("fora.evaluation.measure.validation_scores", fake_scores)
+    reproduce.main(reproduce.parse_args(["--task", "commonsense", "--suite", str(suite), "--out", str(out),
+                                         "--models", "m", "--methods", "fora", "--select-lr", "2e-4", "1e-3"]))
+    choice = json.loads((out / "m" / "lr_choice.json").read_text())["arms"]["fora"]
+    assert choice["chosen"] == 2e-4
+    assert [(s["val_loss_start"], s["val_loss_worst"], s["val_loss"]) for s in choice["scores"]] == [
+        (3.0, 0.5, 0.4), (3.0, 4.2, 0.3)]
+    md = (out / "m" / "lr_choice.md").read_text()
+    assert "| 70.0 | 4.200 > 3.000: diverged |  |" in md and "| 50.0 | 0.500 (3.000) | **chosen** |" in md
 
 
 
