@@ -34,8 +34,9 @@ N = 128 Fisher batches), is measured on SUITE/<task>/test.json per task by logli
 report (`fora.evaluation.suite`) gives per-task tables beside the paper's Table B, the 2x2
 contrasts and the claims. `fora-a` and `stiefel-lora-a` are the A-side ablation's arms
 (--stiefel-factor A). --select-lr LR... trains each --methods arm at every LR and keeps the one with
-the best validation accuracy (SUITE/<task>/val.json) among those where its training did not diverge in OUT/<model>/lr_choice.json, which later
-runs of that arm use (--shared-lr: one LR for all of them and every arm without its own);
+the best validation accuracy (SUITE/<task>/val.json) among those at which its training did not
+diverge, in OUT/<model>/lr_choice.json, which later runs of that arm use (--shared-lr: one LR for
+all of them and every arm without its own);
 --select-steps STEPS... then chooses the budget at that rate the same way (the smallest that takes
 every arm above the base model's zero-shot level, OUT/<model>/budget_choice.json). Arms of one seed
 that score layers share one Fisher selection (train.py --selection-from).

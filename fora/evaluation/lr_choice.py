@@ -79,9 +79,7 @@ def choose_lr(scores: Sequence[Mapping[str, Any]]) -> float:
         raise ValueError("no validation scores to choose a learning rate from")
     stable = [(i, s) for i, s in enumerate(scores) if not diverged(s)]
     if not stable:
-        rates = ", ".join(f"{s['lr']:g}" for s in scores)
-        raise ValueError(f"the training diverged at every learning rate tried ({rates}): its held-out loss "
-                         "rose above the base model's; try lower rates")
+        raise _diverged_everywhere("the training", [s["lr"] for s in scores])
     return max(stable, key=lambda kv: (kv[1]["average"], -kv[0]))[1]["lr"]
 
 
@@ -98,8 +96,11 @@ def choose_shared_lr(scores: Mapping[str, Sequence[Mapping[str, Any]]]) -> float
     means = [{"lr": lr, "average": sum(s[i]["average"] for s in scores.values()) / len(scores)}
              for i, lr in enumerate(first) if not any(diverged(s[i]) for s in scores.values())]
     if not means:
-        raise ValueError(f"an arm's training diverged at every learning rate tried "
-                         f"({', '.join(f'{lr:g}' for lr in first)}): its held-out loss rose above the base "
-                         "model's; try lower rates")
+        raise _diverged_everywhere("an arm's training", first)
     return choose_lr(means)
+
+
+def _diverged_everywhere(whose: str, rates: Sequence[float]) -> ValueError:
+    return ValueError(f"{whose} diverged at every learning rate tried ({', '.join(f'{lr:g}' for lr in rates)}): "
+                      "its held-out loss rose above the base model's; try lower rates")
 
