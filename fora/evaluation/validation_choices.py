@@ -81,8 +81,9 @@ def _write_lr_choice(path: Path, model: str, chosen: dict[str, dict], scores: di
         "model": model, "split": "val", "metric": METRIC, "arms": {}}
     if any("shared_with" in c for c in chosen.values()):  # a new shared rate replaces the old one
         choice["arms"] = {a: c for a, c in choice["arms"].items() if "shared_with" not in c}
-    for arm, c in chosen.items():
-        choice["arms"][arm] = {**c, "seed": cfg.seeds[0], "steps": cfg.steps, "scores": scores[arm]}
+    for arm, c in chosen.items():  # per-item results stay in each candidate's val_scores.json
+        choice["arms"][arm] = {**c, "seed": cfg.seeds[0], "steps": cfg.steps,
+                               "scores": [{k: v for k, v in s.items() if k != "items"} for s in scores[arm]]}
     atomic_write_json(path, choice)
     return choice
 

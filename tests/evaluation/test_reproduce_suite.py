@@ -203,7 +203,7 @@ def test_select_lr_keeps_the_best_validation_accuracy_and_the_runs_use_it(reprod
         assert set(val) == set(TASKS) and all(len(v) == 2 for v in val.values())
         method = run.name.split("-steps")[0]
         acc = accuracy[method][float((run / "lr").read_text())]
-        return {"average": acc, "tasks": {t: acc for t in val}, "n": 16}
+        return {"average": acc, "tasks": {t: acc for t in val}, "n": 16, "items": {t: [{"ok": True}] for t in val}}
 
     monkeypatch.setattr(reproduce, "train_arm", fake_train)
     monkeypatch.setattr("fora.evaluation.measure.validation_scores", fake_scores)
@@ -212,6 +212,9 @@ def test_select_lr_keeps_the_best_validation_accuracy_and_the_runs_use_it(reprod
     choice = json.loads((out / "m" / "lr_choice.json").read_text())
     assert {a: c["chosen"] for a, c in choice["arms"].items()} == {"fora": 1e-3, "adalora": 3e-3}
     assert [s["average"] for s in choice["arms"]["fora"]["scores"]] == [0.5, 0.7, 0.6]
+    # per-item results stay with their candidate (val_scores.json), not copied into the choice
+    assert not any("items" in s for c in choice["arms"].values() for s in c["scores"])
+    assert "items" in json.loads((out / "m" / "candidates" / "fora-steps200-lr0.001-s0" / "val_scores.json").read_text())
     assert trained[0] == ("fora", "fora-steps200-lr0.0002-s0", 2e-4) and len(trained) == 6
     md = (out / "m" / "lr_choice.md").read_text()
     assert "| m | fora | 0.001 | 0 | 200 | 70.0 | 70.0 |" in md and md.count("**chosen**") == 2
